@@ -1,0 +1,195 @@
+"""`QATConfig`: the one description of how a model is fake-quantized during training and packed at export.
+
+The same object drives layer surgery (`hfqat.modeling`), training numerics (`hfqat.primitives`) and
+packing (`hfqat.export`), so trained and exported numerics cannot drift apart. It is a transformers
+`QuantizationConfigMixin`, saved in `config.json` under `quantization_config` and rebuilt on load.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ._version import __version__
+
+QUANT_METHOD = "hfqat"
+SUPPORTED_BITS = tuple(range(2, 9))
+ROUNDING_MODES = ("ste", "soft")
+CLAMPING_MODES = ("hard", "soft")
+SCALE_INITS = ("mse", "minmax")
+RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
+WEIGHT_FORMATS = ("int",)
+CHECKPOINT_FORMATS = ("fake_quant", "packed")
+ACTIVATION_BITS = (None, 8)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"QATConfig.{name}={value!r} is invalid; allowed values: {list(allowed)}")
+
+
+def _check_bits(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:
+        raise ValueError(
+            f"QATConfig.{name}={value!r} is invalid; allowed values: integers "
+            f"{SUPPORTED_BITS[0]}..{SUPPORTED_BITS[-1]}"
+        )
+
+
+@dataclass(frozen=True)
+class LayerQuantSpec:
+    """Resolved quantization settings of one layer (what the config means for that layer)."""
+
+    bits: int
+    group_size: int  # always a divisor of in_features (per-channel = in_features)
+    symmetric: bool
+    learn_scales: bool
+    rounding: str
+    clamping: str
+    activation_bits: int | None
+    scale_init: str
+
+
+@dataclass
+class QATConfig(QuantizationConfigMixin):
+    """Quantization-aware training config, passed as `from_pretrained(..., quantization_config=QATConfig())`.
+
+    Args:
+        bits: default weight bits, 2..8.
+        group_size: elements sharing one scale along in_features; -1 means one scale per output channel.
+        symmetric: True for a signed grid without zero point; False adds a (learned) zero point.
+        learn_scales: scales and zero points are trainable parameters (LSQ-style gradients).
+        rounding: "ste" (round, straight-through gradient) or "soft" (annealed continuous round).
+        clamping: "hard" or "soft" (annealed continuous clamp).
+        activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs.
+        modules_to_not_convert: module names (or name suffixes) kept in full precision; default: the output
+            head and tied embeddings.
+        layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix.
+        scale_init: "mse" (clip search minimising weight error) or "minmax".
+        ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
+            names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
+            "per_channel" (one scale per row for those layers, with a warning).
+        weight_format: "int" (uniform integer grid).
+        checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
+            `hfqat.save_packed`, real low-bit integers for inference).
+        packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    learn_scales: bool = True
+    rounding: str = "ste"
+    clamping: str = "hard"
+    activation_bits: int | None = None
+    modules_to_not_convert: list[str] | None = None
+    layer_bits: dict[str, int] | None = None
+    scale_init: str = "mse"
+    ragged_groups: str = "error"
+    weight_format: str = "int"
+    checkpoint_format: str = "fake_quant"
+    packed_layers: dict[str, dict[str, int]] | None = None
+    quant_method: str = field(default=QUANT_METHOD, repr=False)
+    hfqat_version: str = field(default=__version__, repr=False)
+
+    def __post_init__(self) -> None:
+        self.quant_method = QUANT_METHOD
+        _check_bits("bits", self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size < 1
+        ):
+            raise ValueError(
+                f"QATConfig.group_size={self.group_size!r} is invalid; allowed values: -1 (per output channel) "
+                "or a positive integer that divides every quantized layer's in_features"
+            )
+        for name in ("symmetric", "learn_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QATConfig.{name}={getattr(self, name)!r} is invalid; allowed values: [True, False]")
+        _check_choice("rounding", self.rounding, ROUNDING_MODES)
+        _check_choice("clamping", self.clamping, CLAMPING_MODES)
+        _check_choice("activation_bits", self.activation_bits, ACTIVATION_BITS)
+        _check_choice("scale_init", self.scale_init, SCALE_INITS)
+        _check_choice("ragged_groups", self.ragged_groups, RAGGED_GROUP_POLICIES)
+        _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
+        _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
+        if self.modules_to_not_convert is not None:
+            if isinstance(self.modules_to_not_convert, str) or not all(
+                isinstance(m, str) for m in self.modules_to_not_convert
+            ):
+                raise ValueError(
+                    f"QATConfig.modules_to_not_convert={self.modules_to_not_convert!r} is invalid; "
+                    "allowed values: None or a list of module names"
+                )
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict):
+                raise ValueError(
+                    f"QATConfig.layer_bits={self.layer_bits!r} is invalid; allowed values: None or "
+                    "{'module name or regex': bits}"
+                )
+            for pattern, bits in self.layer_bits.items():
+                _check_bits(f"layer_bits[{pattern!r}]", bits)
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"QATConfig.layer_bits key {pattern!r} is not a valid regex: {err}") from None
+        if self.checkpoint_format == "packed" and not self.packed_layers:
+            raise ValueError("QATConfig.packed_layers must list the packed layers when checkpoint_format='packed'")
+
+    # -- per-layer resolution ------------------------------------------------------------------------------
+    def bits_for(self, module_name: str) -> int:
+        """Weight bits of `module_name`: the first matching `layer_bits` entry, else `bits`."""
+        for pattern, bits in (self.layer_bits or {}).items():
+            if module_name == pattern or module_name.endswith("." + pattern) or re.fullmatch(pattern, module_name):
+                return bits
+        return self.bits
+
+    def group_size_for(self, module_name: str, in_features: int) -> int:
+        """The group size actually used by a layer, always a divisor of in_features."""
+        if self.group_size == -1 or self.group_size == in_features:
+            return in_features
+        if in_features % self.group_size == 0:
+            return self.group_size
+        if self.ragged_groups == "error":
+            raise ValueError(
+                f"QATConfig.group_size={self.group_size} does not divide in_features={in_features} of layer "
+                f"{module_name!r}; allowed: a divisor of {in_features}, -1 (per channel), or set "
+                f"ragged_groups='shrink' / 'per_channel', or list the layer in modules_to_not_convert"
+            )
+        if self.ragged_groups == "per_channel":
+            return in_features
+        size = 1 << (self.group_size.bit_length() - 1)
+        while in_features % size:
+            size //= 2
+        return size
+
+    def spec_for(self, module_name: str, in_features: int) -> LayerQuantSpec:
+        return LayerQuantSpec(
+            bits=self.bits_for(module_name),
+            group_size=self.group_size_for(module_name, in_features),
+            symmetric=self.symmetric,
+            learn_scales=self.learn_scales,
+            rounding=self.rounding,
+            clamping=self.clamping,
+            activation_bits=self.activation_bits,
+            scale_init=self.scale_init,
+        )
+
+    # -- serialization --------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Rebuild from a saved dict, dropping (with a warning) keys that this hfqat version does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            warnings.warn(f"QATConfig: ignoring unknown saved keys {unknown} (saved by another hfqat version?)")
+        return super().from_dict(
+            {k: v for k, v in config_dict.items() if k in known}, return_unused_kwargs=return_unused_kwargs, **kwargs
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

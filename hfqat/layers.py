@@ -1,0 +1,167 @@
+"""Fake-quantized layers: `QATLinear` (for `nn.Linear`) and `QATConv1D` (for GPT-2 style `Conv1D`).
+
+Each keeps its float weight (the trainable master copy) and quantizes it on the fly in `forward`.
+Quantization state lives in the state dict so it saves, reloads, shards and resumes like any weight:
+
+- ``weight_bits``        int32 buffer, the layer's current bit width (re-allocation changes it in place)
+- ``weight_scale``       (out, in // group_size) parameter, trainable when ``learn_scales``
+- ``weight_zero_point``  same shape, only for asymmetric grids
+
+Bit changes keep the identity and shape of every parameter, so an optimizer built at train start keeps
+working (no new param groups mid-run).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+from .config import LayerQuantSpec
+from .primitives import fake_quantize, fake_quantize_activations, init_scales
+
+
+class FakeQuantMixin:
+    """Quantization state and numerics shared by the fake-quantized layer classes.
+
+    Subclasses store their weight in their own layout and expose it as (out, in) via `weight_oi()`.
+    """
+
+    spec: LayerQuantSpec
+    soft_sharpness: float
+
+    def _init_quant_state(self, spec: LayerQuantSpec, out_features: int, in_features: int, device=None) -> None:
+        self.spec = spec
+        # Annealed by hfqat.set_soft_sharpness; inf = exact quantizer. Only read when rounding/clamping is soft.
+        self.soft_sharpness = math.inf if spec.rounding == spec.clamping == "hard" else 1.0
+        self.register_buffer("weight_bits", torch.tensor(spec.bits, dtype=torch.int32, device=device))
+        shape = (out_features, in_features // spec.group_size)
+        self.weight_scale = nn.Parameter(
+            torch.ones(shape, dtype=torch.float32, device=device), requires_grad=spec.learn_scales
+        )
+        if spec.symmetric:
+            self.register_parameter("weight_zero_point", None)
+        else:
+            self.weight_zero_point = nn.Parameter(
+                torch.zeros(shape, dtype=torch.float32, device=device), requires_grad=spec.learn_scales
+            )
+
+    # -- numerics -------------------------------------------------------------------------------------------
+    def weight_oi(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def bits(self) -> int:
+        return int(self.weight_bits)
+
+    def quantized_weight(self, exact: bool = False) -> torch.Tensor:
+        """The fake-quantized weight in (out, in) layout and the weight's dtype.
+
+        Training uses the current soft sharpness; eval mode (or ``exact=True``) the exact quantizer.
+        """
+        w = self.weight_oi()
+        sharpness = self.soft_sharpness if (self.training and not exact) else math.inf
+        wq = fake_quantize(
+            w, self.weight_scale, self.weight_zero_point, self.weight_bits, self.spec.group_size,
+            self.spec.rounding, self.spec.clamping, sharpness,
+        )
+        return wq.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.activation_bits is not None:
+            x = fake_quantize_activations(x, self.spec.activation_bits)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    # -- state changes --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_quant_params(self) -> None:
+        """(Re)initialise scales/zero points from the current float weight for the current bits."""
+        scale, zero = init_scales(self.weight_oi(), self.bits, self.spec.group_size, self.spec.symmetric,
+                                  self.spec.scale_init)
+        self.weight_scale.copy_(scale)
+        if self.weight_zero_point is not None:
+            self.weight_zero_point.copy_(zero)
+
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """Move the layer to a new bit width; scales are re-fit in place for the new grid."""
+        if bits == self.bits:
+            return
+        self.weight_bits.fill_(bits)
+        self.reset_quant_params()
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        bits = "meta" if self.weight_bits.is_meta else self.bits
+        return (f"{super().extra_repr()}, bits={bits}, group_size={s.group_size}, symmetric={s.symmetric}, "
+                f"rounding={s.rounding}, clamping={s.clamping}, activation_bits={s.activation_bits}")
+
+
+class QATLinear(FakeQuantMixin, nn.Linear):
+    """`nn.Linear` whose weight is fake-quantized in `forward` (peft treats it as a Linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerQuantSpec,
+                 device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_quant_state(spec, out_features, in_features, device)
+
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: LayerQuantSpec) -> "QATLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Linear:
+        """A plain `nn.Linear` holding the quantized weight (exactly what this layer computes in eval)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.copy_(self.quantized_weight(exact=True))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+class QATConv1D(FakeQuantMixin, Conv1D):
+    """transformers' `Conv1D` (weight stored (in, out), as in GPT-2 checkpoints) with fake-quantized weight."""
+
+    def __init__(self, nf: int, nx: int, spec: LayerQuantSpec, device=None, dtype=None) -> None:
+        Conv1D.__init__(self, nf, nx)
+        self.to(device=device, dtype=dtype)
+        self._init_quant_state(spec, nf, nx, device)
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    def weight_oi(self) -> torch.Tensor:
+        return self.weight.t()
+
+    @classmethod
+    def from_float(cls, conv: Conv1D, spec: LayerQuantSpec) -> "QATConv1D":
+        layer = cls(conv.nf, conv.nx, spec, device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer
+
+    @torch.no_grad()
+    def to_float(self) -> Conv1D:
+        conv = Conv1D(self.nf, self.nx).to(device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.quantized_weight(exact=True).t())
+        conv.bias.copy_(self.bias)
+        return conv
+
+
+QAT_LAYER_TYPES: tuple[type[FakeQuantMixin], ...] = (QATLinear, QATConv1D)

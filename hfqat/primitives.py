@@ -1,0 +1,178 @@
+r"""Quantizer primitives: integer grids, scale initialisation and differentiable round/clamp.
+
+Notation: a weight group ``w``, its scale ``s > 0``, integer zero point ``z``, ``b`` bits.
+
+- symmetric:  ``q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``,  ``ŵ = q · s``
+- asymmetric: ``q = clamp(round(w / s) + z, 0, 2^b - 1)``,        ``ŵ = (q - z) · s``
+  (the stored zero point is a float parameter; ``z = round(zero_point)`` with a straight-through gradient,
+  so the grid is always an integer grid that packs exactly.)
+
+Rounding
+    ``ste``:  forward ``round(x)``, backward identity. With ``ŵ = q · s`` autograd then yields the LSQ
+    gradient for ``s``: ``round(x) - x`` inside the range and ``qmin``/``qmax`` where clamped.
+    ``soft`` (sharpness ``α``): ``r_α(x) = ⌊x⌋ + 1/2 + tanh(α (x - ⌊x⌋ - 1/2)) / (2 tanh(α / 2))``.
+    ``r_α`` is continuous and differentiable, tends to ``x`` as ``α → 0`` and to ``round(x)`` as ``α → ∞``.
+
+Clamping
+    ``hard``: ``clamp(x, lo, hi)``.
+    ``soft`` (sharpness ``β``): ``c_β(x) = lo + softplus_β(x - lo) - softplus_β(x - hi)`` with
+    ``softplus_β(u) = log(1 + e^{βu}) / β``; ``c_β → clamp`` as ``β → ∞``.
+
+Training anneals ``α = β`` from a small value to ``∞`` (`hfqat.set_soft_sharpness`, driven by `QATCallback`).
+At ``∞``, and always in eval mode, the exact quantizer runs, which is bit-for-bit what export packs:
+``fake_quantize(...)`` equals ``dequantize(quantize(...))`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SCALE_EPS = 1e-10
+MSE_SHRINK_GRID = torch.linspace(1.0, 0.35, 40).tolist()
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() whose gradient is the identity (exact forward, unlike ``x + (round(x) - x).detach()``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def soft_round(x: torch.Tensor, sharpness: float) -> torch.Tensor:
+    floor = torch.floor(x).detach()
+    frac = x - floor - 0.5
+    return floor + 0.5 + torch.tanh(sharpness * frac) / (2.0 * math.tanh(sharpness / 2.0))
+
+
+def soft_clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sharpness: float) -> torch.Tensor:
+    return lo + F.softplus(x - lo, beta=sharpness) - F.softplus(x - hi, beta=sharpness)
+
+
+def int_range(bits: torch.Tensor | int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmin, qmax) of the integer grid, as float tensors (no host sync when bits is a device tensor)."""
+    bits = torch.as_tensor(bits, dtype=torch.float32)
+    if symmetric:
+        half = torch.exp2(bits - 1)
+        return -half, half - 1
+    return torch.zeros_like(bits), torch.exp2(bits) - 1
+
+
+def effective_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale actually used: positive whatever the optimizer did to the parameter."""
+    return scale.float().abs().clamp_min(SCALE_EPS)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = w.shape
+    return w.float().reshape(out_features, in_features // group_size, group_size)
+
+
+def quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: torch.Tensor | int,
+    group_size: int,
+) -> torch.Tensor:
+    """Integer codes (as float32, shape of ``w``) of the exact quantizer; used by export and sensitivity."""
+    qmin, qmax = int_range(bits, zero_point is None)
+    x = _grouped(w, group_size) / effective_scale(scale).unsqueeze(-1)
+    q = torch.round(x)
+    if zero_point is not None:
+        q = q + torch.round(zero_point.float()).unsqueeze(-1)
+    return torch.clamp(q, qmin.to(q.device), qmax.to(q.device)).reshape(w.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """float32 weights from integer codes: ``(q - z) · s`` per group."""
+    qg = _grouped(q, group_size)
+    if zero_point is not None:
+        qg = qg - torch.round(zero_point.float()).unsqueeze(-1)
+    return (qg * effective_scale(scale).unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: torch.Tensor | int,
+    group_size: int,
+    rounding: str = "ste",
+    clamping: str = "hard",
+    sharpness: float = math.inf,
+) -> torch.Tensor:
+    """Differentiable quantize→dequantize of ``w`` (out, in); returns float32 of the same shape.
+
+    With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly.
+    """
+    qmin, qmax = int_range(bits, zero_point is None)
+    qmin, qmax = qmin.to(w.device), qmax.to(w.device)
+    s = effective_scale(scale).unsqueeze(-1)
+    x = _grouped(w, group_size) / s
+    soft = math.isfinite(sharpness)
+    q = soft_round(x, sharpness) if (soft and rounding == "soft") else round_ste(x)
+    z = None
+    if zero_point is not None:
+        z = round_ste(zero_point.float()).unsqueeze(-1)
+        q = q + z
+    q = soft_clamp(q, qmin, qmax, sharpness) if (soft and clamping == "soft") else torch.clamp(q, qmin, qmax)
+    if z is not None:
+        q = q - z
+    return (q * s).reshape(w.shape)
+
+
+def init_scales(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, method: str = "mse"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) for ``w`` (out, in), shape (out, in // group_size).
+
+    ``minmax`` covers each group's range; ``mse`` additionally searches a shrink factor of that range per
+    group minimising the squared quantization error (clipping a few outliers usually lowers total error).
+    """
+    wg = _grouped(w.detach(), group_size)
+    qmin, qmax = (float(v) for v in int_range(bits, symmetric))
+
+    def candidate(shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if symmetric:
+            return (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS), None
+        lo = wg.amin(-1).clamp(max=0) * shrink
+        hi = wg.amax(-1).clamp(min=0) * shrink
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+        return scale, torch.clamp(torch.round(-lo / scale), qmin, qmax)
+
+    if method == "minmax":
+        return candidate(1.0)
+    best_scale, best_zero = candidate(1.0)
+    best_err = torch.full_like(best_scale, math.inf)
+    for shrink in MSE_SHRINK_GRID:
+        scale, zero = candidate(shrink)
+        err = (dequantize(quantize(wg.flatten(1), scale, zero, bits, group_size), scale, zero, group_size)
+               - wg.flatten(1)).reshape(wg.shape).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization (scale from each token's max magnitude, STE)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(SCALE_EPS) / qmax
+    q = torch.clamp(round_ste(x.float() / scale), -qmax - 1, qmax)
+    return (q * scale).to(x.dtype)

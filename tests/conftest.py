@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models of the common architectures, saved to a temp dir (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import hfqat  # noqa: F401  (registers the quantizer)
+
+VOCAB = 256
+
+
+def tiny_config(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(arch) -> path of a saved tiny random float checkpoint of that architecture."""
+    cache = {}
+
+    def make(arch: str = "llama"):
+        if arch not in cache:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(arch))
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return make
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def text_dataset(n: int = 16, seq_len: int = 24, seed: int = 0):
+    """A list of {"input_ids", "labels"} examples of random tokens, ready for Trainer."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, VOCAB, (n, seq_len), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
