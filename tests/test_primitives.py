@@ -1,0 +1,89 @@
+"""Exact numerics of the quantizer primitives."""
+
+import math
+
+import pytest
+import torch
+
+from hfqat.primitives import (
+    dequantize,
+    fake_quantize,
+    fake_quantize_activations,
+    init_scales,
+    int_range,
+    quantize,
+    soft_clamp,
+    soft_round,
+)
+
+
+def _weight(out=16, inp=64, seed=0):
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_fake_quant_equals_quantize_dequantize_exactly(bits, symmetric, group_size):
+    w = _weight()
+    scale, zero = init_scales(w, bits, group_size, symmetric)
+    q = quantize(w, scale, zero, bits, group_size)
+    qmin, qmax = int_range(bits, symmetric)
+    assert q.min() >= qmin and q.max() <= qmax and torch.equal(q, q.round())
+    assert torch.equal(fake_quantize(w, scale, zero, bits, group_size), dequantize(q, scale, zero, group_size))
+    # every group uses at most 2^bits distinct values
+    levels = dequantize(q, scale, zero, group_size).reshape(16, -1, group_size)
+    assert max(len(torch.unique(g)) for g in levels.reshape(-1, group_size)) <= 2**bits
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_init_beats_minmax(symmetric):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))  # gaussian: outliers make clipping pay
+    errs = {}
+    for method in ("minmax", "mse"):
+        s, z = init_scales(w, 3, 64, symmetric, method)
+        errs[method] = (fake_quantize(w, s, z, 3, 64) - w).pow(2).sum()
+    assert errs["mse"] < errs["minmax"]
+
+
+def test_ste_gradients_are_lsq():
+    w = torch.tensor([[0.26, -0.74, 3.0, 0.1]], requires_grad=True)
+    s = torch.tensor([[0.5]], requires_grad=True)
+    fake_quantize(w, s, None, 3, 4).sum().backward()
+    # w: identity inside the range, zero where clamped (3.0/0.5 = 6 > qmax = 3)
+    assert torch.equal(w.grad, torch.tensor([[1.0, 1.0, 0.0, 1.0]]))
+    # s: sum of (round(x) - x) inside the range plus qmax where clamped (LSQ)
+    x = torch.tensor([0.52, -1.48, 0.2])
+    expected = (torch.round(x) - x).sum() + 3
+    assert torch.allclose(s.grad, expected.reshape(1, 1))
+
+
+def test_soft_round_and_clamp_converge_to_exact():
+    x = torch.linspace(-5, 5, 1001)
+    away = x[((x - x.floor()) - 0.5).abs() > 0.05]  # round() itself jumps at half-integers
+    errs = [(soft_round(away, a) - torch.round(away)).abs().max().item() for a in (1.0, 10.0, 1000.0)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-6
+    assert torch.allclose(soft_round(x, 1e-3), x, atol=1e-3)  # → identity as α → 0
+    lo, hi = torch.tensor(-2.0), torch.tensor(1.0)
+    assert (soft_clamp(x, lo, hi, 200.0) - x.clamp(-2, 1)).abs().max() < 0.01
+    # soft is continuous: no jumps between neighbouring points
+    assert soft_round(x, 10.0).diff().abs().max() < 0.1
+
+
+def test_soft_fake_quant_differs_in_training_and_matches_when_annealed():
+    w = _weight()
+    s, z = init_scales(w, 4, 64, False)
+    exact = fake_quantize(w, s, z, 4, 64)
+    soft = fake_quantize(w, s, z, 4, 64, rounding="soft", clamping="soft", sharpness=2.0)
+    sharp = fake_quantize(w, s, z, 4, 64, rounding="soft", clamping="soft", sharpness=1e4)
+    assert not torch.allclose(soft, exact)
+    assert torch.allclose(sharp, exact, atol=1e-6)
+    assert torch.equal(fake_quantize(w, s, z, 4, 64, "soft", "soft", math.inf), exact)
+
+
+def test_activation_fake_quant_per_token():
+    x = torch.randn(2, 5, 32)
+    xq = fake_quantize_activations(x, 8)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.allclose(xq / scale, (xq / scale).round(), atol=1e-4)
+    assert (xq - x).abs().max() <= scale.max() / 2 + 1e-7
