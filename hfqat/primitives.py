@@ -105,6 +105,45 @@ def dequantize(
     return (qg * effective_scale(scale).unsqueeze(-1)).reshape(q.shape)
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fused exact quantize→dequantize with STE/LSQ gradients, for ``rounding="ste"``, ``clamping="hard"``.
+
+    One graph node instead of ~10 elementwise ones; backward recomputes the codes from the saved inputs
+    rather than keeping full-size intermediates alive. Gradients (x = w/s, r = round(x) + z):
+    ``∂ŵ/∂w = 1[qmin ≤ r ≤ qmax]``, ``∂ŵ/∂s = (q - z) - x·1[inside]`` (LSQ), ``∂ŵ/∂z = -s·1[outside]``.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, zero_point, bits, group_size):
+        ctx.save_for_backward(w, scale, zero_point, bits)
+        ctx.group_size = group_size
+        return dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale, zero_point, bits = ctx.saved_tensors
+        qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
+        s = effective_scale(scale).unsqueeze(-1)
+        x = _grouped(w, ctx.group_size) / s
+        r = torch.round(x)
+        z = torch.round(zero_point.float()).unsqueeze(-1) if zero_point is not None else None
+        if z is not None:
+            r = r + z
+        inside = (r >= qmin) & (r <= qmax)
+        g = _grouped(grad, ctx.group_size)
+        grad_w = grad_s = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_w = (g * inside).reshape(w.shape).to(w.dtype)
+        if ctx.needs_input_grad[1]:
+            q_minus_z = torch.clamp(r, qmin, qmax) - (z if z is not None else 0)
+            ds = (g * (q_minus_z - torch.where(inside, x, 0.0))).sum(-1)
+            # through effective_scale = |scale| clamped at SCALE_EPS
+            grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
+        if zero_point is not None and ctx.needs_input_grad[2]:
+            grad_z = (-(g * s) * ~inside).sum(-1).to(zero_point.dtype)
+        return grad_w, grad_s, grad_z, None, None
+
+
 def fake_quantize(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -119,17 +158,17 @@ def fake_quantize(
 
     With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly.
     """
-    qmin, qmax = int_range(bits, zero_point is None)
-    qmin, qmax = qmin.to(w.device), qmax.to(w.device)
+    if not (math.isfinite(sharpness) and (rounding == "soft" or clamping == "soft")):
+        return _FakeQuantSTE.apply(w, scale, zero_point, torch.as_tensor(bits, device=w.device), group_size)
+    qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
     s = effective_scale(scale).unsqueeze(-1)
     x = _grouped(w, group_size) / s
-    soft = math.isfinite(sharpness)
-    q = soft_round(x, sharpness) if (soft and rounding == "soft") else round_ste(x)
+    q = soft_round(x, sharpness) if rounding == "soft" else round_ste(x)
     z = None
     if zero_point is not None:
         z = round_ste(zero_point.float()).unsqueeze(-1)
         q = q + z
-    q = soft_clamp(q, qmin, qmax, sharpness) if (soft and clamping == "soft") else torch.clamp(q, qmin, qmax)
+    q = soft_clamp(q, qmin, qmax, sharpness) if clamping == "soft" else torch.clamp(q, qmin, qmax)
     if z is not None:
         q = q - z
     return (q * s).reshape(w.shape)

@@ -87,3 +87,29 @@ def test_activation_fake_quant_per_token():
     scale = x.abs().amax(-1, keepdim=True) / 127
     assert torch.allclose(xq / scale, (xq / scale).round(), atol=1e-4)
     assert (xq - x).abs().max() <= scale.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fused_ste_gradients_match_autograd_reference(symmetric):
+    from hfqat.primitives import effective_scale, round_ste
+
+    w0 = _weight(8, 32, seed=5) * 3
+    s0, z0 = init_scales(w0, 3, 16, symmetric, "minmax")
+    s0 = s0 * 0.7  # force some clamping
+    leaves = lambda: [t.clone().requires_grad_() for t in (w0, s0) + ((z0,) if z0 is not None else ())]  # noqa: E731
+    fused, ref = leaves(), leaves()
+    g = torch.randn(8, 32, generator=torch.Generator().manual_seed(9))
+    (fake_quantize(fused[0], fused[1], fused[2] if not symmetric else None, 3, 16) * g).sum().backward()
+
+    w, s, z = ref[0], ref[1], (ref[2] if not symmetric else None)
+    qmin, qmax = int_range(3, symmetric)
+    x = w.reshape(8, 2, 16) / effective_scale(s).unsqueeze(-1)
+    q = round_ste(x)
+    if z is not None:
+        q = q + round_ste(z).unsqueeze(-1)
+    q = torch.clamp(q, qmin, qmax)
+    if z is not None:
+        q = q - round_ste(z).unsqueeze(-1)
+    ((q * effective_scale(s).unsqueeze(-1)).reshape(8, 32) * g).sum().backward()
+    for a, b in zip(fused, ref):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), (a.grad - b.grad).abs().max()
