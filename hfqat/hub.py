@@ -1,0 +1,451 @@
+"""Publishing: pack a QAT model, write its model card, upload the folder to the Hub (or any `HF_ENDPOINT`).
+
+Three steps, each usable alone:
+
+- `write_model_card(model, out_dir, ...)` renders `README.md` from `model_cards/hfqat_model_card.md` with
+  `huggingface_hub.ModelCard.from_template` (YAML metadata + how to load + bit map + plots + metrics + settings).
+- `push_packed_dir(local_dir, repo_id, ...)` uploads an existing packed export (what `hfqat push` calls).
+- `push_to_hub(model, repo_id, ...)` does all of it: `save_packed` -> card -> `create_repo` + `upload_folder`.
+
+Failures of the endpoint raise `HubUploadError` carrying the HTTP status and the local export path, which is
+left intact so the upload can simply be retried. The token is never logged, written to the card or put in
+an error message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ._version import __version__
+from .modeling import qat_layers
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "hfqat_model_card.md"
+PLOTS_DIR = "plots"
+# Weight files an earlier push may have left that a new export replaces (e.g. a different shard count).
+STALE_WEIGHT_PATTERNS = ["model*.safetensors", "model.safetensors.index.json"]
+# TrainingArguments fields worth showing on a card (the full dump is long and partly machine-specific).
+TRAINING_ARG_KEYS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "weight_decay",
+    "optim", "bf16", "fp16", "seed",
+)
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubUploadError(RuntimeError):
+    """The Hub endpoint refused or failed the upload; the local export at `local_dir` is intact.
+
+    Attributes: `status_code` (HTTP status, None when the endpoint could not be reached), `local_dir`,
+    `repo_id`, `endpoint`.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None, local_dir: Path, repo_id: str, endpoint: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.local_dir = local_dir
+        self.repo_id = repo_id
+        self.endpoint = endpoint
+
+
+# -- model card --------------------------------------------------------------------------------------------
+def write_model_card(
+    model: nn.Module | None,
+    out_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    plots: Sequence[str | os.PathLike] | None = None,
+    training_args: Any = None,
+    reproduce_command: str | Sequence[str] | None = None,
+    base_model: str | None = None,
+    has_tokenizer: bool | None = None,
+    template_path: str | os.PathLike | None = None,
+    redact: Sequence[str] = (),
+) -> Path:
+    """Render the hfqat model card to `out_dir/README.md` and copy `plots` to `out_dir/plots/`; returns the path.
+
+    Args:
+        model: the QAT (or packed) model; its layers give the bit map and weight counts. None reads the bit
+            map from `out_dir/config.json` (an existing `save_packed` export).
+        out_dir: folder to write into (usually the packed export).
+        repo_id: Hub id used in the loading snippet and title; default: a local-path placeholder.
+        metrics: {"FP": {"ppl": 12.1}, "PTQ": {...}, "QAT": {...}}: one table row per model, one column per metric.
+        plots: PNG files (e.g. the callback's `bit_allocation.png`), embedded with relative links.
+        training_args: a mapping, dataclass or `transformers.TrainingArguments` (curated subset shown);
+            keys containing "token" are never written.
+        reproduce_command: the command that reproduces this model (string or argv list).
+        base_model: Hub id of the float model; default: the model's `name_or_path` when it looks like a Hub id.
+        has_tokenizer: whether the loading snippet shows the tokenizer; default: a tokenizer file is in out_dir.
+        template_path: Jinja template; default `model_cards/hfqat_model_card.md`.
+        redact: strings (tokens) scrubbed from the rendered card, as a last line of defence.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    out_dir = Path(out_dir)
+    plot_paths = _check_plots(plots)
+    columns, metric_rows = _metrics_table(metrics)
+    export_config = _read_export_config(out_dir)
+    layers = _layer_rows(model, export_config)
+    if not layers:
+        raise ValueError(
+            "write_model_card found no quantized layer: pass an hfqat model (QAT or packed) or an out_dir "
+            "holding a save_packed export (config.json with quantization_config.packed_layers)"
+        )
+    quant = _quant_config_dict(model, export_config)
+    base_model = base_model if base_model is not None else _guess_base_model(model)
+    bit_widths = sorted({row["bits"] for row in layers})
+    average_bits = _average_bits(layers)
+
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["hfqat", "quantization", "qat", *[f"{b}-bit" for b in bit_widths],
+              *(["mixed-precision"] if len(bit_widths) > 1 else [])],
+        **({"base_model_relation": "quantized"} if base_model else {}),
+        hfqat={"version": __version__, "bits": bit_widths, "average_bits": round(average_bits, 3),
+               "group_size": quant.get("group_size"), "symmetric": quant.get("symmetric")},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    embedded = []
+    for src in plot_paths:
+        dst = out_dir / PLOTS_DIR / src.name
+        dst.parent.mkdir(exist_ok=True)
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        embedded.append({"title": src.stem.replace("_", " ").capitalize(), "path": f"{PLOTS_DIR}/{src.name}"})
+
+    if has_tokenizer is None:
+        has_tokenizer = any((out_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or CARD_TEMPLATE),
+        model_name=repo_id.split("/")[-1] if repo_id else out_dir.name,
+        base_model=base_model,
+        load_id=repo_id or "path/to/this/folder",
+        has_tokenizer=has_tokenizer,
+        hfqat_version=__version__,
+        bits_label="/".join(str(b) for b in bit_widths) + "-bit",
+        average_bits=average_bits,
+        checkpoint_mb=_checkpoint_mb(out_dir),
+        quant_settings=_quant_settings(quant),
+        bit_summary=_bit_summary(layers),
+        layers=[{**row, "params": "?" if row["params"] is None else f"{row['params']:,}"} for row in layers],
+        plots=embedded,
+        metrics_columns=columns,
+        metrics_rows=metric_rows,
+        training_rows=_training_rows(training_args),
+        reproduce_command=_command_str(reproduce_command),
+    )
+    path = out_dir / "README.md"
+    path.write_text(_scrub(str(card), redact), encoding="utf-8")
+    return path
+
+
+def _check_plots(plots: Sequence[str | os.PathLike] | None) -> list[Path]:
+    paths = [Path(p) for p in (plots or [])]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"plots: {p} is not a file")
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plots={names} has repeated file names; they would overwrite each other in {PLOTS_DIR}/")
+    return paths
+
+
+def _read_export_config(out_dir: Path) -> dict[str, Any]:
+    """`quantization_config` of a save_packed export in out_dir, or {} when there is none."""
+    config_file = out_dir / "config.json"
+    if not config_file.is_file():
+        return {}
+    return json.loads(config_file.read_text()).get("quantization_config") or {}
+
+
+def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[{name, bits, group_size, params}] from the model's QAT layers, else from the packed layer map."""
+    if model is not None:
+        rows = [{"name": name, "bits": layer.bits, "group_size": layer.spec.group_size,
+                 "params": layer.weight.numel()} for name, layer in qat_layers(model)]
+        if rows:
+            return rows
+    packed = export_config.get("packed_layers") or _config_value(model, "packed_layers") or {}
+    rows = []
+    for name, entry in packed.items():
+        module = _submodule(model, name)
+        params = (module.in_features * module.out_features
+                  if hasattr(module, "in_features") and hasattr(module, "out_features") else None)
+        rows.append({"name": name, "bits": int(entry["bits"]), "group_size": entry.get("group_size"), "params": params})
+    return rows
+
+
+def _submodule(model: nn.Module | None, name: str) -> nn.Module | None:
+    if model is None:
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _config_value(model: nn.Module | None, key: str) -> Any:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    return qc.get(key) if isinstance(qc, Mapping) else getattr(qc, key, None)
+
+
+def _quant_config_dict(model: nn.Module | None, export_config: Mapping[str, Any]) -> dict[str, Any]:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None and not isinstance(qc, Mapping):
+        qc = qc.to_dict()
+    return dict(qc or export_config)
+
+
+def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
+    group = quant.get("group_size")
+    rows = [
+        ("method", "hfqat (uniform integer grid, real packed weights)"),
+        ("default bits", quant.get("bits")),
+        ("group size", "per output channel" if group == -1 else group),
+        ("grid", None if "symmetric" not in quant else ("symmetric" if quant["symmetric"] else "asymmetric (zero point)")),
+        ("learned scales", quant.get("learn_scales")),
+        ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
+        ("activations", f"int{quant['activation_bits']} dynamic per token" if quant.get("activation_bits") else "float"),
+        ("kept in full precision", ", ".join(quant.get("modules_to_not_convert") or []) or "output head (default)"),
+    ]
+    return [(key, str(value)) for key, value in rows if value is not None]
+
+
+def _average_bits(layers: list[dict[str, Any]]) -> float:
+    weights = [row["params"] or 1 for row in layers]  # unknown sizes count equally
+    return sum(row["bits"] * w for row, w in zip(layers, weights)) / sum(weights)
+
+
+def _bit_summary(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    total = sum(row["params"] or 0 for row in layers)
+    summary = []
+    for bits in sorted({row["bits"] for row in layers}):
+        rows = [row for row in layers if row["bits"] == bits]
+        share = f"{100 * sum(r['params'] or 0 for r in rows) / total:.1f}%" if total else "?"
+        summary.append({"bits": bits, "layers": len(rows), "share": share})
+    return summary
+
+
+def _metrics_table(metrics: Mapping[str, Mapping[str, Any]] | None) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    if not metrics:
+        return [], []
+    if not isinstance(metrics, Mapping) or not all(isinstance(v, Mapping) for v in metrics.values()):
+        raise ValueError(f"metrics={metrics!r} is invalid; expected {{'FP': {{'ppl': 12.3}}, 'QAT': {{...}}}}")
+    columns = list(dict.fromkeys(key for values in metrics.values() for key in values))
+    rows = [(str(name), [_fmt(values.get(col)) for col in columns]) for name, values in metrics.items()]
+    return columns, rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _training_rows(training_args: Any) -> list[tuple[str, str]]:
+    if training_args is None:
+        return []
+    if isinstance(training_args, Mapping):
+        items = dict(training_args)
+    elif dataclasses.is_dataclass(training_args):
+        items = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args)}
+        if type(training_args).__name__.endswith("TrainingArguments"):  # also Seq2Seq/SFT subclasses (trl's SFTConfig is one)
+            items = {k: items[k] for k in TRAINING_ARG_KEYS if k in items}
+    else:
+        raise ValueError(
+            f"training_args of type {type(training_args).__name__} is invalid; allowed: a mapping, a dataclass "
+            "or transformers.TrainingArguments"
+        )
+    return [(str(k), _fmt(v)) for k, v in items.items() if "token" not in str(k).lower()]
+
+
+def _command_str(command: str | Sequence[str] | None) -> str | None:
+    if command is None or isinstance(command, str):
+        return command
+    return shlex.join(str(part) for part in command)
+
+
+def _checkpoint_mb(out_dir: Path) -> str | None:
+    size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    return f"{size / 1e6:.1f}" if size else None
+
+
+def _guess_base_model(model: nn.Module | None) -> str | None:
+    """The model's `name_or_path` when it is a Hub id (a local path is no valid `base_model`)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or ""
+    if _HUB_REPO_ID.match(name) and not os.path.exists(name):
+        return name
+    return None
+
+
+# -- upload ------------------------------------------------------------------------------------------------
+def push_packed_dir(
+    local_dir: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool | None = None,
+    *,
+    commit_message: str | None = None,
+) -> str:
+    """Upload an existing `save_packed` export folder to `repo_id`; returns the repo URL.
+
+    Writes a model card first when the folder has no `README.md`. Stale weight shards of an earlier push
+    are deleted in the same commit. Raises `HubUploadError` (HTTP status, local path) when the endpoint fails.
+    """
+    local_dir = Path(local_dir)
+    export_config = _read_export_config(local_dir)
+    if export_config.get("quant_method") != "hfqat":
+        raise ValueError(
+            f"local_dir={str(local_dir)!r} is not an hfqat export (no config.json with quantization_config."
+            "quant_method 'hfqat'); write one with hfqat.save_packed(model, path)"
+        )
+    secrets = _secrets(token)
+    if not (local_dir / "README.md").is_file():
+        write_model_card(None, local_dir, repo_id=repo_id, redact=secrets)
+    return _upload(local_dir, repo_id, token=token, endpoint=endpoint, private=private,
+                   commit_message=commit_message or "Upload hfqat packed model", secrets=secrets)
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    tokenizer: Any = None,
+    token: str | None = None,
+    private: bool | None = None,
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    plots: Sequence[str | os.PathLike] | None = None,
+    training_args: Any = None,
+    reproduce_command: str | Sequence[str] | None = None,
+    base_model: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+) -> str:
+    """Pack `model`, write its model card, upload both to `repo_id`; returns the repo URL.
+
+    Args:
+        model: a trained hfqat model (fake-quantized layers).
+        repo_id: "namespace/name" on the Hub (or the endpoint).
+        tokenizer: saved next to the weights when given.
+        token: write token; default: huggingface_hub's (HF_TOKEN or the saved login). Never logged.
+        private: create the repo private (ignored when it exists).
+        metrics, plots, training_args, reproduce_command, base_model: card content, see `write_model_card`.
+        endpoint: Hub URL; default: the HF_ENDPOINT environment variable (read at call time), else huggingface.co.
+        commit_message: default "Upload hfqat packed model".
+        local_dir: where the export is written and kept. Default: a temporary folder, removed after a
+            successful upload and kept (its path is in the error) after a failed one.
+
+    Raises:
+        HubUploadError: the endpoint answered an error or could not be reached; retrying is safe.
+    """
+    from .export import save_packed
+
+    _check_plots(plots)  # fail on a typo before the (slow) packing
+    _metrics_table(metrics)
+    temp_root = None
+    if local_dir is None:
+        temp_root = Path(tempfile.mkdtemp(prefix="hfqat-push-"))
+        local_dir = temp_root / repo_id.split("/")[-1]
+    local_dir = Path(local_dir)
+    secrets = _secrets(token)
+    save_packed(model, local_dir, tokenizer=tokenizer)
+    write_model_card(
+        model, local_dir, repo_id=repo_id, metrics=metrics, plots=plots, training_args=training_args,
+        reproduce_command=reproduce_command, base_model=base_model, redact=secrets,
+    )
+    url = _upload(local_dir, repo_id, token=token, endpoint=endpoint, private=private,
+                  commit_message=commit_message or "Upload hfqat packed model", secrets=secrets)
+    if temp_root is not None:
+        shutil.rmtree(temp_root, ignore_errors=True)
+    return url
+
+
+def _upload(local_dir: Path, repo_id: str, *, token: str | None, endpoint: str | None, private: bool | None,
+            commit_message: str, secrets: list[str]) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # Read HF_ENDPOINT now: huggingface_hub reads it once at import, which may predate the user setting it.
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    api = HfApi(endpoint=endpoint)
+    logger.info("hfqat: uploading %s to %s at %s", local_dir, repo_id, api.endpoint)
+    try:
+        url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=local_dir, token=token, commit_message=commit_message,
+                          delete_patterns=STALE_WEIGHT_PATTERNS)
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        detail = err.server_message or str(err).splitlines()[0]
+        raise _upload_error(status, detail, local_dir, repo_id, api.endpoint, secrets) from None
+    except _transport_errors() as err:
+        raise _upload_error(None, f"{type(err).__name__}: {err}", local_dir, repo_id, api.endpoint, secrets) from None
+    logger.info("hfqat: uploaded %s", url)
+    return url
+
+
+_STATUS_HINTS = {
+    401: "the token was rejected: pass a valid write token (token= or HF_TOKEN, or `hf auth login`)",
+    403: "the token may not write to this namespace",
+    404: "the repo or endpoint was not found: check repo_id and endpoint",
+    None: "the endpoint could not be reached: check the network and HF_ENDPOINT / endpoint=",
+}
+
+
+def _upload_error(status: int | None, detail: str, local_dir: Path, repo_id: str, endpoint: str,
+                  secrets: list[str]) -> HubUploadError:
+    hint = _STATUS_HINTS.get(status, "the Hub had a server error; retry later" if (status or 0) >= 500 else "")
+    message = (
+        f"Upload of {repo_id!r} to {endpoint} failed (HTTP {status if status is not None else 'n/a'}: {detail})"
+        f"{'; ' + hint if hint else ''}. The local export is intact at {local_dir}; retry with "
+        f"hfqat.hub.push_packed_dir({str(local_dir)!r}, {repo_id!r}) or `hfqat push`."
+    )
+    return HubUploadError(_scrub(message, secrets), status_code=status, local_dir=local_dir, repo_id=repo_id,
+                          endpoint=endpoint)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+def _secrets(token: str | None) -> list[str]:
+    """The token that will be sent (explicit, or huggingface_hub's default), to scrub from any text we write."""
+    if token is None:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    return [token] if isinstance(token, str) and token else []
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
