@@ -215,23 +215,23 @@ def _quant_config_dict(model: nn.Module | None, export_config: Mapping[str, Any]
 
 
 def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
-    group = quant.get("group_size")
+    group, symmetric, act_bits = quant.get("group_size"), quant.get("symmetric"), quant.get("activation_bits")
     rows = [
         ("method", "hfqat (uniform integer grid, real packed weights)"),
         ("default bits", quant.get("bits")),
         ("group size", "per output channel" if group == -1 else group),
-        ("grid", None if "symmetric" not in quant else ("symmetric" if quant["symmetric"] else "asymmetric (zero point)")),
+        ("grid", None if symmetric is None else ("symmetric" if symmetric else "asymmetric (zero point)")),
         ("learned scales", quant.get("learn_scales")),
         ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
-        ("activations", f"int{quant['activation_bits']} dynamic per token" if quant.get("activation_bits") else "float"),
+        ("activations", f"int{act_bits} dynamic per token" if act_bits else "float"),
         ("kept in full precision", ", ".join(quant.get("modules_to_not_convert") or []) or "output head (default)"),
     ]
     return [(key, str(value)) for key, value in rows if value is not None]
 
 
 def _average_bits(layers: list[dict[str, Any]]) -> float:
-    weights = [row["params"] or 1 for row in layers]  # unknown sizes count equally
-    return sum(row["bits"] * w for row, w in zip(layers, weights)) / sum(weights)
+    weight = [row["params"] or 1 for row in layers]  # layers of unknown size count equally
+    return sum(row["bits"] * w for row, w in zip(layers, weight, strict=True)) / sum(weight)
 
 
 def _bit_summary(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,14 +263,16 @@ def _fmt(value: Any) -> str:
 
 
 def _training_rows(training_args: Any) -> list[tuple[str, str]]:
+    from transformers import TrainingArguments
+
     if training_args is None:
         return []
-    if isinstance(training_args, Mapping):
+    if isinstance(training_args, TrainingArguments):  # also subclasses such as trl's SFTConfig
+        items = {k: getattr(training_args, k) for k in TRAINING_ARG_KEYS if hasattr(training_args, k)}
+    elif isinstance(training_args, Mapping):
         items = dict(training_args)
     elif dataclasses.is_dataclass(training_args):
         items = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args)}
-        if type(training_args).__name__.endswith("TrainingArguments"):  # also Seq2Seq/SFT subclasses (trl's SFTConfig is one)
-            items = {k: items[k] for k in TRAINING_ARG_KEYS if k in items}
     else:
         raise ValueError(
             f"training_args of type {type(training_args).__name__} is invalid; allowed: a mapping, a dataclass "
