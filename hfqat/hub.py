@@ -184,13 +184,21 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
         if rows:
             return rows
     packed = export_config.get("packed_layers") or _config_value(model, "packed_layers") or {}
+    # config.json stores the map with sorted keys: restore module order (natural order without a model).
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())} if model is not None else {}
     rows = []
-    for name, entry in packed.items():
+    for name in sorted(packed, key=lambda n: (order.get(n, len(order)), _natural_key(n))):
+        entry = packed[name]
         module = _submodule(model, name)
         params = (module.in_features * module.out_features
                   if hasattr(module, "in_features") and hasattr(module, "out_features") else None)
         rows.append({"name": name, "bits": int(entry["bits"]), "group_size": entry.get("group_size"), "params": params})
     return rows
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that puts layers.10 after layers.9."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _submodule(model: nn.Module | None, name: str) -> nn.Module | None:
@@ -356,21 +364,27 @@ def push_to_hub(
         metrics, plots, training_args, reproduce_command, base_model: card content, see `write_model_card`.
         endpoint: Hub URL; default: the HF_ENDPOINT environment variable (read at call time), else huggingface.co.
         commit_message: default "Upload hfqat packed model".
-        local_dir: where the export is written and kept. Default: a temporary folder, removed after a
-            successful upload and kept (its path is in the error) after a failed one.
+        local_dir: where the export is written and kept; save_packed replaces this folder as a whole. Default:
+            a temporary folder, removed after a successful upload and kept (its path is in the error) after a
+            failed one.
 
     Raises:
         HubUploadError: the endpoint answered an error or could not be reached; retrying is safe.
     """
     from .export import save_packed
 
-    _check_plots(plots)  # fail on a typo before the (slow) packing
+    # Check inputs before the (slow) packing.
+    plot_paths = _check_plots(plots)
     _metrics_table(metrics)
     temp_root = None
     if local_dir is None:
         temp_root = Path(tempfile.mkdtemp(prefix="hfqat-push-"))
         local_dir = temp_root / repo_id.split("/")[-1]
     local_dir = Path(local_dir)
+    inside = [str(p) for p in plot_paths if local_dir.resolve() in p.resolve().parents]
+    if inside:
+        raise ValueError(f"plots {inside} lie inside local_dir={str(local_dir)!r}, which save_packed replaces; "
+                         "pass plots from another folder (e.g. the training output dir)")
     secrets = _secrets(token)
     save_packed(model, local_dir, tokenizer=tokenizer)
     write_model_card(

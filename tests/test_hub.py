@@ -120,6 +120,10 @@ def test_push_uploads_packed_weights_and_card(qat_model, plot_png, hub, tmp_path
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, qat_model(ids).logits, atol=1e-4, rtol=0)
+    # ...and a card written from the packed (reloaded) model shows the same bit map and weight counts.
+    card = write_model_card(reloaded, tmp_path / "card-from-packed").read_text()
+    assert _table_bits(card) == allocation and _table_bits(readme) == allocation
+    assert re.findall(r"^\| `.*$", card, re.M) == re.findall(r"^\| `.*$", readme, re.M)
 
 
 def test_hf_endpoint_env_private_and_temp_export_cleanup(qat_model, hub, tmp_path, monkeypatch):
@@ -238,6 +242,9 @@ def test_card_from_existing_export_and_input_checks(qat_model, hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         push_to_hub(qat_model, REPO, token=TOKEN, endpoint=hub.url, plots=[tmp_path / "missing.png"],
                     local_dir=tmp_path / "y")
+    (export / "inside.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match="inside local_dir"):
+        push_to_hub(qat_model, REPO, token=TOKEN, endpoint=hub.url, plots=[export / "inside.png"], local_dir=export)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists(), "bad inputs must fail before packing"
 
 
