@@ -86,8 +86,9 @@ def write_model_card(
         repo_id: Hub id used in the loading snippet and title; default: a local-path placeholder.
         metrics: {"FP": {"ppl": 12.1}, "PTQ": {...}, "QAT": {...}}: one table row per model, one column per metric.
         plots: PNG files (e.g. the callback's `bit_allocation.png`), embedded with relative links.
-        training_args: a mapping, dataclass or `transformers.TrainingArguments` (curated subset shown);
-            keys containing "token" are never written.
+        training_args: training and distillation settings: a mapping, a dataclass such as `QATCallback`,
+            `transformers.TrainingArguments` (curated subset shown), or a list of these; keys containing
+            "token" are never written.
         reproduce_command: the command that reproduces this model (string or argv list).
         base_model: Hub id of the float model; default: the model's `name_or_path` when it looks like a Hub id.
         has_tokenizer: whether the loading snippet shows the tokenizer; default: a tokenizer file is in out_dir.
@@ -267,26 +268,37 @@ def _fmt(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    if isinstance(value, (str, int, bool)):
+        return str(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
+        return ", ".join(_fmt(v) for v in value)
+    return f"`{type(value).__name__}`"  # e.g. a teacher model object: its name, not its repr
 
 
 def _training_rows(training_args: Any) -> list[tuple[str, str]]:
+    sources = training_args if isinstance(training_args, (list, tuple)) else [training_args]
+    items: dict[str, Any] = {}
+    for source in sources:
+        items.update(_settings_of(source))
+    return [(str(k), _fmt(v)) for k, v in items.items() if "token" not in str(k).lower()]
+
+
+def _settings_of(source: Any) -> dict[str, Any]:
+    """Card rows of one settings object: a mapping, TrainingArguments (curated) or a dataclass (init fields)."""
     from transformers import TrainingArguments
 
-    if training_args is None:
-        return []
-    if isinstance(training_args, TrainingArguments):  # also subclasses such as trl's SFTConfig
-        items = {k: getattr(training_args, k) for k in TRAINING_ARG_KEYS if hasattr(training_args, k)}
-    elif isinstance(training_args, Mapping):
-        items = dict(training_args)
-    elif dataclasses.is_dataclass(training_args):
-        items = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(training_args)}
-    else:
-        raise ValueError(
-            f"training_args of type {type(training_args).__name__} is invalid; allowed: a mapping, a dataclass "
-            "or transformers.TrainingArguments"
-        )
-    return [(str(k), _fmt(v)) for k, v in items.items() if "token" not in str(k).lower()]
+    if source is None:
+        return {}
+    if isinstance(source, TrainingArguments):  # also subclasses such as trl's SFTConfig
+        return {k: getattr(source, k) for k in TRAINING_ARG_KEYS if hasattr(source, k)}
+    if isinstance(source, Mapping):
+        return dict(source)
+    if dataclasses.is_dataclass(source):  # e.g. QATCallback: its distillation / re-allocation settings
+        return {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.init}
+    raise ValueError(
+        f"training_args of type {type(source).__name__} is invalid; allowed: a mapping, a dataclass (e.g. "
+        "QATCallback), transformers.TrainingArguments, or a list of these"
+    )
 
 
 def _command_str(command: str | Sequence[str] | None) -> str | None:

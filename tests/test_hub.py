@@ -212,15 +212,21 @@ def test_token_never_leaks(qat_model, plot_png, hub, tmp_path, caplog, capfd):
 def test_write_model_card_locally(qat_model, tmp_path):
     from transformers import TrainingArguments
 
+    from hfqat.callback import QATCallback
+
     args = TrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=3e-4, max_steps=7, hub_token=TOKEN,
                              report_to=[])
-    path = write_model_card(qat_model, tmp_path / "card", training_args=args)
+    callback = QATCallback(teacher=qat_model, distill_weight=0.7, temperature=3.0, bit_choices=(2, 4, 8))
+    path = write_model_card(qat_model, tmp_path / "card", training_args=[args, callback])
     readme = path.read_text()
     meta = _front_matter(readme)
     assert "hfqat" in meta["tags"] and "base_model" not in meta  # a local float checkpoint is no Hub base model
     assert _table_bits(readme) == hfqat.bit_allocation(qat_model)
     assert "| learning_rate | 0.0003 |" in readme and "| max_steps | 7 |" in readme
     assert "output_dir" not in readme and TOKEN not in readme  # curated TrainingArguments subset only
+    assert "| distill_weight | 0.7 |" in readme and "| temperature | 3 |" in readme
+    assert "| bit_choices | 2, 4, 8 |" in readme and f"| teacher | `{type(qat_model).__name__}` |" in readme
+    assert "history" not in readme
     assert "## Evaluation" not in readme and "## Reproduce" not in readme  # sections without data are left out
 
 
