@@ -398,11 +398,16 @@ def push_to_hub(
         raise ValueError(f"plots {inside} lie inside local_dir={str(local_dir)!r}, which save_packed replaces; "
                          "pass plots from another folder (e.g. the training output dir)")
     secrets = _secrets(token)
-    save_packed(model, local_dir, tokenizer=tokenizer)
-    write_model_card(
-        model, local_dir, repo_id=repo_id, metrics=metrics, plots=plots, training_args=training_args,
-        reproduce_command=reproduce_command, base_model=base_model, redact=secrets,
-    )
+    try:
+        save_packed(model, local_dir, tokenizer=tokenizer)
+        write_model_card(
+            model, local_dir, repo_id=repo_id, metrics=metrics, plots=plots, training_args=training_args,
+            reproduce_command=reproduce_command, base_model=base_model, redact=secrets,
+        )
+    except BaseException:
+        if temp_root is not None:  # nothing worth keeping yet
+            shutil.rmtree(temp_root, ignore_errors=True)
+        raise
     url = _upload(local_dir, repo_id, token=token, endpoint=endpoint, private=private,
                   commit_message=commit_message or "Upload hfqat packed model", secrets=secrets)
     if temp_root is not None:
@@ -455,7 +460,7 @@ def _upload_error(status: int | None, detail: str, local_dir: Path, repo_id: str
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
-    errors: list[type[BaseException]] = [OSError]
+    errors: list[type[BaseException]] = []
     for module in ("httpx2", "httpx"):
         try:
             errors.append(importlib.import_module(module).TransportError)
