@@ -1,0 +1,345 @@
+"""`QATCallback`: distillation from the full-precision teacher and dynamic bit re-allocation for any Trainer.
+
+Usage: ``Trainer(..., callbacks=[hfqat.QATCallback()])`` on a model loaded with an `hfqat.QATConfig`.
+
+Per training run:
+
+- train begin: builds the teacher and hooks the distillation loss into the model's forward
+  (`hfqat.distillation`); fits per-layer clip ratios; if the current bits break the budget, makes a first
+  allocation from the weight-variance prior (no gradient has been seen yet).
+- every step: sets the soft rounding/clamping sharpness from training progress (geometric from
+  ``soft_anneal[0]`` to ``soft_anneal[1]`` until ``freeze_after``, then ``inf``: the last steps train the
+  exact quantizer that export packs); observes per-step sensitivities (Fisher) before the optimizer step.
+- every ``reallocate_every`` steps up to ``freeze_after · max_steps``: re-chooses every layer's bits
+  (`hfqat.allocation`, exact, with hysteresis) and applies them with ``layer.set_bits`` — in place, the scale
+  parameters keep shape and identity, so the optimizer, its Adam moments and the scheduler keep working.
+- logs ``task_loss`` and ``distill_loss`` next to Trainer's ``loss`` (their mix).
+- train end: writes ``bit_allocation.png``, ``loss_curves.png`` and ``bit_allocation_history.json`` to
+  ``args.output_dir``; ``callback.history`` holds the same history.
+
+Resume: the callback is an `ExportableState`, so Trainer stores its state (allocation history, sensitivity
+EMAs, clip ratios) in each checkpoint's ``trainer_state.json``; on ``train(resume_from_checkpoint=...)``
+the callback reads it back itself (``restore_callback_states_from_checkpoint`` is not needed; with it set,
+Trainer re-creates the callback from its saved arguments, which cannot include a teacher *model* object).
+The per-layer bits, scales and float weights are in the model checkpoint. The default snapshot teacher
+is saved as ``hfqat_teacher.safetensors`` in each checkpoint, so a resumed run distills from the same
+train-start weights and continues exactly (same allocation sequence).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .allocation import allocate_bits, weighted_average_bits
+from .config import SUPPORTED_BITS
+from .distillation import DistillationHook, SnapshotTeacher, build_teacher
+from .modeling import bit_allocation, qat_layers, set_soft_sharpness
+from .sensitivity import ESTIMATORS, SensitivityContext, make_estimator, weight_variance_costs
+
+logger = logging.getLogger(__name__)
+
+TEACHER_FILE = "hfqat_teacher.safetensors"
+HISTORY_FILE = "bit_allocation_history.json"
+STATE_VERSION = 1
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"QATCallback.{name}={value!r} is invalid; allowed values: {allowed}")
+
+
+@dataclass(eq=False)
+class QATCallback(TrainerCallback, ExportableState):
+    """Distillation from the full-precision teacher + sensitivity-aware bit re-allocation.
+
+    Args:
+        teacher: "snapshot" (frozen copy of the quantized layers' float weights taken at train start, sharing
+            everything else with the student), a model, a path/hub id loadable by `AutoModelForCausalLM`,
+            or None (no distillation).
+        distill_weight: α in ``(1-α)·task + α·T²·KL(teacher‖student)``, in [0, 1].
+        temperature: T > 0.
+        budget_bits: parameter-weighted average bits the allocation must not exceed; None = the config's bits.
+        bit_choices: bit widths a layer may take (2..8).
+        reallocate_every: re-allocate every this many optimizer steps; 0 turns re-allocation off (then
+            budget_bits must be None).
+        sensitivity: "fisher" | "hutchinson" | "variance" (see `hfqat.sensitivity`).
+        ema: smoothing of the sensitivity measurements, in [0, 1).
+        hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
+            ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
+        freeze_after: fraction of max_steps after which bits are frozen and soft rounding is exact, in (0, 1].
+        soft_anneal: (start, end) sharpness of soft rounding/clamping, or None to leave it alone.
+        seed: seed of the Hutchinson probes (derived per step, so resumed runs draw the same probes).
+        write_plots: write the PNG figures at train end (the JSON history is always written).
+    """
+
+    teacher: Any = "snapshot"
+    distill_weight: float = 0.5
+    temperature: float = 2.0
+    budget_bits: float | None = None
+    bit_choices: tuple[int, ...] = (2, 3, 4, 8)
+    reallocate_every: int = 50
+    sensitivity: str = "fisher"
+    ema: float = 0.9
+    hysteresis: float = 0.05
+    freeze_after: float = 0.8
+    soft_anneal: tuple[float, float] | None = (1.0, 100.0)
+    seed: int = 0
+    write_plots: bool = True
+    history: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        self.bit_choices = tuple(sorted(self.bit_choices))
+        if self.soft_anneal is not None:
+            self.soft_anneal = (float(self.soft_anneal[0]), float(self.soft_anneal[1]))
+        self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
+        self._hook: DistillationHook | None = None
+        self._model: nn.Module | None = None
+        self._layers: list = []
+        self._numels: dict[str, int] = {}
+        self._budget: float | None = None
+        self._freeze_step = 0
+        self._soft = False
+        self._last_logged_step = 0
+        self._warned_no_scores = False
+        self._checkpoint_root = ""  # where this run's checkpoints go (recorded in the state, for resume)
+        self._step = 0
+
+    def _validate(self) -> None:
+        t = self.teacher
+        if not (t is None or t == "snapshot" or isinstance(t, (str, os.PathLike, nn.Module))):
+            raise _invalid("teacher", t, '"snapshot", a model, a path, or None')
+        if isinstance(self.distill_weight, bool) or not 0.0 <= self.distill_weight <= 1.0:
+            raise _invalid("distill_weight", self.distill_weight, "a number in [0, 1]")
+        if not self.temperature > 0:
+            raise _invalid("temperature", self.temperature, "a number > 0")
+        choices = self.bit_choices
+        if (not isinstance(choices, (tuple, list)) or not choices or len(set(choices)) != len(choices)
+                or any(isinstance(b, bool) or b not in SUPPORTED_BITS for b in choices)):
+            raise _invalid("bit_choices", choices, f"a non-empty sequence of distinct integers from {list(SUPPORTED_BITS)}")
+        if isinstance(self.reallocate_every, bool) or not isinstance(self.reallocate_every, int) or \
+                self.reallocate_every < 0:
+            raise _invalid("reallocate_every", self.reallocate_every, "an integer >= 0 (0 = no re-allocation)")
+        if self.budget_bits is not None:
+            if not min(choices) <= self.budget_bits <= max(SUPPORTED_BITS):
+                raise _invalid("budget_bits", self.budget_bits,
+                               f"None (the config's bits) or a number in [{min(choices)}, {max(SUPPORTED_BITS)}]")
+            if self.reallocate_every == 0:
+                raise _invalid("budget_bits", self.budget_bits,
+                               "None when reallocate_every=0 (re-allocation off); set reallocate_every > 0")
+        if self.sensitivity not in ESTIMATORS:
+            raise _invalid("sensitivity", self.sensitivity, str(sorted(ESTIMATORS)))
+        if not 0.0 <= self.ema < 1.0:
+            raise _invalid("ema", self.ema, "a number in [0, 1)")
+        if not self.hysteresis >= 0:
+            raise _invalid("hysteresis", self.hysteresis, "a number >= 0")
+        if not 0.0 < self.freeze_after <= 1.0:
+            raise _invalid("freeze_after", self.freeze_after, "a number in (0, 1]")
+        if self.soft_anneal is not None and not (
+                len(self.soft_anneal) == 2 and 0 < self.soft_anneal[0] <= self.soft_anneal[1]):
+            raise _invalid("soft_anneal", self.soft_anneal, "None or (start, end) with 0 < start <= end")
+
+    # -- public views -----------------------------------------------------------------------------------------
+    @property
+    def allocation(self) -> dict[str, int]:
+        """The current bits of every quantized layer of the model being trained."""
+        return bit_allocation(self._model) if self._model is not None else {}
+
+    # -- ExportableState ----------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        args = {name: getattr(self, name) for name in (
+            "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "ema",
+            "hysteresis", "freeze_after", "seed", "write_plots")}
+        args["bit_choices"] = list(self.bit_choices)
+        args["soft_anneal"] = list(self.soft_anneal) if self.soft_anneal is not None else None
+        if self.teacher is None or isinstance(self.teacher, (str, os.PathLike)):
+            args["teacher"] = os.fspath(self.teacher) if self.teacher is not None else None
+        checkpoint = os.path.abspath(os.path.join(self._checkpoint_root, f"checkpoint-{self._step}"))
+        resume = {"version": STATE_VERSION, "history": self.history, "budget": self._budget,
+                  "estimator": self._estimator.state_dict(), "checkpoint": checkpoint}
+        return {"args": args, "attributes": {"_saved_state": resume}}
+
+    def _saved_state(self, state) -> dict[str, Any] | None:
+        data = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(data, list):
+            data = data[0] if data else None
+        saved = (data or {}).get("attributes", {}).get("_saved_state")
+        return saved if saved and saved.get("version") == STATE_VERSION else None
+
+    # -- training events ------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+        self._layers = list(qat_layers(model))
+        if not self._layers:
+            raise ValueError("QATCallback: the model has no hfqat fake-quantized layers; load it with "
+                             "from_pretrained(..., quantization_config=hfqat.QATConfig(...))")
+        self._numels = {name: layer.weight.numel() for name, layer in self._layers}
+        self._soft = any(layer.spec.rounding == "soft" or layer.spec.clamping == "soft" for _, layer in self._layers)
+        self._freeze_step = math.floor(self.freeze_after * state.max_steps)
+        self._last_logged_step = self._step = state.global_step
+        self._checkpoint_root = args.output_dir
+        self._budget = None
+        if self.reallocate_every:
+            self._budget = float(self.budget_bits if self.budget_bits is not None else self._config_bits(model))
+        if args.restore_callback_states_from_checkpoint and isinstance(self.teacher, nn.Module):
+            logger.warning("QATCallback: restore_callback_states_from_checkpoint=True re-creates callbacks from "
+                           "saved arguments, which cannot hold a teacher model; leave it False, QATCallback "
+                           "restores its own state.")
+        saved = self._saved_state(state) if state.global_step > 0 else None
+        if state.global_step > 0 and saved is None:
+            logger.warning("QATCallback: resuming without saved QATCallback state; starting its state afresh.")
+        self._attach_hook(args, state, saved)
+        self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
+        if saved is not None:
+            self.history = list(saved["history"])
+            self._estimator.load_state_dict(saved["estimator"])
+        else:
+            self.history = []
+            if self._budget is not None:
+                self._estimator.refit_clip(self._layers)
+                self._initial_allocation(state.global_step)
+        self._anneal(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._anneal(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._budget is not None and self._estimator.per_step and state.global_step + 1 <= self._freeze_step:
+            self._estimator.update(self._layers, self._context(state))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = self._step = state.global_step
+        if self._budget is not None and step % self.reallocate_every == 0 and step <= self._freeze_step:
+            self._reallocate(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._hook is None or logs is None or "loss" not in logs:
+            return
+        steps = max(state.global_step - self._last_logged_step, 1)
+        self._last_logged_step = state.global_step
+        extra = {key: value / steps for key, value in self._hook.pop_sums().items()}
+        logs.update(extra)
+        # Trainer appended a copy of `logs` to the history before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        teacher = self._hook.teacher if self._hook is not None else None
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if isinstance(teacher, SnapshotTeacher) and state.is_world_process_zero and os.path.isdir(checkpoint):
+            teacher.save(os.path.join(checkpoint, TEACHER_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.detach()
+            self._hook = None
+        if self._soft:
+            set_soft_sharpness(self._model, math.inf)
+        if state.is_world_process_zero:
+            self._write_outputs(args.output_dir, state.log_history)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _config_bits(model: nn.Module) -> int:
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        bits = config.get("bits") if isinstance(config, dict) else getattr(config, "bits", None)
+        if bits is None:  # e.g. converted with quantize_model: the most common layer bits
+            specs = [layer.spec.bits for _, layer in qat_layers(model)]
+            bits = max(set(specs), key=specs.count)
+        return int(bits)
+
+    def _attach_hook(self, args, state, saved: dict[str, Any] | None) -> None:
+        if self._hook is not None:
+            self._hook.detach()
+        teacher = None
+        if self.teacher is not None:
+            resumed = state.global_step > 0
+            teacher = self._restored_snapshot(args, state, saved) if resumed and self.teacher == "snapshot" else None
+            teacher = teacher or build_teacher(self.teacher, self._model)
+        self._hook = DistillationHook(teacher, self.distill_weight, self.temperature, args.gradient_accumulation_steps)
+        self._hook.attach(self._model)
+
+    def _restored_snapshot(self, args, state, saved: dict[str, Any] | None) -> SnapshotTeacher | None:
+        # Trainer does not tell callbacks the resume path: try the one recorded at save time, then the usual ones.
+        candidates = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.insert(0, args.resume_from_checkpoint)
+        if saved and saved.get("checkpoint"):
+            candidates.insert(0, saved["checkpoint"])
+        for folder in candidates:
+            path = os.path.join(folder, TEACHER_FILE)
+            if os.path.isfile(path):
+                return SnapshotTeacher.load(self._model, path)
+        logger.warning("QATCallback: %s not found in %s; the resumed run distills from a snapshot of the "
+                       "resumed (already trained) weights instead of the original ones.", TEACHER_FILE, candidates)
+        return None
+
+    def _context(self, state) -> SensitivityContext:
+        batch = self._hook.last_batch if self._hook is not None else None
+        return SensitivityContext(self._model, state.global_step, batch, self.seed)
+
+    def _anneal(self, step: int) -> None:
+        if not self._soft or self.soft_anneal is None:
+            return
+        start, end = self.soft_anneal
+        progress = step / self._freeze_step if self._freeze_step > 0 else 1.0
+        set_soft_sharpness(self._model, math.inf if progress >= 1.0 else start * (end / start) ** progress)
+
+    def _initial_allocation(self, step: int) -> None:
+        current = bit_allocation(self._model)
+        fits = weighted_average_bits(current, self._numels) <= self._budget
+        if not fits or any(b not in self.bit_choices for b in current.values()):
+            prior = {name: weight_variance_costs(layer, self.bit_choices) for name, layer in self._layers}
+            self._apply(allocate_bits(prior, self._numels, self._budget))
+        self._record(step, None)
+
+    def _reallocate(self, state) -> None:
+        if not self._estimator.per_step:
+            self._estimator.update(self._layers, self._context(state))
+        scores = self._estimator.scores
+        if any(name not in scores for name in self._numels):
+            if not self._warned_no_scores:
+                logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
+                               "keeping the current allocation.", self.sensitivity)
+                self._warned_no_scores = True
+            return
+        costs = {name: scores[name] for name in self._numels}
+        current = bit_allocation(self._model)
+        at_current = [costs[n].get(b, min(costs[n].values())) for n, b in current.items()]
+        margin = self.hysteresis * sum(at_current) / len(at_current)
+        bits = allocate_bits(costs, self._numels, self._budget, current=current, switch_cost=margin)
+        self._apply(bits)
+        self._estimator.refit_clip(self._layers)
+        self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()))
+
+    def _apply(self, bits: dict[str, int]) -> None:
+        for name, layer in self._layers:
+            layer.set_bits(bits[name])
+
+    def _record(self, step: int, predicted: float | None) -> None:
+        bits = bit_allocation(self._model)
+        self.history.append({"step": step, "bits": bits, "average_bits": weighted_average_bits(bits, self._numels),
+                             "predicted_loss_increase": predicted})
+
+    def _write_outputs(self, output_dir: str, log_history: list[dict[str, Any]]) -> None:
+        from .plots import plot_bit_allocation, plot_loss_curves
+
+        os.makedirs(output_dir, exist_ok=True)
+        record = {"budget_bits": self._budget, "bit_choices": list(self.bit_choices), "sensitivity": self.sensitivity,
+                  "numels": self._numels, "history": self.history, "scores": self._estimator.scores}
+        path = os.path.join(output_dir, HISTORY_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+        if self.write_plots:
+            if self.history:
+                plot_bit_allocation(self.history, os.path.join(output_dir, "bit_allocation.png"))
+            plot_loss_curves(log_history, os.path.join(output_dir, "loss_curves.png"))
