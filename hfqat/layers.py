@@ -64,11 +64,10 @@ class FakeQuantMixin:
         """
         w = self.weight_oi()
         sharpness = self.soft_sharpness if (self.training and not exact) else math.inf
-        wq = fake_quantize(
+        return fake_quantize(
             w, self.weight_scale, self.weight_zero_point, self.weight_bits, self.spec.group_size,
-            self.spec.rounding, self.spec.clamping, sharpness,
+            self.spec.rounding, self.spec.clamping, sharpness, out_dtype=w.dtype,
         )
-        return wq.to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation_bits is not None:

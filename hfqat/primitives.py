@@ -30,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import fused_fake_quant
+
 SCALE_EPS = 1e-10
 MSE_SHRINK_GRID = torch.linspace(1.0, 0.35, 40).tolist()
 
@@ -114,14 +116,22 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, scale, zero_point, bits, group_size):
+    def forward(ctx, w, scale, zero_point, bits, group_size, out_dtype):
         ctx.save_for_backward(w, scale, zero_point, bits)
         ctx.group_size = group_size
-        return dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+        ctx.fused = _use_fused_kernels(w, scale, zero_point, group_size)
+        if ctx.fused:
+            return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
+        wq = dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+        return wq.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale, zero_point, bits = ctx.saved_tensors
+        if ctx.fused:
+            grad_w, grad_s, grad_z = fused_fake_quant.backward(w, scale, zero_point, bits, ctx.group_size, grad)
+            return (grad_w if ctx.needs_input_grad[0] else None, grad_s if ctx.needs_input_grad[1] else None,
+                    grad_z if zero_point is not None and ctx.needs_input_grad[2] else None, None, None, None)
         qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
         s = effective_scale(scale).unsqueeze(-1)
         x = _grouped(w, ctx.group_size) / s
@@ -141,7 +151,12 @@ class _FakeQuantSTE(torch.autograd.Function):
             grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
         if zero_point is not None and ctx.needs_input_grad[2]:
             grad_z = (-(g * s) * ~inside).sum(-1).to(zero_point.dtype)
-        return grad_w, grad_s, grad_z, None, None
+        return grad_w, grad_s, grad_z, None, None, None
+
+
+def _use_fused_kernels(w, scale, zero_point, group_size) -> bool:
+    # Under torch.compile the torch code is traced instead: inductor fuses it into its own kernels.
+    return not torch.compiler.is_compiling() and fused_fake_quant.supports(w, scale, zero_point, group_size)
 
 
 def fake_quantize(
@@ -153,13 +168,17 @@ def fake_quantize(
     rounding: str = "ste",
     clamping: str = "hard",
     sharpness: float = math.inf,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Differentiable quantize→dequantize of ``w`` (out, in); returns float32 of the same shape.
+    """Differentiable quantize→dequantize of ``w`` (out, in); returns ``out_dtype`` (float32) of the same shape.
 
-    With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly.
+    With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly (computed
+    in float32, then rounded once to ``out_dtype``). On CUDA that path runs as fused Triton kernels
+    (`hfqat.fused_fake_quant`).
     """
     if not (math.isfinite(sharpness) and (rounding == "soft" or clamping == "soft")):
-        return _FakeQuantSTE.apply(w, scale, zero_point, torch.as_tensor(bits, device=w.device), group_size)
+        bits = torch.as_tensor(bits, device=w.device)
+        return _FakeQuantSTE.apply(w, scale, zero_point, bits, group_size, out_dtype)
     qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
     s = effective_scale(scale).unsqueeze(-1)
     x = _grouped(w, group_size) / s
@@ -171,7 +190,7 @@ def fake_quantize(
     q = soft_clamp(q, qmin, qmax, sharpness) if clamping == "soft" else torch.clamp(q, qmin, qmax)
     if z is not None:
         q = q - z
-    return (q * s).reshape(w.shape)
+    return (q * s).reshape(w.shape).to(out_dtype)
 
 
 def init_scales(
