@@ -1,0 +1,196 @@
+"""Distillation: the KL term, the teachers, and the loss hook under Trainer (accumulation, checkpointing, eval)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, text_dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hfqat
+from hfqat.callback import QATCallback
+from hfqat.distillation import DistillationHook, SnapshotTeacher, build_teacher, distillation_loss
+from hfqat.modeling import qat_layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(path, bits=2):
+    # 2 bits: the student differs clearly from the teacher, so the KL term is far from 0.
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=hfqat.QATConfig(bits=bits, group_size=32))
+
+
+def _args(out, **kw):
+    base = dict(max_steps=1, per_device_train_batch_size=4, logging_steps=1, save_strategy="no", report_to=[],
+                learning_rate=1e-2, use_cpu=True, disable_tqdm=True, seed=0, optim="sgd", lr_scheduler_type="constant")
+    return TrainingArguments(str(out), **{**base, **kw})
+
+
+# -- the loss -----------------------------------------------------------------------------------------------------
+def test_distillation_loss_matches_manual_kl_and_masks():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 11, generator=g), torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, 3] = -100  # position 2 predicts labels[3]: excluded
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # padding
+    T = 2.0
+    loss = distillation_loss(s, t, T, labels, mask)
+
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[:, -1] = False
+    valid[0, 2] = False
+    valid[1, 4:] = False
+    p = F.softmax(t[valid] / T, -1)
+    manual = (p * (p.log() - F.log_softmax(s[valid] / T, -1))).sum(-1).mean() * T * T
+    torch.testing.assert_close(loss, manual)
+
+    # Changing excluded positions changes nothing; a given num_items_in_batch is the divisor.
+    s2 = s.clone()
+    s2[0, 2] += 5
+    s2[1, 4:] -= 3
+    torch.testing.assert_close(distillation_loss(s2, t, T, labels, mask), loss)
+    torch.testing.assert_close(distillation_loss(s, t, T, labels, mask, num_items_in_batch=20), manual * valid.sum() / 20)
+    assert float(distillation_loss(t, t, T, labels, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+# -- teachers -----------------------------------------------------------------------------------------------------
+def test_snapshot_teacher_is_the_float_model_and_shares_the_rest(tiny_model_dir, input_ids):
+    path = tiny_model_dir("llama")
+    student = _model(path)
+    float_model = AutoModelForCausalLM.from_pretrained(path)
+    teacher = SnapshotTeacher(student)
+    with torch.no_grad():
+        expected = float_model(input_ids).logits
+    torch.testing.assert_close(teacher.logits((input_ids,), {}), expected)
+    assert not torch.allclose(student(input_ids).logits, expected, atol=1e-3)  # the student is quantized
+    # Only the quantized layers' float weights are copied.
+    linear_bytes = sum(layer.weight.numel() * layer.weight.element_size() for _, layer in qat_layers(student))
+    assert teacher.nbytes() == linear_bytes
+    assert all("forward" not in vars(layer) for _, layer in qat_layers(student))  # swap undone
+
+
+def test_snapshot_teacher_save_load_roundtrip(tiny_model_dir, tmp_path, input_ids):
+    student = _model(tiny_model_dir("llama"))
+    teacher = SnapshotTeacher(student)
+    expected = teacher.logits((input_ids,), {})
+    with torch.no_grad():  # the student trains on: the restored teacher must still be the old weights
+        for _, layer in qat_layers(student):
+            layer.weight.add_(0.01)
+    teacher.save(tmp_path / "t.safetensors")
+    torch.testing.assert_close(SnapshotTeacher.load(student, tmp_path / "t.safetensors").logits((input_ids,), {}),
+                               expected)
+
+
+def test_teacher_as_model_and_as_path_match_the_snapshot_at_start(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    first = {}
+    for name, teacher in [("snapshot", "snapshot"), ("path", str(path)),
+                          ("model", AutoModelForCausalLM.from_pretrained(path).to(torch.float64))]:
+        trainer = Trainer(model=_model(path), args=_args(tmp_path / name), train_dataset=text_dataset(4),
+                          callbacks=[QATCallback(teacher=teacher, reallocate_every=0)])
+        trainer.train()
+        first[name] = next(e["distill_loss"] for e in trainer.state.log_history if "distill_loss" in e)
+    assert first["snapshot"] > 1e-3
+    assert first["path"] == pytest.approx(first["snapshot"], rel=1e-5)
+    assert first["model"] == pytest.approx(first["snapshot"], rel=1e-4)  # float64 teacher on its own
+
+
+def test_build_teacher_none_and_invalid():
+    assert build_teacher(None, torch.nn.Linear(2, 2)) is None
+
+
+# -- the hook -----------------------------------------------------------------------------------------------------
+def test_hook_mixes_losses_in_training_only(tiny_model_dir, input_ids):
+    path = tiny_model_dir("llama")
+    student = _model(path)
+    hook = DistillationHook(SnapshotTeacher(student), distill_weight=0.3, temperature=2.0)
+    hook.attach(student)
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    student.train()
+    out = student(input_ids=input_ids, labels=labels)
+    hook.detach()
+    plain = student(input_ids=input_ids, labels=labels)
+    teacher_logits = SnapshotTeacher(student).logits((), {"input_ids": input_ids})
+    kd = distillation_loss(plain.logits, teacher_logits, 2.0, labels)
+    torch.testing.assert_close(out.loss, 0.7 * plain.loss + 0.3 * kd)
+    assert out.loss.requires_grad
+
+    hook.attach(student)
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=input_ids, labels=labels).loss,
+                                   _eval_loss(student, input_ids, labels))
+    hook.detach()
+
+
+def _eval_loss(model, input_ids, labels):
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _ragged_dataset():
+    """Labels with very different numbers of ignored positions per example (tests the normalisation)."""
+    rows = text_dataset(8, seq_len=16, seed=3)
+    for i, row in enumerate(rows):
+        row["labels"][: 2 * i] = -100
+    return rows
+
+
+def _one_step_weights(path, out, **kw):
+    model = _model(path)
+    trainer = Trainer(model=model, args=_args(out, **kw), train_dataset=_ragged_dataset(),
+                      callbacks=[QATCallback(reallocate_every=0)])
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+def test_gradient_accumulation_and_checkpointing_give_the_same_step(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    ref, _ = _one_step_weights(path, tmp_path / "a", per_device_train_batch_size=8)
+    accum, trainer = _one_step_weights(path, tmp_path / "b", per_device_train_batch_size=2,
+                                       gradient_accumulation_steps=4)
+    ckpt, ckpt_trainer = _one_step_weights(path, tmp_path / "c", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                activation_checkpointing=True)
+    assert ckpt_trainer.model.is_gradient_checkpointing
+    initial = {n: p.detach() for n, p in _model(path).named_parameters()}
+    moved = sum(float((ref[n] - initial[n]).abs().sum()) for n in ref)
+    assert moved > 0
+    for name in ref:
+        torch.testing.assert_close(accum[name], ref[name], atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(ckpt[name], ref[name], atol=2e-6, rtol=1e-4)
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert log["loss"] == pytest.approx(0.5 * log["task_loss"] + 0.5 * log["distill_loss"], rel=1e-4)
+
+
+def test_pure_distillation_without_labels(tiny_model_dir, tmp_path):
+    rows = [{"input_ids": r["input_ids"], "attention_mask": torch.ones_like(r["input_ids"])} for r in text_dataset(8)]
+    trainer = Trainer(model=_model(tiny_model_dir("llama")), args=_args(tmp_path, max_steps=2),
+                      train_dataset=rows, callbacks=[QATCallback(reallocate_every=0)])
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all("task_loss" not in e for e in logs)
+    assert logs[0]["loss"] == pytest.approx(logs[0]["distill_loss"], rel=1e-5)
+
+
+def test_eval_loss_is_the_task_loss(tiny_model_dir, tmp_path):
+    model = _model(tiny_model_dir("llama"))
+    rows = text_dataset(4, seed=5)
+    # Evaluation during training (the hook is attached), with the loss fully on distillation.
+    trainer = Trainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=4, eval_strategy="steps",
+                                              eval_steps=1),
+                      train_dataset=text_dataset(4), eval_dataset=rows,
+                      callbacks=[QATCallback(reallocate_every=0, distill_weight=1.0)])
+    trainer.train()
+    eval_loss = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
+    ids = torch.stack([r["input_ids"] for r in rows])
+    assert eval_loss == pytest.approx(float(_eval_loss(model.eval(), ids, ids)), rel=1e-5)
