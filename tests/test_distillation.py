@@ -161,7 +161,7 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_step(tiny_model_d
                                        gradient_accumulation_steps=4)
     ckpt, ckpt_trainer = _one_step_weights(path, tmp_path / "c", per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                 activation_checkpointing=True)
-    assert ckpt_trainer.model.is_gradient_checkpointing
+    assert ckpt_trainer.model.is_activation_checkpointing
     initial = {n: p.detach() for n, p in _model(path).named_parameters()}
     moved = sum(float((ref[n] - initial[n]).abs().sum()) for n in ref)
     assert moved > 0
