@@ -1,0 +1,411 @@
+"""Export: real packed low-bit checkpoints (`save_packed`), their inference layer (`PackedLinear`), and the
+compressed-tensors ``pack-quantized`` format that vLLM serves (`export_compressed_tensors`).
+
+Numerics are those of `hfqat.primitives`: codes ``q = quantize(w, scale, zero_point, bits, group_size)``,
+weights ``(q - round(zero_point)) · effective_scale(scale)``. The effective (positive, clamped) fp32 scales are
+stored, so a reloaded `PackedLinear` rebuilds bit for bit the weight the fake-quantized layer computed with.
+
+Packed checkpoint, per quantized layer ``<name>`` (layout `hfqat.packing.LAYOUT`, see `hfqat.packing`):
+
+- ``<name>.qweight``  int32 (in_features·bits/32, out_features), unsigned codes (symmetric codes + 2^(bits-1))
+- ``<name>.scales``   fp32 (in_features/group_size, out_features)
+- ``<name>.zeros``    int16, same shape, the integer zero points (asymmetric grids only)
+- ``<name>.bias``     as in the float model
+
+``config.json`` carries a `QATConfig` with ``checkpoint_format="packed"`` and ``packed_layers`` = {name: bits,
+group_size, symmetric, layout}; `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
+loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
+
+from .config import QATConfig
+from .kernels import select_backend
+from .layers import FakeQuantMixin, QATConv1D
+from .modeling import qat_layers
+from .packing import LAYOUT, code_offset, pack, packed_rows, unpack
+from .primitives import effective_scale, fake_quantize_activations, init_scales, quantize
+
+WEIGHTS_NAME = "model.safetensors"
+ZERO_DTYPE = torch.int16
+CT_BITS = (4, 8)
+
+
+class PackedLinear(nn.Module):
+    """Inference linear layer holding packed integer codes (never a float weight); ``y = x · Wᵀ + b``.
+
+    Replaces both `nn.Linear` and GPT-2's `Conv1D` (same function, the weight layout is ours). The matmul
+    backend is picked per layer on the first call for each (device, dtype) — see `hfqat.kernels` — and is
+    reported by `backend`; set `force_backend` (or `set_backend(model, name)`) to pin one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 symmetric: bool, activation_bits: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if group_size < 1 or in_features % group_size:
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.activation_bits = activation_bits
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(packed_rows(in_features, bits), out_features,
+                                                    dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", None if symmetric else torch.empty(groups, out_features, dtype=ZERO_DTYPE,
+                                                                         device=device))
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.force_backend: str | None = None
+        self.backend: str | None = None  # name of the backend in use, set on the first forward
+        self._matmul = None
+        self._prepared_key: tuple | None = None
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_qat(cls, layer: FakeQuantMixin) -> "PackedLinear":
+        """Pack a fake-quantized layer: same codes, same effective scales, same zero points."""
+        w = layer.weight_oi()
+        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.weight_bits, layer.spec.group_size)
+        return cls._from_codes(codes, effective_scale(layer.weight_scale), layer.weight_zero_point, layer.bias,
+                               layer.bits, layer.spec.group_size, layer.spec.activation_bits, w.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Linear | Conv1D, bits: int, group_size: int, symmetric: bool = True,
+                   scale_init: str = "mse") -> "PackedLinear":
+        """Post-training quantization of a float layer (`group_size=-1`: per channel), e.g. for benchmarks."""
+        w = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        group_size = w.shape[1] if group_size == -1 else group_size
+        scale, zero = init_scales(w, bits, group_size, symmetric, scale_init)
+        codes = quantize(w, scale, zero, bits, group_size)
+        return cls._from_codes(codes, effective_scale(scale), zero, module.bias, bits, group_size, None, w.dtype)
+
+    @classmethod
+    def _from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                    bias: torch.Tensor | None, bits: int, group_size: int, activation_bits: int | None,
+                    dtype: torch.dtype) -> "PackedLinear":
+        out_features, in_features = codes.shape
+        symmetric = zero_point is None
+        layer = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, activation_bits,
+                    device=codes.device, dtype=bias.dtype if bias is not None else dtype)
+        unsigned = codes.to(torch.int32) + code_offset(bits, symmetric)
+        layer.qweight.copy_(pack(unsigned, bits))
+        layer.scales.copy_(scale.float().t())
+        if zero_point is not None:
+            zeros = torch.round(zero_point.float())
+            if zeros.abs().max() > torch.iinfo(ZERO_DTYPE).max:
+                raise ValueError(f"zero points beyond the {ZERO_DTYPE} range cannot be packed")
+            layer.zeros.copy_(zeros.t().to(ZERO_DTYPE))
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed int32 codes (like bitsandbytes' packed ``weight``), for code that probes ``.weight``.
+
+        transformers' weight init, for one, touches ``c_proj.weight`` of GPT-2 blocks by name.
+        """
+        return self.qweight
+
+    # -- numerics -------------------------------------------------------------------------------------------
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) float weight, exactly ``primitives.dequantize`` of the stored codes (fp32 math)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        codes = unpack(self.qweight, self.bits, k).view(n, k // g, g)
+        zero = code_offset(self.bits, True) if self.zeros is None else self.zeros.t().to(torch.int32).unsqueeze(-1)
+        w = (codes - zero).float() * self.scales.t().unsqueeze(-1)
+        return w.view(n, k).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is not None:
+            x = fake_quantize_activations(x, self.activation_bits)
+        if self._prepared_key != (x.device, x.dtype, self.force_backend):
+            self._prepare(x.device, x.dtype)
+        return self._matmul(self, x)
+
+    @torch.compiler.disable
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.backend, self._matmul = select_backend(self, device, dtype, self.force_backend)
+        self._prepared_key = (device, dtype, self.force_backend)
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Linear:
+        """A plain `nn.Linear` computing the same function (in fp32 unless the bias says otherwise)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.qweight.device, dtype=dtype)
+        linear.weight.copy_(self.dequantized_weight(dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"activation_bits={self.activation_bits}, backend={self.backend}")
+
+
+def packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            yield name, module
+
+
+def set_backend(model: nn.Module, backend: str | None) -> None:
+    """Pin every packed layer to `backend` (a name from `hfqat.kernels.BACKENDS`), or None for auto."""
+    for _, layer in packed_modules(model):
+        layer.force_backend = backend
+
+
+def backends_in_use(model: nn.Module) -> dict[str, str | None]:
+    """Packed layer name → backend it ran with last (None before its first forward)."""
+    return {name: layer.backend for name, layer in packed_modules(model)}
+
+
+def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]:
+    """Swap the layers listed in ``config.packed_layers`` for empty `PackedLinear` ones (before weight loading)."""
+    replaced = []
+    for name, entry in (config.packed_layers or {}).items():
+        layout = entry.get("layout", LAYOUT)
+        if layout != LAYOUT:
+            raise ValueError(f"packed layer {name!r} has layout {layout!r}; this hfqat reads {LAYOUT!r} only")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint lists packed layer {name!r}, which this model does not have") from None
+        if isinstance(module, nn.Linear):
+            in_features, out_features = module.in_features, module.out_features
+        elif isinstance(module, Conv1D):
+            in_features, out_features = module.nx, module.nf
+        else:
+            raise ValueError(f"packed layer {name!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
+        model.set_submodule(name, PackedLinear(
+            in_features, out_features, module.bias is not None, int(entry["bits"]), int(entry["group_size"]),
+            bool(entry.get("symmetric", config.symmetric)), config.activation_bits,
+            device=module.weight.device, dtype=module.weight.dtype,
+        ))
+        replaced.append(name)
+    return replaced
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` by rename, on error it is removed.
+
+    `path` therefore holds either its previous complete content or the new complete content, never a mix.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path={str(path)!r} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_plain_model(model: nn.Module) -> None:
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        raise ValueError("model is a peft model with unmerged adapters; export model.merge_and_unload() instead")
+
+
+def _base_qat_config(model: nn.Module, layers: list[tuple[str, FakeQuantMixin]]) -> QATConfig:
+    qc = getattr(model.config, "quantization_config", None)
+    if isinstance(qc, dict):
+        qc = QATConfig.from_dict(qc)
+    if isinstance(qc, QATConfig):
+        return copy.deepcopy(qc)
+    spec = layers[0][1].spec
+    return QATConfig(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                     activation_bits=spec.activation_bits)
+
+
+def _untie_if_packed(config, model: nn.Module, packed: set[str]) -> None:
+    """A packed layer whose float weight was tied (e.g. a quantized lm_head) can no longer share it."""
+    shared = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        shared.setdefault((tensor.device, tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    for names in shared.values():
+        if len(names) > 1 and any(n.rsplit(".", 1)[0] in packed for n in names):
+            for cfg in (config, getattr(config, "text_config", None)):
+                if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+                    cfg.tie_word_embeddings = False
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later aliases of tied tensors (safetensors stores each storage once; transformers re-ties on load)."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def _write_checkpoint(tmp: Path, model: nn.Module, state: dict[str, torch.Tensor], config, tokenizer) -> None:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in _dedupe_shared(state).items()}
+    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` (with hfqat fake-quantized layers) as a packed low-bit checkpoint at `path`, atomically.
+
+    Every fake-quantized layer is stored as packed integer codes + fp32 scales (+ int16 zero points) at its
+    current bit width (mixed widths as the allocation left them); all other weights as they are. Files:
+    ``model.safetensors``, ``config.json`` (with the packed `QATConfig`), ``generation_config.json`` and the
+    tokenizer files when given. Returns the path.
+    """
+    _check_plain_model(model)
+    layers = list(qat_layers(model))
+    if not layers:
+        raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
+                         "or convert it with hfqat.quantize_model first")
+    owned = {f"{name}.{suffix}" for name, _ in layers
+             for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "bias")}
+    state = {name: t for name, t in model.state_dict().items() if name not in owned}
+    packed_layers: dict[str, dict[str, Any]] = {}
+    for name, layer in layers:
+        packed = PackedLinear.from_qat(layer)
+        state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
+        packed_layers[name] = {"bits": packed.bits, "group_size": packed.group_size,
+                               "symmetric": packed.symmetric, "layout": LAYOUT}
+    qconfig = _base_qat_config(model, layers)
+    qconfig.checkpoint_format = "packed"
+    qconfig.packed_layers = packed_layers
+    config = copy.deepcopy(model.config)
+    config.quantization_config = qconfig
+    _untie_if_packed(config, model, set(packed_layers))
+    with atomic_directory(path) as tmp:
+        _write_checkpoint(tmp, model, state, config, tokenizer)
+    return Path(path)
+
+
+# -- compressed-tensors (vLLM) ------------------------------------------------------------------------------
+def _ct_check(name: str, layer: FakeQuantMixin) -> None:
+    reasons = []
+    if isinstance(layer, QATConv1D):
+        reasons.append("it is a GPT-2 Conv1D layer (only nn.Linear layers are exported)")
+    if layer.bits not in CT_BITS:
+        reasons.append(f"it has {layer.bits}-bit weights")
+    if layer.weight_zero_point is not None:
+        reasons.append("it is asymmetric (has a zero point)")
+    if layer.spec.activation_bits is not None:
+        reasons.append(f"it fake-quantizes activations to {layer.spec.activation_bits} bits")
+    if layer.in_features % 32:
+        reasons.append(f"in_features={layer.in_features} is not a multiple of 32")
+    if reasons:
+        raise ValueError(
+            f"layer {name!r} cannot be exported to compressed-tensors pack-quantized: {'; '.join(reasons)}. "
+            "vLLM / compressed-tensors pack-quantized supports only symmetric 4- and 8-bit weight-only "
+            "quantization (group or per channel) here; use hfqat.save_packed for other layers"
+        )
+
+
+def _ct_scheme(layer: FakeQuantMixin) -> dict[str, Any]:
+    per_channel = layer.spec.group_size == layer.in_features
+    return {
+        "num_bits": layer.bits, "type": "int", "symmetric": True, "dynamic": False,
+        "strategy": "channel" if per_channel else "group", "group_size": None if per_channel else layer.spec.group_size,
+        "block_structure": None, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+    }
+
+
+def _ct_config(schemes: dict[str, dict[str, Any]], ignore: list[str]) -> dict[str, Any]:
+    by_scheme: dict[str, list[str]] = {}
+    keys = {}
+    for name, scheme in schemes.items():
+        key = json.dumps(scheme, sort_keys=True)
+        keys[key] = scheme
+        by_scheme.setdefault(key, []).append(name)
+    single = len(by_scheme) == 1
+    groups = {
+        f"group_{i}": {
+            "targets": ["Linear"] if single else [f"re:^{re.escape(n)}$" for n in names],
+            "weights": keys[key], "input_activations": None, "output_activations": None,
+            "format": "pack-quantized",
+        }
+        for i, (key, names) in enumerate(by_scheme.items())
+    }
+    return {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {}, "transform_config": {},
+    }
+
+
+@torch.no_grad()
+def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` in compressed-tensors ``pack-quantized`` format (what vLLM serves), atomically.
+
+    Every fake-quantized layer must be a symmetric 4- or 8-bit `nn.Linear` (group or per channel, weights only);
+    otherwise a `ValueError` names the first offending layer. Codes and scales are hfqat's own (scales in the
+    layer's weight dtype), so the loaded model computes what the fake-quantized one does.
+    """
+    _check_plain_model(model)
+    layers = list(qat_layers(model))
+    if not layers:
+        raise ValueError("model has no hfqat fake-quantized layers to export")
+    for name, layer in layers:
+        _ct_check(name, layer)
+    names = {name for name, _ in layers}
+    owned = {f"{name}.{suffix}" for name in names for suffix in ("weight", "weight_scale", "weight_zero_point",
+                                                                  "weight_bits")}
+    state = {name: t for name, t in model.state_dict().items() if name not in owned}
+    for name, layer in layers:
+        w = layer.weight_oi()
+        codes = quantize(w, layer.weight_scale, None, layer.weight_bits, layer.spec.group_size).to(torch.int32)
+        words = -(-layer.in_features * layer.bits // 32)
+        # a single plane of our layout is exactly compressed-tensors' int32 packing, transposed
+        state[f"{name}.weight_packed"] = pack(codes + code_offset(layer.bits, True), layer.bits).t()[:, :words]
+        state[f"{name}.weight_scale"] = effective_scale(layer.weight_scale).to(w.dtype)
+        state[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+    ignore = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and name not in names]
+    config = copy.deepcopy(model.config)
+    config.quantization_config = _ct_config({name: _ct_scheme(layer) for name, layer in layers}, ignore)
+    with atomic_directory(path) as tmp:
+        _write_checkpoint(tmp, model, state, config, tokenizer)
+    return Path(path)
