@@ -42,6 +42,7 @@ from transformers.trainer_callback import ExportableState
 from .allocation import allocate_bits, weighted_average_bits
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
+from .distributed import broadcast_object, mean_across_ranks, zero3_gathered
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import ESTIMATORS, SensitivityContext, make_estimator, weight_variance_costs
 
@@ -204,7 +205,7 @@ class QATCallback(TrainerCallback, ExportableState):
         else:
             self.history = []
             if self._budget is not None:
-                self._estimator.refit_clip(self._layers)
+                self._refit_clip()
                 self._initial_allocation(state.global_step)
         self._anneal(state.global_step)
 
@@ -234,7 +235,8 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_save(self, args, state, control, **kwargs):
         teacher = self._hook.teacher if self._hook is not None else None
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if isinstance(teacher, SnapshotTeacher) and state.is_world_process_zero and os.path.isdir(checkpoint):
+        # Every rank calls save (it gathers a sharded snapshot); rank 0 decides whether the folder exists.
+        if isinstance(teacher, SnapshotTeacher) and broadcast_object(os.path.isdir(checkpoint)):
             teacher.save(os.path.join(checkpoint, TEACHER_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -298,13 +300,14 @@ class QATCallback(TrainerCallback, ExportableState):
         fits = weighted_average_bits(current, self._numels) <= self._budget
         if not fits or any(b not in self.bit_choices for b in current.values()):
             prior = {name: weight_variance_costs(layer, self.bit_choices) for name, layer in self._layers}
-            self._apply(allocate_bits(prior, self._numels, self._budget))
+            self._apply(allocate_bits(mean_across_ranks(prior), self._numels, self._budget))
         self._record(step, None)
 
     def _reallocate(self, state) -> None:
         if not self._estimator.per_step:
             self._estimator.update(self._layers, self._context(state))
-        scores = self._estimator.scores
+        # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
+        self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
         if any(name not in scores for name in self._numels):
             if not self._warned_no_scores:
                 logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
@@ -317,12 +320,19 @@ class QATCallback(TrainerCallback, ExportableState):
         margin = self.hysteresis * sum(at_current) / len(at_current)
         bits = allocate_bits(costs, self._numels, self._budget, current=current, switch_cost=margin)
         self._apply(bits)
-        self._estimator.refit_clip(self._layers)
+        self._refit_clip()
         self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()))
 
+    def _refit_clip(self) -> None:
+        self._estimator.refit_clip(self._layers)
+        self._estimator.clip = mean_across_ranks(self._estimator.clip)  # same estimator state on every rank
+
     def _apply(self, bits: dict[str, int]) -> None:
+        bits = broadcast_object(bits)  # rank 0's choice everywhere, whatever float noise did elsewhere
         for name, layer in self._layers:
-            layer.set_bits(bits[name])
+            if bits[name] != layer.bits:
+                with zero3_gathered([layer.weight, layer.weight_scale, layer.weight_zero_point], modify=True):
+                    layer.set_bits(bits[name])
 
     def _record(self, step: int, predicted: float | None) -> None:
         bits = bit_allocation(self._model)

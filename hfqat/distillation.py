@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .distributed import full_tensor, is_main_process, shard_like, zero3_gathered
 from .modeling import qat_layers
 
 IGNORE_INDEX = -100
@@ -108,7 +109,9 @@ class ModelTeacher(Teacher):
 
 
 def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # Under FSDP2 the snapshot is sharded like the weights it copies: gather it per layer (`full_tensor`).
+    weight = full_tensor(weight).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else full_tensor(bias).to(x.dtype))
 
 
 class SnapshotTeacher(Teacher):
@@ -120,13 +123,20 @@ class SnapshotTeacher(Teacher):
         if tensors is None:
             tensors = {}
             for name, layer in self.layers.items():
-                tensors[f"{name}.weight"] = layer.weight_oi().detach().clone().contiguous()
-                if layer.bias is not None:
-                    tensors[f"{name}.bias"] = layer.bias.detach().clone()
+                with zero3_gathered(layer.parameters(recurse=False)):  # ZeRO-3: a replicated full copy
+                    tensors[f"{name}.weight"] = layer.weight_oi().detach().clone().contiguous()
+                    if layer.bias is not None:
+                        tensors[f"{name}.bias"] = layer.bias.detach().clone()
         missing = [n for n in self.layers if f"{n}.weight" not in tensors]
         if missing:
             raise ValueError(f"teacher snapshot lacks the weights of layers {missing[:3]}...")
-        self.tensors = {k: v.to(self.layers[k.rsplit(".", 1)[0]].weight.device) for k, v in tensors.items()}
+        self.tensors = {k: self._placed(k, v) for k, v in tensors.items()}
+
+    def _placed(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        # On the layer's device; a full (loaded) tensor is sharded like the layer's own tensor under FSDP2.
+        layer = self.layers[key.rsplit(".", 1)[0]]
+        like = layer.weight_oi() if key.endswith(".weight") else layer.bias
+        return shard_like(tensor.to(like.device), like)
 
     @contextmanager
     def _float_layers(self) -> Iterator[None]:
@@ -152,10 +162,16 @@ class SnapshotTeacher(Teacher):
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the snapshot as safetensors, atomically."""
-        tmp = f"{path}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, tmp)
-        os.replace(tmp, path)
+        """Write the snapshot as safetensors, atomically; under FSDP2 every rank calls it and rank 0 writes."""
+        tensors = {}
+        for key, value in self.tensors.items():
+            value = full_tensor(value)  # a collective for sharded snapshots
+            if is_main_process():
+                tensors[key] = value.detach().cpu().contiguous()
+        if is_main_process():
+            tmp = f"{path}.tmp"
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
 
     @classmethod
     def load(cls, model: nn.Module, path: str | os.PathLike) -> "SnapshotTeacher":

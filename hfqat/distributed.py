@@ -1,0 +1,219 @@
+"""Distributed training support: the few collective steps hfqat needs on top of accelerate's engines.
+
+hfqat does not shard anything itself: accelerate's FSDP2 (``fully_shard``: every parameter becomes a DTensor
+sharded on dim 0, scales included), DeepSpeed ZeRO-3 (parameters partitioned, gathered around each forward) or
+DDP (replicated) do. What they leave to hfqat:
+
+- **one allocation on every rank.** Sensitivities measured from local batches differ between ranks; they are
+  averaged (`mean_across_ranks`) and the allocation chosen from them is broadcast from rank 0
+  (`broadcast_object`), so every rank applies exactly the same bits (re-fitting scales is then the same
+  deterministic function of the same weights everywhere).
+- **whole tensors where a step needs them.** `full_tensor` gathers a DTensor (FSDP2) for a computation that
+  is not elementwise; `zero3_gathered` gathers ZeRO-3 partitions (write-back from rank 0) around in-place
+  updates such as ``set_bits``. Plain tensors pass through both unchanged.
+- **one writer.** `is_main_process` gates files (plots, histories); `gather_full_state_dict` and
+  `unsharded_model` collect a sharded model's full weights on rank 0 (to CPU) for ``save_packed``.
+
+All collectives must be called by every rank in the same order; every function here is a no-op (or the
+identity) when ``torch.distributed`` is not initialised, so single-process code paths stay unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.4
+    DTensor = ()  # isinstance(x, ()) is always False
+
+
+# -- process group ------------------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the process that writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # NCCL moves CUDA tensors only; gloo (CPU tests) CPU tensors.
+    if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- reductions ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Average each tensor over ranks, in place (one flat all-reduce); returns the tensors."""
+    tensors = list(tensors)
+    if not is_distributed() or not tensors:
+        return tensors
+    device = _collective_device()
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype))
+        offset += t.numel()
+    return tensors
+
+
+def mean_across_ranks(values: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+    """``{name: {key: float}}`` averaged over the ranks that have each entry (e.g. per-layer sensitivities).
+
+    Gathered as Python objects, so ranks may hold different (e.g. not yet measured) entries without hanging.
+    """
+    if not is_distributed():
+        return {name: dict(per_key) for name, per_key in values.items()}
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, {name: dict(per_key) for name, per_key in values.items()})
+    names = list(dict.fromkeys(name for part in gathered for name in part))
+    out: dict[str, dict[int, float]] = {}
+    for name in names:
+        parts = [part[name] for part in gathered if name in part]
+        out[name] = {key: sum(float(p[key]) for p in parts) / len(parts) for key in parts[0]}
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` holds it, on every rank (any picklable value)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# -- whole tensors --------------------------------------------------------------------------------------------------
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter is an FSDP2 DTensor or a DeepSpeed ZeRO-3 partition."""
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered if ``t`` is a DTensor (a collective: call on every rank), else ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2: rows ``[r·⌈n/world⌉, …)`` of dim 0), else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor, same on every rank) sharded like the DTensor ``like``; else ``t`` itself."""
+    if isinstance(like, DTensor) and not isinstance(t, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
+    return t
+
+
+@contextlib.contextmanager
+def zero3_gathered(params: Iterable[torch.Tensor | None], modify: bool = False) -> Iterator[None]:
+    """Gather DeepSpeed ZeRO-3 partitions of ``params`` for the block (a collective); no-op for other tensors.
+
+    ``modify=True`` writes rank 0's values back into every rank's partition on exit (use it around in-place
+    updates such as ``layer.set_bits``; every rank computes the same values anyway, rank 0's win).
+    """
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield
+
+
+@torch.no_grad()
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU on the main process, ``{}`` elsewhere. A collective.
+
+    FSDP2 via ``torch.distributed.checkpoint``'s full-state-dict API; ZeRO-3 by gathering one module at a time
+    (peak extra GPU memory: one module); replicated models (DDP, single process) via ``state_dict()``.
+    """
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        state: dict[str, torch.Tensor] = {}
+        for prefix, module in model.named_modules():
+            with zero3_gathered(module.parameters(recurse=False)):
+                if is_main_process():
+                    for name, t in list(module.named_parameters(recurse=False)) + list(
+                            module.named_buffers(recurse=False)):
+                        if name not in module._non_persistent_buffers_set:
+                            state[f"{prefix}.{name}" if prefix else name] = t.detach().cpu().clone()
+        return state
+    if not is_main_process():
+        return {}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _original_class(model: nn.Module) -> type[nn.Module]:
+    # fully_shard swaps the class for a generated subclass "FSDP<Name>"; its first non-FSDP base is the original.
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+
+
+@torch.no_grad()
+def unsharded_model(model: nn.Module) -> nn.Module | None:
+    """A plain CPU copy of a sharded `transformers` model on the main process (``None`` elsewhere); a collective.
+
+    The copy has the same classes (hfqat fake-quant layers with their specs), config and values; for the
+    unsharded (DDP / single-process) case it is ``model`` itself. Used by ``save_packed`` under FSDP2 / ZeRO-3.
+    """
+    from .layers import FakeQuantMixin
+
+    if not is_sharded(model):
+        return model if is_main_process() else None
+    state = gather_full_state_dict(model)
+    if not is_main_process():
+        return None
+    cls = _original_class(model) if any(isinstance(p, DTensor) for p in model.parameters()) else type(model)
+    with torch.device("meta"):
+        copy = cls._from_config(model.config)
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantMixin):
+            copy.set_submodule(name, type(module).from_float(copy.get_submodule(name), module.spec))
+    copy.to_empty(device="cpu")
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    # Non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: take them from the model
+    # (FSDP2 and ZeRO-3 leave buffers whole on every rank).
+    for key, buffer in model.named_buffers():
+        if key not in state:
+            copy.get_buffer(key).copy_(buffer.detach().cpu())
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    missing = [k for k in missing if k not in dict(model.named_buffers())]
+    if missing or unexpected:
+        raise RuntimeError(f"unsharded_model: state dict mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return copy.eval()

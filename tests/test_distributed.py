@@ -1,0 +1,165 @@
+"""The distributed code path on 2 CPU processes (gloo): FSDP2 and DDP (accelerate, via Trainer) with QATCallback.
+
+One ``torchrun --nproc_per_node 2`` of this file (imports dominate: both parts share one launch). Each rank
+writes what it saw to JSON; the test compares the ranks:
+
+- FSDP2 (``fully_shard`` per decoder layer, as accelerate does): weights *and* scales become sharded DTensors;
+  QATCallback (snapshot teacher gathered per layer, Fisher sensitivity on shards, re-allocation) is driven
+  through its Trainer events by a plain loop (Trainer refuses FSDP on CPU). Both ranks must end with the same
+  allocation under the budget; the snapshot teacher checkpoint is written once; `unsharded_model` rebuilds the
+  full model on rank 0 with the sharded model's logits.
+- DDP through a stock Trainer (accelerate's MULTI_CPU) with Hutchinson sensitivity, which measures each rank's
+  own batch: without the cross-rank reduction the ranks would pick different bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORLD = 2
+BUDGET = 3.0
+
+
+def test_two_process_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HFQAT_TEST_OUT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    for part in ("fsdp2", "ddp"):
+        a, b = (r[part] for r in ranks)
+        assert a["allocation"] == b["allocation"], part
+        assert len(set(a["allocation"].values())) > 1, part  # re-allocation really moved bits
+        assert a["average_bits"] <= BUDGET, part
+        assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1, part
+    fsdp = [r["fsdp2"] for r in ranks]
+    assert all(f["sharded"] for f in fsdp)  # the path under test really had DTensor weights and scales
+    assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0
+    assert fsdp[1]["unsharded_is_none"]
+    assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
+    ddp = [r["ddp"] for r in ranks]
+    assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
+
+
+# -- worker (runs under torchrun) -----------------------------------------------------------------------------------
+def _tiny_model():
+    import torch
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    import hfqat
+    from hfqat.modeling import quantize_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    quantize_model(model, hfqat.QATConfig(bits=4, group_size=32))
+    return model
+
+
+def _fsdp2_part(out: Path) -> dict:
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import hfqat
+    from hfqat import distributed as hd
+    from hfqat.callback import TEACHER_FILE, QATCallback
+    from hfqat.modeling import qat_layers
+
+    model = _tiny_model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    _, first = next(qat_layers(model))
+    sharded = isinstance(first.weight, DTensor) and isinstance(first.weight_scale, DTensor)
+
+    steps = 8
+    args = TrainingArguments(str(out / "fsdp2"), max_steps=steps, use_cpu=True, report_to=[])
+    state, control = TrainerState(max_steps=steps, is_world_process_zero=hd.is_main_process()), TrainerControl()
+    callback = QATCallback(budget_bits=BUDGET, reallocate_every=2, write_plots=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    callback.on_train_begin(args, state, control, model=model)
+    generator = torch.Generator().manual_seed(100 + hd.rank())  # each rank its own data
+    losses = []
+    for _ in range(steps):
+        callback.on_step_begin(args, state, control)
+        ids = torch.randint(0, 256, (2, 24), generator=generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        callback.on_pre_optimizer_step(args, state, control)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+        losses.append(loss.item())
+
+    checkpoint = Path(args.output_dir) / f"checkpoint-{steps}"
+    if hd.is_main_process():
+        checkpoint.mkdir(parents=True)
+    hd.barrier()
+    callback.on_save(args, state, control)
+    callback.on_train_end(args, state, control)
+
+    model.eval()
+    ids = torch.arange(24).reshape(1, 24)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    copy = hd.unsharded_model(model)
+    result = {"sharded": sharded, "losses": losses, "allocation": hfqat.bit_allocation(model),
+              "average_bits": hfqat.average_bits(model), "history_steps": [h["step"] for h in callback.history],
+              "teacher_file": (checkpoint / TEACHER_FILE).is_file(), "unsharded_is_none": copy is None}
+    if copy is not None:
+        with torch.no_grad():
+            result["unsharded_max_diff"] = (copy(input_ids=ids).logits - logits).abs().max().item()
+        result["unsharded_allocation_equal"] = hfqat.bit_allocation(copy) == result["allocation"]
+    return result
+
+
+def _ddp_part(out: Path) -> dict:
+    from conftest import text_dataset
+    from transformers import Trainer, TrainingArguments
+
+    import hfqat
+    from hfqat import distributed as hd
+    from hfqat.callback import HISTORY_FILE, QATCallback
+
+    model = _tiny_model()
+    folder = out / f"ddp-rank{hd.rank()}"  # separate folders: shows which rank wrote files
+    args = TrainingArguments(str(folder), max_steps=8, per_device_train_batch_size=2, learning_rate=1e-3,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    callback = QATCallback(budget_bits=BUDGET, reallocate_every=2, sensitivity="hutchinson", write_plots=False)
+    trainer = Trainer(model=model, args=args, train_dataset=text_dataset(32), callbacks=[callback])
+    trainer.train()
+    return {"allocation": hfqat.bit_allocation(model), "average_bits": hfqat.average_bits(model),
+            "history_steps": [h["step"] for h in callback.history],
+            "history_file": (folder / HISTORY_FILE).is_file()}
+
+
+def _worker() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from hfqat import distributed as hd
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out = Path(os.environ["HFQAT_TEST_OUT"])
+    result = {"fsdp2": _fsdp2_part(out), "ddp": _ddp_part(out)}
+    (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    _worker()
