@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from .config import QATConfig
+from .distributed import barrier, is_sharded, unsharded_model
 from .kernels import select_backend
 from .layers import FakeQuantMixin, QATConv1D
 from .modeling import qat_layers
@@ -176,6 +177,19 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
         layer.force_backend = backend
 
 
+def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Pick (and set up) every packed layer's backend now, for activations of `dtype` (default: the model's).
+
+    Do this before ``torch.compile`` or CUDA-graph capture so that neither sees the one-time set-up.
+    """
+    chosen = {}
+    for name, layer in packed_modules(model):
+        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
+        layer._prepare(layer.qweight.device, act_dtype)
+        chosen[name] = layer.backend
+    return chosen
+
+
 def backends_in_use(model: nn.Module) -> dict[str, str | None]:
     """Packed layer name → backend it ran with last (None before its first forward)."""
     return {name: layer.backend for name, layer in packed_modules(model)}
@@ -299,6 +313,12 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     tokenizer files when given. Returns the path.
     """
     _check_plain_model(model)
+    if is_sharded(model):  # FSDP2 / ZeRO-3: every rank calls this; rank 0 packs a gathered full copy
+        full = unsharded_model(model)
+        if full is not None:
+            save_packed(full, path, tokenizer)
+        barrier()
+        return Path(path)
     layers = list(qat_layers(model))
     if not layers:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "

@@ -7,7 +7,8 @@ writes what it saw to JSON; the test compares the ranks:
   QATCallback (snapshot teacher gathered per layer, Fisher sensitivity on shards, re-allocation) is driven
   through its Trainer events by a plain loop (Trainer refuses FSDP on CPU). Both ranks must end with the same
   allocation under the budget; the snapshot teacher checkpoint is written once; `unsharded_model` rebuilds the
-  full model on rank 0 with the sharded model's logits.
+  full model on rank 0 with the sharded model's logits, and `save_packed` (called on every rank) writes a packed
+  checkpoint that reloads with those logits and bits.
 - DDP through a stock Trainer (accelerate's MULTI_CPU) with Hutchinson sensitivity, which measures each rank's
   own batch: without the cross-rank reduction the ranks would pick different bits.
 """
@@ -44,7 +45,8 @@ def test_two_process_gloo(tmp_path):
         assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1, part
     fsdp = [r["fsdp2"] for r in ranks]
     assert all(f["sharded"] for f in fsdp)  # the path under test really had DTensor weights and scales
-    assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0
+    assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0 and fsdp[0]["unsharded_allocation_equal"]
+    assert fsdp[0]["packed_max_diff"] <= 1e-4 and fsdp[0]["packed_allocation_equal"]  # save_packed gathered
     assert fsdp[1]["unsharded_is_none"]
     assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
     ddp = [r["ddp"] for r in ranks]
@@ -70,11 +72,12 @@ def _fsdp2_part(out: Path) -> dict:
     import torch
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
     import hfqat
     from hfqat import distributed as hd
     from hfqat.callback import TEACHER_FILE, QATCallback
+    from hfqat.export import save_packed
     from hfqat.modeling import qat_layers
 
     model = _tiny_model()
@@ -116,6 +119,7 @@ def _fsdp2_part(out: Path) -> dict:
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     copy = hd.unsharded_model(model)
+    save_packed(model, out / "packed")  # every rank calls it; rank 0 writes
     result = {"sharded": sharded, "losses": losses, "allocation": hfqat.bit_allocation(model),
               "average_bits": hfqat.average_bits(model), "history_steps": [h["step"] for h in callback.history],
               "teacher_file": (checkpoint / TEACHER_FILE).is_file(), "unsharded_is_none": copy is None}
@@ -123,6 +127,11 @@ def _fsdp2_part(out: Path) -> dict:
         with torch.no_grad():
             result["unsharded_max_diff"] = (copy(input_ids=ids).logits - logits).abs().max().item()
         result["unsharded_allocation_equal"] = hfqat.bit_allocation(copy) == result["allocation"]
+        packed = AutoModelForCausalLM.from_pretrained(out / "packed")
+        with torch.no_grad():
+            result["packed_max_diff"] = (packed(input_ids=ids).logits - logits).abs().max().item()
+        packed_bits = {name: spec["bits"] for name, spec in packed.config.quantization_config.packed_layers.items()}
+        result["packed_allocation_equal"] = packed_bits == result["allocation"]
     return result
 
 
