@@ -41,8 +41,13 @@ from .distributed import barrier, is_sharded, unsharded_model
 from .kernels import select_backend
 from .layers import FakeQuantMixin, QATConv1D
 from .modeling import qat_layers
-from .packing import LAYOUT, code_offset, pack, packed_rows, unpack
-from .primitives import effective_scale, fake_quantize_activations, init_scales, quantize
+from .packing import LAYOUT, code_offset, pack, packed_rows, unpack_kn
+from .primitives import (
+    effective_scale,
+    fake_quantize_activations,
+    init_scales,
+    quantize,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 ZERO_DTYPE = torch.int16
@@ -81,7 +86,7 @@ class PackedLinear(nn.Module):
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_qat(cls, layer: FakeQuantMixin) -> "PackedLinear":
+    def from_qat(cls, layer: FakeQuantMixin) -> PackedLinear:
         """Pack a fake-quantized layer: same codes, same effective scales, same zero points."""
         w = layer.weight_oi()
         codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.weight_bits, layer.spec.group_size)
@@ -91,7 +96,7 @@ class PackedLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, module: nn.Linear | Conv1D, bits: int, group_size: int, symmetric: bool = True,
-                   scale_init: str = "mse") -> "PackedLinear":
+                   scale_init: str = "mse") -> PackedLinear:
         """Post-training quantization of a float layer (`group_size=-1`: per channel), e.g. for benchmarks."""
         w = module.weight.t() if isinstance(module, Conv1D) else module.weight
         group_size = w.shape[1] if group_size == -1 else group_size
@@ -102,7 +107,7 @@ class PackedLinear(nn.Module):
     @classmethod
     def _from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                     bias: torch.Tensor | None, bits: int, group_size: int, activation_bits: int | None,
-                    dtype: torch.dtype) -> "PackedLinear":
+                    dtype: torch.dtype) -> PackedLinear:
         out_features, in_features = codes.shape
         symmetric = zero_point is None
         layer = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, activation_bits,
@@ -131,10 +136,10 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float weight, exactly ``primitives.dequantize`` of the stored codes (fp32 math)."""
         n, k, g = self.out_features, self.in_features, self.group_size
-        codes = unpack(self.qweight, self.bits, k).view(n, k // g, g)
-        zero = code_offset(self.bits, True) if self.zeros is None else self.zeros.t().to(torch.int32).unsqueeze(-1)
-        w = (codes - zero).float() * self.scales.t().unsqueeze(-1)
-        return w.view(n, k).to(dtype)
+        codes = unpack_kn(self.qweight, self.bits, k).view(k // g, g, n)  # built in the packed orientation
+        zero = code_offset(self.bits, True) if self.zeros is None else self.zeros.to(torch.int32).unsqueeze(1)
+        w = (codes - zero).float() * self.scales.unsqueeze(1)
+        return w.view(k, n).t().contiguous().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:

@@ -74,28 +74,35 @@ def pack(codes: torch.Tensor, bits: int, chunk_rows: int = 2048) -> torch.Tensor
     return out.t().contiguous()
 
 
-def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of `pack`: (rows, N) int32 → unsigned codes (N, in_features) as int32."""
+def unpack_kn(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack` in the packed orientation: unsigned codes (in_features, N) as int32.
+
+    Works on the contiguous (rows, N) words directly (a transposed read would stride through memory).
+    """
     kp = padded_in_features(in_features)
     if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[0] != packed_rows(in_features, bits):
         raise ValueError(
             f"packed must be int32 of shape ({packed_rows(in_features, bits)}, out_features) for bits={bits}, "
             f"in_features={in_features}; got {packed.dtype} {tuple(packed.shape)}"
         )
-    w = packed.t()
-    n = w.shape[0]
-    codes = torch.zeros(n, kp, dtype=torch.int32, device=packed.device)
+    n = packed.shape[1]
+    codes = None
     row, low = 0, 0
     for p in planes(bits):
         per_word = 32 // p
         rows = kp * p // SUPER_ROW
-        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * p
+        shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32).view(1, per_word, 1) * p
         # arithmetic shift drags the sign bit along; the mask keeps only the p bits of the field
-        v = (w[:, row:row + rows].unsqueeze(-1) >> shifts) & ((1 << p) - 1)
-        codes |= v.reshape(n, kp) << low
+        v = ((packed[row:row + rows].unsqueeze(1) >> shifts) & ((1 << p) - 1)).view(kp, n)
+        codes = v if codes is None else codes | (v << low)
         row += rows
         low += p
-    return codes[:, :in_features]
+    return codes[:in_features]
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: (rows, N) int32 → unsigned codes (N, in_features) as int32."""
+    return unpack_kn(packed, bits, in_features).t().contiguous()
 
 
 def packed_nbytes(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> int:

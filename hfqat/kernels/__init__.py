@@ -10,11 +10,12 @@ the fake-quantized layer computes), so every layer runs somewhere.
 |------------|-------|----------------------------------------------------|---------------------------------|
 | triton     | CUDA  | 2/3/4/8 bit, sym/asym, groups of 32k, K % 32 == 0  | fp32 accumulate, order differs  |
 | tinygemm   | CUDA  | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales/zeros               |
-| cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, fp32/bf16 activations | float zero point, order differs |
-| cpu_int8   | CPU   | 8 bit symmetric per channel, fp32/bf16             | order differs                   |
+| cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
+| cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
 
-Optional libraries (triton) are imported only when their factory runs.
+fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16). Optional libraries
+(triton) are imported only when their factory runs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """Backends built on PyTorch's own low-bit matmul ops, and the exact dequantize-then-matmul fallback.
 
 - ``tinygemm`` (CUDA): ``aten._weight_int4pack_mm``, bf16 activations, 4-bit groups of 32/64/128/256.
-- ``cpu_int4``: ``aten._weight_int4pack_mm_for_cpu`` (same grid, fp32 or bf16 activations).
-- ``cpu_int8``: ``aten._weight_int8pack_mm`` (int8 codes with one scale per output channel).
+- ``cpu_int4``: ``aten._weight_int4pack_mm_for_cpu`` (same grid), bf16 activations.
+- ``cpu_int8``: ``aten._weight_int8pack_mm`` (int8 codes with one scale per output channel), bf16 activations.
+
+On CPU both ops are fast only for bf16 activations (measured here, 4096x4096 at batch 1: int4 1.0 ms, int8 1.3 ms,
+dense bf16 4.9 ms, dense fp32 4.7 ms); for fp32 they run a reference loop (int4 31 ms), so fp32 activations
+take the exact dequantize fallback instead.
 
 tinygemm dequantizes ``w = (u - 8) · scale + zero`` with unsigned 4-bit codes ``u`` and a float ``zero``; our
 grid ``w = (u - z) · s`` maps onto it exactly with ``scale = s`` and ``zero = (8 - z) · s`` (0 when symmetric,
@@ -74,7 +78,7 @@ def _tinygemm_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_int4_backend(layer, device: torch.device, dtype: torch.dtype):
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not _int4_applies(layer):
+    if device.type != "cpu" or dtype != torch.bfloat16 or not _int4_applies(layer):
         return None
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return None
@@ -92,7 +96,7 @@ def _cpu_int4_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_int8_backend(layer, device: torch.device, dtype: torch.dtype):
-    if (device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or layer.bits != 8
+    if (device.type != "cpu" or dtype != torch.bfloat16 or layer.bits != 8
             or layer.zeros is not None or layer.group_size != layer.in_features):
         return None
     if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):

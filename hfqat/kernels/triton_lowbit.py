@@ -15,9 +15,7 @@ All math is fp32 apart from the tensor-core inputs (the activation dtype, as in 
 The entry point is the custom op ``torch.ops.hfqat.lowbit_mm`` (opaque to torch.compile, CUDA-graph safe).
 """
 
-import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -59,8 +57,8 @@ def _plane_dot(wv, x_ptr, t, zf, P: tl.constexpr, LOW: tl.constexpr, BLOCK_R: tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, tiles_per_split,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, group, tiles_per_split,
+                 BITS: tl.constexpr, SYM: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr):
     """y[n] = Σ_k x[k]·(q[k,n] - z)·s; a tile is BLOCK_R·32 inputs inside one scale group.
 
@@ -79,13 +77,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, tiles
     if BITS == 3:
         acc1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         w1 = _load_plane(w_ptr, K // 16, t0, offs_n, mask_w, N, 1, BLOCK_R)
-    for i in range(0, tiles_per_split):
+    for i in range(tiles_per_split):
         t = t0 + i
         more = mask_w & (i + 1 < tiles_per_split)
         w0_next = _load_plane(w_ptr, 0, t + 1, offs_n, more, N, P0, BLOCK_R)
         if BITS == 3:
             w1_next = _load_plane(w_ptr, K // 16, t + 1, offs_n, more, N, 1, BLOCK_R)
-        g = (t * BLOCK_R * 32) // GROUP
+        g = (t * BLOCK_R * 32) // group
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)[None, :]
         if SYM:
             zf = 1.0 * (1 << (BITS - 1))
@@ -128,8 +126,8 @@ def _codes(w_ptr, kk, offs_n, mask_n, N, K, BITS: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, group, stride_xm, stride_ym,
+                 BITS: tl.constexpr, SYM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -142,7 +140,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_y
         kk = k0 + offs_k
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=offs_m[:, None] < M, other=0.0)
         q = _codes(w_ptr, kk, offs_n, mask_n, N, K, BITS)
-        g = k0 // GROUP
+        g = k0 // group
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
         if SYM:
             z = 1 << (BITS - 1)
@@ -155,14 +153,14 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_y
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    SYM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, group, BITS: tl.constexpr, SYM: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """out (K, N) = (q - z)·s in out's dtype (the same values as the exact fallback's weight)."""
     kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     q = _codes(w_ptr, kk, offs_n, mask_n, N, K, BITS)
-    meta = (kk // GROUP)[:, None] * N + offs_n[None, :]
+    meta = (kk // group)[:, None] * N + offs_n[None, :]
     s = tl.load(s_ptr + meta, mask=mask_n[None, :], other=0.0)
     if SYM:
         z = 1 << (BITS - 1)
@@ -178,20 +176,23 @@ class GemvConfig:
     block_n: int
     block_r: int
     num_warps: int
-    num_stages: int
+    num_stages: int  # 1: the kernel double-buffers its loads itself
     split: int  # programs along K; 1 = no split (no atomics)
 
 
-GEMV_CANDIDATES = (  # (block_n, block_r, num_warps, num_stages); split is tried separately
-    (128, 4, 4, 3), (256, 2, 4, 3), (64, 4, 2, 3), (128, 4, 4, 1), (64, 2, 2, 3),
-)
+GEMV_CANDIDATES = ((128, 4, 4), (256, 2, 4), (64, 4, 2), (128, 2, 4), (256, 1, 4))  # (block_n, block_r, warps)
 SPLIT_CANDIDATES = (1, 2, 4, 8, 16)
+MAX_TILE_ROWS = 16  # word rows per plane tile; more spills registers (8-bit at block_r=4 needs ~240)
 _tuned: dict[tuple, GemvConfig] = {}
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _fits(group_size: int, block_r: int) -> bool:
-    return group_size % (32 * block_r) == 0
+def _first_plane(bits: int) -> int:
+    return 2 if bits == 3 else bits
+
+
+def _fits(bits: int, group_size: int, block_r: int) -> bool:
+    return group_size % (32 * block_r) == 0 and block_r * _first_plane(bits) <= MAX_TILE_ROWS
 
 
 def _sm_count(device: torch.device) -> int:
@@ -200,16 +201,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_gemv_config(n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
+def default_gemv_config(n: int, k: int, bits: int, group_size: int, device: torch.device) -> GemvConfig:
     """Heuristic when no tuned entry exists: 128-column blocks, enough K splits for ~2 programs per SM."""
-    block_r = next(r for r in (4, 2, 1) if _fits(group_size, r))
+    block_r = next(r for r in (4, 2, 1) if _fits(bits, group_size, r))
     block_n = 128
     tiles = k // (32 * block_r)
     col_blocks = triton.cdiv(n, block_n)
     split = 1
     while split * 2 <= tiles and col_blocks * split * 2 <= 2 * _sm_count(device):
         split *= 2
-    return GemvConfig(block_n, block_r, 4, 3, split)
+    return GemvConfig(block_n, block_r, 4, 1, split)
 
 
 def _gemv_key(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> tuple:
@@ -236,8 +237,8 @@ def _launch_gemv(x, qweight, scales, zeros, y, bits, group_size, cfg: GemvConfig
     per_split = tiles // split
     ws, cnt = _workspace(x.device, n) if split > 1 else (y, y)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, qweight, scales, scales if zeros is None else zeros, y, ws, cnt, n, k, per_split,
-        BITS=bits, GROUP=group_size, SYM=zeros is None, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+        x, qweight, scales, scales if zeros is None else zeros, y, ws, cnt, n, k, group_size, per_split,
+        BITS=bits, SYM=zeros is None, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         SPLIT=split > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -246,11 +247,12 @@ def _launch_gemm(x, qweight, scales, zeros, y, bits, group_size) -> None:
     m, k = x.shape
     n = qweight.shape[1]
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = next(b for b in (64, 32) if group_size % b == 0)
+    block_k = 32 if x.dtype == torch.float32 else 64  # fp32 tiles at 64 spill registers
+    block_k = block_k if group_size % block_k == 0 else 32
     block_n = 64
     _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x, qweight, scales, scales if zeros is None else zeros, y, m, n, k, x.stride(0), y.stride(0),
-        BITS=bits, GROUP=group_size, SYM=zeros is None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x, qweight, scales, scales if zeros is None else zeros, y, m, n, k, group_size, x.stride(0), y.stride(0),
+        BITS=bits, SYM=zeros is None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
     )
 
@@ -261,8 +263,8 @@ def dequantize(qweight, scales, zeros, bits: int, group_size: int, in_features: 
     out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)
     block_k = 32
     _dequant_kernel[(in_features // block_k, triton.cdiv(n, 128))](
-        qweight, scales, scales if zeros is None else zeros, out, n, in_features,
-        BITS=bits, GROUP=group_size, SYM=zeros is None, BLOCK_K=block_k, BLOCK_N=128, num_warps=4,
+        qweight, scales, scales if zeros is None else zeros, out, n, in_features, group_size,
+        BITS=bits, SYM=zeros is None, BLOCK_K=block_k, BLOCK_N=128, num_warps=4,
     )
     return out
 
@@ -275,7 +277,7 @@ def _lowbit_mm(x, qweight, scales, zeros, bits: int, group_size: int):
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1:
         cfg = _tuned.get(_gemv_key(n, k, bits, group_size, zeros is None)) or default_gemv_config(
-            n, k, group_size, x.device)
+            n, k, bits, group_size, x.device)
         _launch_gemv(x, qweight, scales, zeros, y, bits, group_size, cfg)
     else:
         _launch_gemm(x, qweight, scales, zeros, y, bits, group_size)
@@ -283,7 +285,7 @@ def _lowbit_mm(x, qweight, scales, zeros, bits: int, group_size: int):
 
 
 @torch.library.custom_op("hfqat::lowbit_mm", mutates_args=())
-def lowbit_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+def lowbit_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               bits: int, group_size: int) -> torch.Tensor:
     """x (M, K) @ packed weight → (M, N) in x's dtype."""
     return _lowbit_mm(x, qweight, scales, zeros, bits, group_size)
@@ -323,34 +325,34 @@ def _triton_matmul(layer, x: torch.Tensor) -> torch.Tensor:
 def tune_gemv(layer, dtype: torch.dtype = torch.bfloat16, verbose: bool = False) -> GemvConfig:
     """Time the candidate launch configurations on this layer's shape (CUDA) and keep the fastest.
 
-    The choice is shared by every layer of the same (N, K, bits, group size, symmetry).
+    Timed as CUDA-graph replays, so launch overhead does not drown microsecond kernels. The choice is shared
+    by every layer of the same (N, K, bits, group size, symmetry).
     """
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
     n, k = layer.out_features, layer.in_features
     key = _gemv_key(n, k, layer.bits, layer.group_size, layer.zeros is None)
     x = torch.randn(1, k, device=layer.qweight.device, dtype=dtype)
     y = torch.empty(1, n, device=x.device, dtype=dtype)
+    _workspace(x.device, n)  # allocated outside the graphs
     timings = {}
-    for block_n, block_r, warps, stages in GEMV_CANDIDATES:
-        if not _fits(layer.group_size, block_r):
+    for block_n, block_r, warps in GEMV_CANDIDATES:
+        if not _fits(layer.bits, layer.group_size, block_r):
             continue
         for split in SPLIT_CANDIDATES:
             if split > k // (32 * block_r):
                 continue
-            cfg = GemvConfig(block_n, block_r, warps, stages, split)
-            timings[cfg] = do_bench(lambda: _launch_gemv(x, layer.qweight, layer.scales, layer.zeros, y,
-                                                         layer.bits, layer.group_size, cfg),
-                                    warmup=5, rep=20, return_mode="median")
+            cfg = GemvConfig(block_n, block_r, warps, 1, split)
+
+            def run(cfg=cfg):
+                _launch_gemv(x, layer.qweight, layer.scales, layer.zeros, y, layer.bits, layer.group_size, cfg)
+
+            run()  # compile outside the graph
+            timings[cfg] = do_bench_cudagraph(run, rep=10, return_mode="median")
     best = min(timings, key=timings.get)
     _tuned[key] = best
     if verbose:
-        print(f"tune_gemv N={n} K={k} bits={layer.bits}: {best} {timings[best] * 1e3:.1f} us "
-              f"(default {default_gemv_config(n, k, layer.group_size, x.device)})")
+        default = default_gemv_config(n, k, layer.bits, layer.group_size, x.device)
+        print(f"tune_gemv N={n} K={k} bits={layer.bits}: best {best} {timings[best] * 1e3:.1f} us; "
+              f"default {default} {timings.get(default, float('nan')) * 1e3:.1f} us")
     return best
-
-
-def weight_bytes_per_second(layer, seconds: float) -> float:
-    """Effective bandwidth of one GEMV over the layer's packed bytes (codes + scales + zeros)."""
-    nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros) if t is not None)
-    return nbytes / seconds if seconds > 0 else math.inf
