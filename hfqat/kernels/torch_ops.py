@@ -26,7 +26,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 def dequant_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     """Exact fallback: the float weight is rebuilt for each call (nothing float is kept in memory)."""
-    return F.linear(x, layer.dequantized_weight(x.dtype), layer.bias)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.dequantized_weight(x.dtype), bias)
 
 
 def _add_bias(y: torch.Tensor, layer) -> torch.Tensor:
