@@ -32,6 +32,7 @@ except ImportError:
 SCALE_EPS = 1e-10  # = primitives.SCALE_EPS (not imported: primitives imports this module)
 MAX_GROUP = 16384  # widest group (per-channel in_features) a program holds in registers
 _ELEMENTS_PER_PROGRAM = 4096
+ENABLED = True  # set False to force the torch code (benchmarks compare the two)
 
 
 @functools.cache
@@ -44,7 +45,8 @@ def supports(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     """Whether the fused kernels apply: plain (non-subclass) contiguous CUDA tensors, a group that fits."""
     tensors = (w, scale) if zero_point is None else (w, scale, zero_point)
     return (
-        w.is_cuda
+        ENABLED
+        and w.is_cuda
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
         and group_size <= MAX_GROUP
         and available()

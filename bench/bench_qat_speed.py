@@ -1,0 +1,233 @@
+"""QAT training-step speed and memory vs a plain bf16 fine-tune, side by side in one run (GPU).
+
+A Llama-shaped model with random init (default: the 1B shape, hidden 2048, inter 8192, 16 layers, GQA 32/8 heads,
+vocab 32000), bf16 weights, AdamW (fused), SDPA attention, random tokens. Variants, each on a fresh model:
+
+- ``bf16``               plain fine-tune step (the reference)
+- ``hfqat``              W4 g128 symmetric fake quant, learned scales (fused Triton kernels on CUDA)
+- ``hfqat (torch path)`` the same with the Triton kernels switched off (what the kernels save)
+- ``hfqat + teacher``    plus QATCallback's default distillation teacher (snapshot of the float weights), no
+                         re-allocation: ``QATCallback(budget_bits=None, reallocate_every=0)``
+- ``hfqat + QATCallback()`` the callback's full defaults (teacher + per-step Fisher sensitivity)
+- ``torchao QAT``        peer: ``torchao.quantization.qat`` int4 per-group 128 weight fake quant (lm_head excluded)
+
+Each step = forward + backward + optimizer step; the time is the median of CUDA-event timed steps after warm-up;
+memory is the peak allocated during the timed steps (``teacher excluded`` subtracts the snapshot's bytes).
+Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) is
+printed first; ``--profile`` adds the top CUDA kernels of one hfqat step.
+
+Run: python bench/bench_qat_speed.py [--batch 8 --seq 2048 --steps 10 --variants bf16,hfqat,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, TrainerControl, TrainerState, TrainingArguments
+
+import hfqat
+from hfqat import fused_fake_quant
+from hfqat.callback import QATCallback
+from hfqat.layers import QATLinear
+from hfqat.modeling import quantize_model
+from hfqat.primitives import dequantize, quantize
+
+VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "torchao")
+LABELS = {"bf16": "bf16 fine-tune", "hfqat": "hfqat W4 g128", "hfqat-torch": "hfqat W4 g128 (torch path)",
+          "hfqat+teacher": "hfqat + distillation teacher", "hfqat+callback": "hfqat + QATCallback() defaults",
+          "torchao": "torchao QAT int4 g128"}
+
+
+def build_model(args) -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+class CallbackDriver:
+    """Calls a TrainerCallback's events around each step, as Trainer would (no Trainer overhead in the timing)."""
+
+    def __init__(self, callback, model, max_steps: int, output_dir: str) -> None:
+        self.callback, self.model = callback, model
+        cpu = next(model.parameters()).device.type == "cpu"
+        self.args = TrainingArguments(output_dir, max_steps=max_steps, report_to=[], use_cpu=cpu)
+        self.state = TrainerState(max_steps=max_steps, is_world_process_zero=True)
+        self.control = TrainerControl()
+        callback.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def before(self):
+        self.callback.on_step_begin(self.args, self.state, self.control)
+
+    def pre_optimizer(self):
+        self.callback.on_pre_optimizer_step(self.args, self.state, self.control)
+
+    def after(self):
+        self.state.global_step += 1
+        self.callback.on_step_end(self.args, self.state, self.control)
+
+
+def prepare(variant: str, args):
+    """(model, callback driver or None, bytes to exclude from peak memory)."""
+    model = build_model(args)
+    driver, excluded = None, 0
+    if variant.startswith("hfqat"):
+        quantize_model(model, hfqat.QATConfig(bits=4, group_size=128))
+    if variant == "hfqat+teacher":
+        driver = CallbackDriver(QATCallback(budget_bits=None, reallocate_every=0, write_plots=False), model,
+                                args.warmup + args.steps, "/tmp/bench_qat_speed")
+    elif variant == "hfqat+callback":
+        driver = CallbackDriver(QATCallback(write_plots=False), model, args.warmup + args.steps, "/tmp/bench_qat_speed")
+    if driver is not None and driver.callback._hook.teacher is not None:
+        excluded = driver.callback._hook.teacher.nbytes()
+    if variant == "torchao":
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat import QATConfig as AOQATConfig
+
+        weight = IntxFakeQuantizeConfig(torch.int4, group_size=128)
+        quantize_(model, AOQATConfig(weight_config=weight, step="prepare"),
+                  filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    return model, driver, excluded
+
+
+def run_variant(variant: str, args, batch: torch.Tensor) -> dict:
+    fused_fake_quant.ENABLED = variant != "hfqat-torch"
+    model, driver, excluded = prepare(variant, args)
+    model.train()
+    cuda = args.device == "cuda"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+
+    def step():
+        if driver:
+            driver.before()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if driver:
+            driver.pre_optimizer()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if driver:
+            driver.after()
+        return loss.detach()
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step())
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:  # CPU: a smoke run of the script itself
+            start = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    result = {"time": statistics.median(times), "spread": (max(times) - min(times)) / statistics.median(times),
+              "peak": peak, "peak_ex": peak - excluded, "loss": float(losses[-1])}
+    if args.profile and variant == "hfqat":
+        result["profile"] = profile_step(step)
+    fused_fake_quant.ENABLED = True
+    return result
+
+
+def profile_step(step) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60)
+
+
+def exactness_check() -> str:
+    """Triton forward == torch dequantize(quantize()) bit for bit, on a bf16 (8192, 2048) weight, sym and asym."""
+    torch.manual_seed(1)
+    w = (torch.randn(8192, 2048, device="cuda") * 0.02).to(torch.bfloat16)
+    out = []
+    for symmetric in (True, False):
+        spec = hfqat.QATConfig(bits=4, group_size=128, symmetric=symmetric).spec_for("x", 2048)
+        linear = torch.nn.Linear(2048, 8192, bias=False, device="cuda", dtype=torch.bfloat16)
+        layer = QATLinear.from_float(linear, spec)
+        layer.weight.data.copy_(w)
+        layer.reset_quant_params()
+        ref = dequantize(quantize(w, layer.weight_scale, layer.weight_zero_point, 4, 128),
+                         layer.weight_scale, layer.weight_zero_point, 128).to(torch.bfloat16)
+        fused = layer.quantized_weight()
+        out.append(f"{'sym' if symmetric else 'asym'}: {'exact' if torch.equal(fused, ref) else 'MISMATCH'}")
+    return ", ".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=8192)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (tiny dims)")
+    args = parser.parse_args()
+    command = f"python {' '.join(sys.argv)}"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"command: {command}\ntorch {torch.__version__}, {device}")
+    if args.device == "cuda":
+        print(f"fake-quant exactness (Triton vs torch, bf16): {exactness_check()}")
+
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device,
+                          generator=torch.Generator(device=args.device).manual_seed(0))
+    results = {}
+    for variant in args.variants.split(","):
+        try:
+            results[variant] = run_variant(variant, args, batch)
+        except (ImportError, torch.OutOfMemoryError) as err:  # a missing peer or a batch too large for it
+            results[variant] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+        gc.collect()  # the variant's model and optimizer die with run_variant's frame
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        r = results[variant]
+        print(f"  {variant}: {r.get('time', 0) * 1e3:.1f} ms, peak {r.get('peak', 0) / 2**30:.2f} GiB "
+              f"{r.get('error', '')}", flush=True)
+        if "profile" in r:
+            print(r["profile"])
+
+    tokens = args.batch * args.seq
+    base = results.get("bf16", {})
+    print(f"\n### Llama {args.hidden}/{args.inter}x{args.layers}, vocab {args.vocab}, batch {args.batch} x seq "
+          f"{args.seq} ({tokens} tokens/step), bf16 weights, AdamW fused, {device}")
+    print("| variant | step ms | tokens/s | step vs bf16 | peak GiB | peak vs bf16 (teacher excluded) | spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for variant, r in results.items():
+        if "error" in r:
+            print(f"| {LABELS[variant]} | {r['error']} | | | | | |")
+            continue
+        t_ratio = f"{r['time'] / base['time']:.3f}x" if "time" in base else "-"
+        m_ratio = f"{r['peak_ex'] / base['peak']:.3f}x" if base.get("peak") else "-"
+        print(f"| {LABELS[variant]} | {r['time'] * 1e3:.1f} | {tokens / r['time']:,.0f} | {t_ratio} | "
+              f"{r['peak'] / 2**30:.2f} | {m_ratio} | {r['spread']:.1%} |")
+    print(f"\ncommand: {command}")
+
+
+if __name__ == "__main__":
+    main()

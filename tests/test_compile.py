@@ -1,0 +1,153 @@
+"""QAT layers under torch.compile, gradient checkpointing and bf16 autocast; the fused CUDA kernels' numerics.
+
+CPU tests compare each mode with plain eager fp32 on a tiny Llama. The CUDA tests (skipped without a GPU) check
+that the Triton fake-quant kernels equal the torch code: forward bit for bit, gradients to float tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import text_dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hfqat
+from hfqat import fused_fake_quant
+from hfqat.callback import QATCallback
+from hfqat.modeling import qat_layers
+from hfqat.primitives import dequantize, fake_quantize, init_scales, quantize
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(path, **config):
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=hfqat.QATConfig(**{"bits": 4, "group_size": 32, **config}))
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_close_grads(got, ref, rtol, atol):
+    assert got.keys() == ref.keys()
+    assert any("weight_scale" in n for n in ref)  # the learned scales get gradients too
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_compiled_forward_backward_matches_eager(tiny_model_dir, input_ids):
+    model = _model(tiny_model_dir("llama"), symmetric=False).train()  # asymmetric: zero points too
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    # aot_eager: dynamo + AOTAutograd through the fake-quant autograd.Function (where graph breaks or wrong
+    # backward graphs would show) without inductor's C++ build (~45 s cold on 2 cores); the CUDA test below
+    # runs the default inductor backend.
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    loss, grads = _loss_and_grads(compiled, input_ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    _assert_close_grads(grads, ref_grads, rtol=1e-4, atol=1e-5)
+    assert torch._dynamo.utils.counters["graph_break"] == {}  # one graph, no fallbacks to eager
+    # a bit change (re-allocation) must not leave the compiled graph on stale bits
+    _, layer = next(qat_layers(model))
+    layer.set_bits(2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
+def test_gradient_checkpointing_matches(tiny_model_dir, input_ids):
+    model = _model(tiny_model_dir("llama")).train()
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = _loss_and_grads(model, input_ids)
+    assert torch.equal(loss, ref_loss)
+    _assert_close_grads(grads, ref_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_model_dir, input_ids):
+    model = _model(tiny_model_dir("llama")).train()
+    ref_loss, ref_grads = _loss_and_grads(model, input_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss.float(), ref_loss, rtol=2e-2, atol=2e-2)
+    for name, ref in ref_grads.items():  # fp32 master weights and scales get fp32 gradients
+        grad = dict(model.named_parameters())[name].grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), ref.flatten(), dim=0) > 0.9, name
+
+
+def test_trainer_with_callback_checkpointing_and_bf16(tiny_model_dir, tmp_path):
+    """QATCallback (teacher + re-allocation) under Trainer with gradient checkpointing and bf16 autocast."""
+    model = _model(tiny_model_dir("llama"))
+    args = TrainingArguments(str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
+                             use_cpu=True, bf16=True, gradient_checkpointing=True, report_to=[],
+                             save_strategy="no", disable_tqdm=True, logging_steps=2)
+    callback = QATCallback(budget_bits=3.0, reallocate_every=2, write_plots=False)
+    trainer = Trainer(model=model, args=args, train_dataset=text_dataset(32), callbacks=[callback])
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all(torch.isfinite(torch.tensor(e["loss"])) and "distill_loss" in e for e in logs)
+    assert hfqat.average_bits(model) <= 3.0 and len(callback.history) > 1
+
+
+# -- CUDA: fused Triton kernels --------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_fake_quant.available()),
+                          reason="needs CUDA and Triton")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,group_size,shape", [(4, 128, (512, 1024)), (3, 32, (96, 256)), (8, 576, (64, 576)),
+                                                   (2, 64, (33, 192))])
+def test_fused_kernels_match_torch(dtype, symmetric, bits, group_size, shape):
+    g = torch.Generator(device="cuda").manual_seed(bits * 7 + group_size)
+    w = (torch.randn(shape, device="cuda", generator=g) * 0.05).to(dtype)
+    scale, zero = init_scales(w, bits, group_size, symmetric, "minmax")
+    scale = scale * 0.8  # some clamping
+    if zero is not None:
+        zero = zero + 0.3  # the stored zero point is a float; its rounding must match too
+    ref = dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size).to(dtype)
+    bits_t = torch.tensor(bits, dtype=torch.int32, device="cuda")
+
+    def run(fused: bool):
+        fused_fake_quant.ENABLED = fused
+        try:
+            leaves = [t.clone().requires_grad_() for t in (w, scale) + ((zero,) if zero is not None else ())]
+            out = fake_quantize(leaves[0], leaves[1], leaves[2] if zero is not None else None, bits_t, group_size,
+                                out_dtype=dtype)
+            (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape)).sum().backward()
+            return out.detach(), [t.grad for t in leaves]
+        finally:
+            fused_fake_quant.ENABLED = True
+
+    out, grads = run(True)
+    torch_out, torch_grads = run(False)
+    assert torch.equal(out, ref) and torch.equal(torch_out, ref)
+    assert torch.equal(grads[0], torch_grads[0])  # the STE mask
+    for got, want in zip(grads[1:], torch_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@cuda
+def test_cuda_compiled_qat_model_matches_eager(tiny_model_dir, input_ids):
+    model = _model(tiny_model_dir("llama")).cuda().train()
+    ids = input_ids.cuda()
+    ref_loss, ref_grads = _loss_and_grads(model, ids)  # eager: fused Triton kernels
+    loss, grads = _loss_and_grads(torch.compile(model), ids)  # compiled: inductor's own fusion of the torch code
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    _assert_close_grads(grads, ref_grads, rtol=1e-3, atol=1e-5)
