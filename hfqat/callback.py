@@ -42,7 +42,7 @@ from transformers.trainer_callback import ExportableState
 from .allocation import allocate_bits, weighted_average_bits
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import broadcast_object, mean_across_ranks, zero3_gathered
+from .distributed import broadcast_object, local_view, mean_across_ranks
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import ESTIMATORS, SensitivityContext, make_estimator, weight_variance_costs
 
@@ -205,8 +205,9 @@ class QATCallback(TrainerCallback, ExportableState):
         else:
             self.history = []
             if self._budget is not None:
-                self._refit_clip()
-                self._initial_allocation(state.global_step)
+                with self._local():
+                    self._refit_clip()
+                    self._initial_allocation(state.global_step)
         self._anneal(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -214,12 +215,16 @@ class QATCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._budget is not None and self._estimator.per_step and state.global_step + 1 <= self._freeze_step:
-            self._estimator.update(self._layers, self._context(state))
+            with self._local(gather_zero3=False):  # ZeRO-3 keeps gradients to itself: nothing to measure
+                self._estimator.update(self._layers, self._context(state))
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
         if self._budget is not None and step % self.reallocate_every == 0 and step <= self._freeze_step:
-            self._reallocate(state)
+            if not self._estimator.per_step:  # e.g. Hutchinson runs the model: outside the local view
+                self._estimator.update(self._layers, self._context(state))
+            with self._local():
+                self._reallocate(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._hook is None or logs is None or "loss" not in logs:
@@ -304,8 +309,6 @@ class QATCallback(TrainerCallback, ExportableState):
         self._record(step, None)
 
     def _reallocate(self, state) -> None:
-        if not self._estimator.per_step:
-            self._estimator.update(self._layers, self._context(state))
         # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
         self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
         if any(name not in scores for name in self._numels):
@@ -323,6 +326,10 @@ class QATCallback(TrainerCallback, ExportableState):
         self._refit_clip()
         self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()))
 
+    def _local(self, gather_zero3: bool = True):
+        # FSDP2: statistics and re-fits on this rank's rows; ZeRO-3: gathered partitions; else a no-op.
+        return local_view((layer for _, layer in self._layers), gather_zero3)
+
     def _refit_clip(self) -> None:
         self._estimator.refit_clip(self._layers)
         self._estimator.clip = mean_across_ranks(self._estimator.clip)  # same estimator state on every rank
@@ -330,9 +337,7 @@ class QATCallback(TrainerCallback, ExportableState):
     def _apply(self, bits: dict[str, int]) -> None:
         bits = broadcast_object(bits)  # rank 0's choice everywhere, whatever float noise did elsewhere
         for name, layer in self._layers:
-            if bits[name] != layer.bits:
-                with zero3_gathered([layer.weight, layer.weight_scale, layer.weight_zero_point], modify=True):
-                    layer.set_bits(bits[name])
+            layer.set_bits(bits[name])
 
     def _record(self, step: int, predicted: float | None) -> None:
         bits = bit_allocation(self._model)

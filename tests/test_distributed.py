@@ -44,7 +44,7 @@ def test_two_process_gloo(tmp_path):
         assert a["average_bits"] <= BUDGET, part
         assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1, part
     fsdp = [r["fsdp2"] for r in ranks]
-    assert all(f["sharded"] for f in fsdp)  # the path under test really had DTensor weights and scales
+    assert all(f["sharded"] and f["local_refit_exact"] for f in fsdp)  # the path under test really had DTensor weights and scales
     assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0 and fsdp[0]["unsharded_allocation_equal"]
     assert fsdp[0]["packed_max_diff"] <= 1e-4 and fsdp[0]["packed_allocation_equal"]  # save_packed gathered
     assert fsdp[1]["unsharded_is_none"]
@@ -79,6 +79,7 @@ def _fsdp2_part(out: Path) -> dict:
     from hfqat.callback import TEACHER_FILE, QATCallback
     from hfqat.export import save_packed
     from hfqat.modeling import qat_layers
+    from hfqat.primitives import init_scales
 
     model = _tiny_model()
     for layer in model.model.layers:
@@ -114,6 +115,13 @@ def _fsdp2_part(out: Path) -> dict:
     callback.on_save(args, state, control)
     callback.on_train_end(args, state, control)
 
+    # a re-fit on each rank's rows (local_view) equals the re-fit of the whole gathered weight
+    _, layer = next(qat_layers(model))
+    full_scale, _ = init_scales(layer.weight.full_tensor(), layer.bits, 32, True, "mse")
+    with hd.local_view([layer]):
+        layer.reset_quant_params()  # what set_bits does after changing the bits
+    local_refit_exact = torch.equal(layer.weight_scale.full_tensor(), full_scale)
+
     model.eval()
     ids = torch.arange(24).reshape(1, 24)
     with torch.no_grad():
@@ -122,7 +130,8 @@ def _fsdp2_part(out: Path) -> dict:
     save_packed(model, out / "packed")  # every rank calls it; rank 0 writes
     result = {"sharded": sharded, "losses": losses, "allocation": hfqat.bit_allocation(model),
               "average_bits": hfqat.average_bits(model), "history_steps": [h["step"] for h in callback.history],
-              "teacher_file": (checkpoint / TEACHER_FILE).is_file(), "unsharded_is_none": copy is None}
+              "teacher_file": (checkpoint / TEACHER_FILE).is_file(), "unsharded_is_none": copy is None,
+              "local_refit_exact": local_refit_exact}
     if copy is not None:
         with torch.no_grad():
             result["unsharded_max_diff"] = (copy(input_ids=ids).logits - logits).abs().max().item()
