@@ -197,9 +197,9 @@ def main(argv=None) -> int:
         import torchao  # noqa: F401
 
         has_torchao = True
-    except ImportError:
+    except Exception as err:  # noqa: BLE001 (not installed, or built for another torch)
         has_torchao = False
-        print("torchao not installed (pip install torchao): its rows are skipped", flush=True)
+        print(f"torchao unavailable ({err!r}; pip install torchao): its rows are skipped", flush=True)
 
     results, started = [], time.perf_counter()
     for row in rows(args):
@@ -214,8 +214,12 @@ def main(argv=None) -> int:
         if row.kind == "fp":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         elif row.kind == "torchao":
-            model = torchao_model(path, row.bits, args.group_size, device)
-            seconds, peak = train(model, dataset, args, [], f"{work}/run-{len(results)}")
+            try:
+                model = torchao_model(path, row.bits, args.group_size, device)
+                seconds, peak = train(model, dataset, args, [], f"{work}/run-{len(results)}")
+            except Exception as err:  # noqa: BLE001 (the peer is optional: report and go on)
+                print(f"{row.name}: failed with {err!r}", flush=True)
+                continue
             avg_bits = float(row.bits)
         else:
             model = hfqat_model(path, row, args.group_size, device)
@@ -266,8 +270,8 @@ def render(results, memory, args) -> str:
         if mixed in by_name and uniform in by_name:
             lines.append(f"\n{mixed} vs {uniform}: ppl ratio {by_name[mixed] / by_name[uniform]:.4f}")
     if memory:
-        lines.append("\nPeak GPU memory, " + f"{args.memory_steps} KD steps: " +
-                     ", ".join(f"teacher {k}: {v:.0f} MiB" for k, v in memory.items()))
+        lines.append(f"\nPeak GPU memory, {args.memory_steps} KD steps: "
+                     + ", ".join(f"teacher {k}: {v:.0f} MiB" for k, v in memory.items()))
     lines.append("\nReproduce: python " + " ".join([sys.argv[0]] + sys.argv[1:]))
     return "\n".join(lines) + "\n"
 

@@ -65,9 +65,8 @@ def allocate_bits(
     unit, weights = _units(counts, max(spread, 1))
     # Capacity in units of "extra bits above the minimum": floor rounding keeps Σ n·b ≤ budget·N exact.
     capacity = math.floor(Fraction(budget_bits) * sum(counts) / unit) - sum(weights) * lo
-    if capacity < 0:  # only reachable through bucketing: fall back to the minimum everywhere
-        capacity = 0
-    capacity = min(capacity, sum(weights) * spread)
+    # < 0 only through bucketing: then the minimum everywhere (which always fits the true budget).
+    capacity = min(max(capacity, 0), sum(weights) * spread)
 
     table = np.array([[costs[n][b] for b in choices] for n in names], dtype=np.float64)
     if current is not None and switch_cost > 0:

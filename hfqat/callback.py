@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -44,7 +44,12 @@ from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
 from .distributed import broadcast_object, local_view, mean_across_ranks
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
-from .sensitivity import ESTIMATORS, SensitivityContext, make_estimator, weight_variance_costs
+from .sensitivity import (
+    ESTIMATORS,
+    SensitivityContext,
+    make_estimator,
+    weight_variance_costs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,7 @@ class QATCallback(TrainerCallback, ExportableState):
         bit_choices: bit widths a layer may take (2..8).
         reallocate_every: re-allocate every this many optimizer steps; 0 turns re-allocation off (then
             budget_bits must be None).
-        sensitivity: "fisher" | "hutchinson" | "variance" (see `hfqat.sensitivity`).
+        sensitivity: "fisher" | "kfac" | "hutchinson" | "variance" (see `hfqat.sensitivity`).
         ema: smoothing of the sensitivity measurements, in [0, 1).
         hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
             ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
@@ -198,7 +203,10 @@ class QATCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and saved is None:
             logger.warning("QATCallback: resuming without saved QATCallback state; starting its state afresh.")
         self._attach_hook(args, state, saved)
+        self._estimator.detach()
         self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
+        if self._budget is not None and state.global_step < self._freeze_step:
+            self._estimator.attach(self._layers)
         if saved is not None:
             self.history = list(saved["history"])
             self._estimator.load_state_dict(saved["estimator"])
@@ -225,6 +233,8 @@ class QATCallback(TrainerCallback, ExportableState):
                 self._estimator.update(self._layers, self._context(state))
             with self._local():
                 self._reallocate(state)
+        if step >= self._freeze_step:
+            self._estimator.detach()  # bits are final: stop collecting statistics
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._hook is None or logs is None or "loss" not in logs:
@@ -245,6 +255,7 @@ class QATCallback(TrainerCallback, ExportableState):
             teacher.save(os.path.join(checkpoint, TEACHER_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._estimator.detach()
         if self._hook is not None:
             self._hook.detach()
             self._hook = None

@@ -45,9 +45,9 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .distributed import full_tensor, is_main_process, shard_like, zero3_gathered
 from .modeling import qat_layers
@@ -102,7 +102,7 @@ class ModelTeacher(Teacher):
 
     @torch.no_grad()
     def logits(self, args, kwargs):
-        move = lambda v: v.to(self.device) if torch.is_tensor(v) else v  # noqa: E731
+        move = lambda v: v.to(self.device) if torch.is_tensor(v) else v
         args = tuple(move(a) for a in args)
         kwargs = {k: move(v) for k, v in kwargs.items()}
         return self.model(*args, **kwargs).logits
@@ -174,7 +174,7 @@ class SnapshotTeacher(Teacher):
             os.replace(tmp, path)
 
     @classmethod
-    def load(cls, model: nn.Module, path: str | os.PathLike) -> "SnapshotTeacher":
+    def load(cls, model: nn.Module, path: str | os.PathLike) -> SnapshotTeacher:
         return cls(model, load_file(str(path)))
 
 

@@ -8,6 +8,10 @@ then picks the bits. Estimators (``name`` → class in `ESTIMATORS`):
                 (squared gradient of the float weight, which it receives through the straight-through
                 estimator). Observed at every optimizer step from gradients the step already computed:
                 cost ≈ one quantize→dequantize pass over the weights per bit choice, no extra backward.
+``kfac``        the same ``½ Σ F_ij e_ij²`` with a per-token Fisher in Kronecker-factored diagonal form,
+                ``F_ij ≈ Σ_t g_ti² · mean_t x_tj²`` (``g``: gradient w.r.t. the layer's output, ``x``: its input),
+                from forward/backward hooks: squared per-token gradients rather than the squared *batch*
+                gradient, which near a minimum reflects gradient noise more than curvature. Same cost class.
 ``hutchinson``  ``ΔL(b) = ½ (tr(H_l) / n_l) ‖Q_b(W) - W‖²`` (HAWQ-v2) with the Hessian trace estimated
                 by Hutchinson's method, ``tr(H) ≈ E[vᵀHv]`` over Rademacher probes ``v``. Measured only at
                 re-allocation time on the last training micro-batch: one forward, one backward with
@@ -30,14 +34,15 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers import FakeQuantMixin, QATConv1D
-from .primitives import MSE_SHRINK_GRID, dequantize, init_scales, quantize
+from .primitives import MSE_SHRINK_GRID, SCALE_EPS
 
 CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enough for a sensitivity estimate
 LayerList = list[tuple[str, FakeQuantMixin]]
@@ -50,35 +55,54 @@ def _as_oi(layer: FakeQuantMixin, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _grid_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: float) -> torch.Tensor:
-    """Per-element squared error of the min-max grid shrunk by `clip` (zero points are shrink-invariant)."""
-    scale, zero = init_scales(w, bits, group_size, symmetric, "minmax")
-    scale = scale * clip
-    return (dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size) - w.float()).pow(2)
+def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: torch.Tensor, group_size: int,
+                 symmetric: bool) -> torch.Tensor:
+    """(bits, out, in) squared errors of the min-max grids shrunk by ``shrink`` (one factor per bit width).
+
+    All bit widths in one batched computation (a few kernels per layer, no host sync). Scales and zero points
+    are those of ``init_scales(..., "minmax")`` times the shrink; zero points are shrink-invariant.
+    """
+    out_features, in_features = w.shape
+    wg = w.float().reshape(1, out_features, in_features // group_size, group_size)
+    bits = torch.tensor(bit_choices, dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    shrink = shrink.to(w.device, torch.float32).view(-1, 1, 1)
+    if symmetric:
+        qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
+        scale = (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS)
+        zero = torch.zeros_like(scale)
+    else:
+        qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+        zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
+        scale = (base * shrink).clamp_min(SCALE_EPS)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = torch.clamp(torch.round(wg / scale) + zero, qmin.unsqueeze(-1), qmax.unsqueeze(-1))
+    return ((q - zero) * scale - wg).pow(2).reshape(len(bit_choices), out_features, in_features)
 
 
 @torch.no_grad()
 def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
     """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE."""
-    w, spec = layer.weight_oi().detach(), layer.spec
-    ratios = {}
-    for bits in bit_choices:
-        errors = [float(_grid_error(w, bits, spec.group_size, spec.symmetric, c).sum()) for c in CLIP_GRID]
-        ratios[bits] = CLIP_GRID[min(range(len(errors)), key=errors.__getitem__)]
-    return ratios
+    w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
+    totals = torch.stack([_grid_errors(w, choices, torch.full((len(choices),), c), spec.group_size,
+                                       spec.symmetric).sum((1, 2)) for c in CLIP_GRID])  # (clips, bits)
+    best = totals.argmin(0).tolist()  # one host sync per layer
+    return {b: CLIP_GRID[i] for b, i in zip(choices, best)}
 
 
 @torch.no_grad()
 def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip: Mapping[int, float]
-                        ) -> dict[int, torch.Tensor]:
-    """bits → per-element squared error ``(Q_b(W) - W)²`` in (out, in) layout (float32)."""
-    w, spec = layer.weight_oi().detach(), layer.spec
-    errors = {}
-    for bits in bit_choices:
-        if bits == layer.bits:
-            errors[bits] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
-        else:
-            errors[bits] = _grid_error(w, bits, spec.group_size, spec.symmetric, clip.get(bits, 1.0))
+                        ) -> torch.Tensor:
+    """(bits, out, in) per-element squared errors ``(Q_b(W) - W)²`` (float32), in `bit_choices` order.
+
+    The layer's current bit width uses its actual quantizer (learned scales); the others the clipped grid.
+    """
+    w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
+    shrink = torch.tensor([clip.get(b, 1.0) for b in choices])
+    errors = _grid_errors(w, choices, shrink, spec.group_size, spec.symmetric)
+    if layer.bits in choices:
+        errors[choices.index(layer.bits)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
     return errors
 
 
@@ -106,11 +130,32 @@ class SensitivityEstimator(ABC):
     def __init__(self, bit_choices: Iterable[int], ema: float = 0.9) -> None:
         self.bit_choices = tuple(sorted(bit_choices))
         self.ema = ema
-        self.scores: dict[str, dict[int, float]] = {}  # EMA of predicted loss increase
+        # EMA of the predicted loss increase per bit choice, kept as float64 tensors on the layers' device so
+        # that per-step updates never wait for the GPU; `scores` reads them out (one sync) when needed.
+        self._ema: dict[str, torch.Tensor] = {}
         self.clip: dict[str, dict[int, float]] = {}  # per-layer clip ratios for off-grid bit widths
+
+    @property
+    def scores(self) -> dict[str, dict[int, float]]:
+        """layer name → {bits: EMA of the predicted loss increase} (plain floats)."""
+        if not self._ema:
+            return {}
+        values = torch.stack([v.cpu() for v in self._ema.values()]).tolist()
+        return {name: dict(zip(self.bit_choices, row)) for name, row in zip(self._ema, values)}
+
+    @scores.setter
+    def scores(self, scores: Mapping[str, Mapping[int, float]]) -> None:
+        self._ema = {name: torch.tensor([float(per_bits[b]) for b in self.bit_choices], dtype=torch.float64)
+                     for name, per_bits in scores.items()}
 
     def refit_clip(self, layers: LayerList) -> None:
         self.clip = {name: fit_clip_ratios(layer, self.bit_choices) for name, layer in layers}
+
+    def attach(self, layers: LayerList) -> None:
+        """Start collecting statistics during training (hooks); the default needs none."""
+
+    def detach(self) -> None:
+        """Stop collecting (remove hooks)."""
 
     def update(self, layers: LayerList, context: SensitivityContext) -> bool:
         """Measure and fold into the EMAs; False when nothing could be measured (e.g. no gradients)."""
@@ -118,18 +163,18 @@ class SensitivityEstimator(ABC):
         if not measured:
             return False
         for name, values in measured.items():
-            old = self.scores.get(name)
-            self.scores[name] = dict(values) if old is None else {
-                b: self.ema * old[b] + (1.0 - self.ema) * values[b] for b in self.bit_choices}
+            values = values.detach().to(torch.float64)
+            old = self._ema.get(name)
+            self._ema[name] = values if old is None else self.ema * old.to(values.device) + (1.0 - self.ema) * values
         return True
 
     @abstractmethod
-    def _measure(self, layers: LayerList, context: SensitivityContext) -> dict[str, dict[int, float]]:
-        """layer name → {bits: predicted loss increase} for the layers measurable now."""
+    def _measure(self, layers: LayerList, context: SensitivityContext) -> dict[str, torch.Tensor]:
+        """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
-    def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> dict[int, float]:
+    def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
         errors = quantization_errors(layer, self.bit_choices, self.clip.get(name, {}))
-        return {b: 0.5 * float((curvature * e).sum()) for b, e in errors.items()}
+        return 0.5 * (errors * curvature).sum((1, 2), dtype=torch.float64)
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -179,6 +224,65 @@ class FisherEstimator(SensitivityEstimator):
 
 
 @register_estimator
+class KFACEstimator(SensitivityEstimator):
+    """Per-token Fisher in Kronecker-factored diagonal form, from the activations and output gradients.
+
+    ``F_ij ≈ Σ_t g_ti² · mean_t x_tj²`` (``g``: gradient of the loss w.r.t. the layer output, ``x``: its input,
+    over the tokens ``t`` of the step), so ``ΔL(b) = ½ Σ_ij F_ij e_ij²``. Unlike the squared *batch* gradient
+    (``fisher``), which near a minimum measures gradient noise rather than curvature, this averages per-token
+    squared gradients. Two vectors per layer per step (one reduction of the input and of the output
+    gradient); no extra backward. Not for FSDP2-sharded weights (the rows of a shard are not known here).
+    """
+
+    name = "kfac"
+    per_step = True
+
+    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9) -> None:
+        super().__init__(bit_choices, ema)
+        self._handles: list = []
+        self._out_sq: dict[str, torch.Tensor] = {}  # Σ_t g_t² per output feature
+        self._in_sq: dict[str, torch.Tensor] = {}  # Σ_t x_t² per input feature
+        self._tokens: dict[str, int] = {}
+
+    def attach(self, layers: LayerList) -> None:
+        self.detach()
+        self._handles = [layer.register_forward_hook(partial(self._forward_hook, name)) for name, layer in layers]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._out_sq, self._in_sq, self._tokens = {}, {}, {}
+
+    def _forward_hook(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        # Only passes that will be back-propagated (not the teacher pass, eval, or a no-grad checkpoint pass).
+        if not module.training or not output.requires_grad:
+            return
+        x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+        self._in_sq[name] = self._in_sq[name] + x.pow(2).sum(0) if name in self._in_sq else x.pow(2).sum(0)
+        self._tokens[name] = self._tokens.get(name, 0) + x.shape[0]
+        output.register_hook(partial(self._grad_hook, name))
+
+    def _grad_hook(self, name: str, grad: torch.Tensor) -> None:
+        g = grad.detach().float().reshape(-1, grad.shape[-1]).pow(2).sum(0)
+        self._out_sq[name] = self._out_sq[name] + g if name in self._out_sq else g
+
+    def _measure(self, layers, context):
+        out = {}
+        for name, layer in layers:
+            if name not in self._out_sq:
+                continue
+            errors = quantization_errors(layer, self.bit_choices, self.clip.get(name, {}))
+            if errors.shape[1:] != (self._out_sq[name].numel(), self._in_sq[name].numel()):
+                raise ValueError("sensitivity='kfac' does not support sharded (FSDP2) weights; allowed there: "
+                                 "'fisher', 'hutchinson', 'variance'")
+            in_mean = self._in_sq[name] / self._tokens[name]
+            out[name] = 0.5 * torch.einsum("o,boi,i->b", self._out_sq[name], errors, in_mean).double()
+        self._out_sq, self._in_sq, self._tokens = {}, {}, {}
+        return out
+
+
+@register_estimator
 class HutchinsonEstimator(SensitivityEstimator):
     """Hessian-trace (Hutchinson) sensitivity on the stored micro-batch; see the module docstring for cost."""
 
@@ -203,16 +307,16 @@ class HutchinsonEstimator(SensitivityEstimator):
                 loss = model(**batch).loss
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 generator = torch.Generator(device=params[0].device).manual_seed(context.seed + context.step)
-                traces = [0.0] * len(params)
+                traces = [torch.zeros((), dtype=torch.float64, device=p.device) for p in params]
                 for _ in range(self.probes):
                     probes = [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(g.dtype) * 2 - 1
                               for p, g in zip(params, grads)]
                     hvps = torch.autograd.grad(grads, params, grad_outputs=probes, retain_graph=True)
                     for i, (v, hv) in enumerate(zip(probes, hvps)):
-                        traces[i] += float((v * hv).sum()) / self.probes
+                        traces[i] += (v * hv).sum(dtype=torch.float64).detach() / self.probes
         finally:
             model.train(was_training)
-        return {name: self._weighted(layer, name, max(trace, 0.0) / layer.weight.numel())
+        return {name: self._weighted(layer, name, trace.clamp_min(0.0) / layer.weight.numel())
                 for (name, layer), trace in zip(layers, traces)}
 
 
@@ -224,7 +328,11 @@ class VarianceEstimator(SensitivityEstimator):
 
     @torch.no_grad()
     def _measure(self, layers, context):
-        return {name: weight_variance_costs(layer, self.bit_choices) for name, layer in layers}
+        out = {}
+        for name, layer in layers:
+            costs = weight_variance_costs(layer, self.bit_choices)
+            out[name] = torch.tensor([costs[b] for b in self.bit_choices], dtype=torch.float64)
+        return out
 
 
 @torch.no_grad()

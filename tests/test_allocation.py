@@ -14,11 +14,13 @@ import hfqat
 from hfqat import allocation
 from hfqat.allocation import allocate_bits, weighted_average_bits
 from hfqat.modeling import qat_layers
+from hfqat.primitives import dequantize, init_scales, quantize
 from hfqat.sensitivity import (
     ESTIMATORS,
     FisherEstimator,
     SensitivityContext,
     SensitivityEstimator,
+    _grid_errors,
     fit_clip_ratios,
     make_estimator,
     quantization_errors,
@@ -108,14 +110,26 @@ def model(tiny_model_dir):
 
 
 def test_errors_use_the_actual_quantizer_for_current_bits(model):
-    name, layer = next(iter(qat_layers(model)))
+    _, layer = next(iter(qat_layers(model)))
     clip = fit_clip_ratios(layer, CHOICES)
     assert all(0 < c <= 1 for c in clip.values()) and clip[2] <= clip[8]
     errors = quantization_errors(layer, CHOICES, clip)
     exact = (layer.quantized_weight(exact=True) - layer.weight).pow(2)
-    torch.testing.assert_close(errors[layer.bits], exact.detach())
-    sums = [float(errors[b].sum()) for b in CHOICES]
+    torch.testing.assert_close(errors[CHOICES.index(layer.bits)], exact.detach())
+    sums = errors.sum((1, 2)).tolist()
     assert sums == sorted(sums, reverse=True)  # fewer bits, more error
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_batched_grid_errors_equal_the_primitives(symmetric):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    shrink = torch.tensor([0.6, 0.8, 0.9, 1.0])
+    errors = _grid_errors(w, CHOICES, shrink, 32, symmetric)
+    for i, bits in enumerate(CHOICES):
+        scale, zero = init_scales(w, bits, 32, symmetric, "minmax")
+        scale = scale * shrink[i]
+        expected = (dequantize(quantize(w, scale, zero, bits, 32), scale, zero, 32) - w).pow(2)
+        torch.testing.assert_close(errors[i], expected, rtol=1e-5, atol=1e-8)  # same grid, same codes
 
 
 def test_fisher_weights_error_by_squared_gradient(model, input_ids):
@@ -127,7 +141,7 @@ def test_fisher_weights_error_by_squared_gradient(model, input_ids):
     assert estimator.update(layers, SensitivityContext(model, step=1))
     name, layer = layers[0]
     errors = quantization_errors(layer, CHOICES, estimator.clip[name])
-    expected = {b: 0.5 * float((layer.weight.grad.pow(2) * errors[b]).sum()) for b in CHOICES}
+    expected = {b: 0.5 * float((layer.weight.grad.pow(2) * errors[i]).sum()) for i, b in enumerate(CHOICES)}
     assert estimator.scores[name] == pytest.approx(expected)
     # EMA: a second identical observation leaves the values unchanged; halving the gradients moves them halfway.
     for _, l in layers:
@@ -136,6 +150,36 @@ def test_fisher_weights_error_by_squared_gradient(model, input_ids):
     assert estimator.scores[name] == pytest.approx({b: v * (0.5 + 0.5 * 0.25) for b, v in expected.items()})
     model.zero_grad(set_to_none=True)
     assert not FisherEstimator(CHOICES).update(layers, SensitivityContext(model, step=3))  # no gradients
+
+
+def test_kfac_uses_per_token_statistics(model, input_ids):
+    layers = list(qat_layers(model))
+    name, layer = layers[2]
+    seen = {}
+
+    def record(module, inputs, output):
+        if not output.requires_grad:
+            return
+        seen["x"] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        output.register_hook(lambda g: seen.__setitem__("g", g.detach().reshape(-1, g.shape[-1])))
+
+    estimator = make_estimator("kfac", CHOICES, ema=0.0)
+    estimator.refit_clip(layers)
+    estimator.attach(layers)
+    handle = layer.register_forward_hook(record)
+    model.train()
+    with torch.no_grad():  # a pass that is not back-propagated is not counted
+        model(input_ids=input_ids)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    handle.remove()
+    assert estimator.update(layers, SensitivityContext(model, step=1))
+    estimator.detach()
+    model.zero_grad(set_to_none=True)
+    errors = quantization_errors(layer, CHOICES, estimator.clip[name])
+    fisher = seen["g"].pow(2).sum(0)[:, None] * seen["x"].pow(2).mean(0)[None, :]
+    expected = [0.5 * float((fisher * e).sum()) for e in errors]
+    assert list(estimator.scores[name].values()) == pytest.approx(expected, rel=1e-5)
+    assert not estimator.update(layers, SensitivityContext(model, step=2))  # statistics are per step
 
 
 def test_hutchinson_is_nonnegative_and_decreasing(model, input_ids):
@@ -155,7 +199,7 @@ def test_hutchinson_is_nonnegative_and_decreasing(model, input_ids):
 
 
 def test_variance_closed_form(model):
-    name, layer = next(iter(qat_layers(model)))
+    _, layer = next(iter(qat_layers(model)))
     costs = weight_variance_costs(layer, CHOICES)
     assert costs[3] / costs[4] == pytest.approx(4.0) and costs[2] / costs[8] == pytest.approx(4.0**6)
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1, 32)
@@ -164,7 +208,7 @@ def test_variance_closed_form(model):
 
 def test_state_roundtrip_and_registry():
     estimator = make_estimator("variance", CHOICES, 0.9)
-    estimator.scores = {"x": {2: 1.5, 8: 0.25}}
+    estimator.scores = {"x": {2: 1.5, 3: 1.0, 4: 0.5, 8: 0.25}}
     estimator.clip = {"x": {2: 0.7, 8: 1.0}}
     restored = make_estimator("variance", CHOICES, 0.9)
     restored.load_state_dict(json.loads(json.dumps(estimator.state_dict())))

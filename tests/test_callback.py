@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 from conftest import text_dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import hfqat
 from hfqat.callback import HISTORY_FILE, TEACHER_FILE, QATCallback
@@ -44,7 +49,7 @@ def _train(path, out, callback, resume=None, **kw):
 
 def test_acceptance_budget_and_resume(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
-    make = lambda: QATCallback(budget_bits=3.0, bit_choices=(2, 3, 4, 8), reallocate_every=5)  # noqa: E731
+    make = lambda: QATCallback(budget_bits=3.0, bit_choices=(2, 3, 4, 8), reallocate_every=5)
     out = tmp_path / "run"
     callback = make()
     model, trainer = _train(path, out, callback, save_strategy="steps", save_steps=15)
@@ -114,7 +119,7 @@ def test_soft_sharpness_anneals_to_exact(tiny_model_dir, tmp_path):
     assert all(math.isinf(s) for s in seen[4:]) and math.isinf(layer.soft_sharpness)
 
 
-@pytest.mark.parametrize("sensitivity", ["hutchinson", "variance"])
+@pytest.mark.parametrize("sensitivity", ["kfac", "hutchinson", "variance"])
 def test_other_estimators_reallocate(tiny_model_dir, tmp_path, sensitivity):
     model = _model(tiny_model_dir("llama"))
     callback = QATCallback(budget_bits=3.5, reallocate_every=3, sensitivity=sensitivity, hysteresis=0.0)

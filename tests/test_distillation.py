@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.callback import QATCallback
-from hfqat.distillation import DistillationHook, SnapshotTeacher, build_teacher, distillation_loss
+from hfqat.distillation import (
+    DistillationHook,
+    SnapshotTeacher,
+    build_teacher,
+    distillation_loss,
+)
 from hfqat.modeling import qat_layers
 
 
