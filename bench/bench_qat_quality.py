@@ -56,6 +56,8 @@ def rows(args) -> list[Row]:
     every = max(1, args.steps // 8)
     kd = dict(reallocate_every=0)
     realloc = dict(reallocate_every=every, bit_choices=(2, 3, 4, 8))
+    if args.sensitivity:
+        realloc["sensitivity"] = args.sensitivity
     return [
         Row("FP (dequantized GGUF)", None, "fp", fast=True),
         Row("RTN PTQ W4 (min-max)", 4, "ptq", 4, "minmax", fast=True),
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-blocks", type=int, default=64)
     p.add_argument("--memory-steps", type=int, default=5)
     p.add_argument("--only", choices=["all", "fast"], default="all")
+    p.add_argument("--rows", default=None, help="comma-separated substrings: run only rows whose name has one")
+    p.add_argument("--sensitivity", default=None, help="estimator of the re-allocation rows (default: callback's)")
     p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
     p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
     p.add_argument("--float-cache", default=os.path.join(tempfile.gettempdir(), "smollm2_f32"))
@@ -204,6 +208,8 @@ def main(argv=None) -> int:
     results, started = [], time.perf_counter()
     for row in rows(args):
         if args.only == "fast" and not row.fast:
+            continue
+        if args.rows and not any(part in row.name for part in args.rows.split(",")):
             continue
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
             print(f"--max-minutes reached: skipping {row.name}", flush=True)
@@ -253,7 +259,7 @@ def main(argv=None) -> int:
 
 
 def render(results, memory, args) -> str:
-    fp = next(r["ppl"] for r in results if r["ref_bits"] is None)
+    fp = next((r["ppl"] for r in results if r["ref_bits"] is None), float("nan"))
     rtn = {r["ref_bits"]: r["ppl"] for r in results if r["name"].startswith("RTN")}
     by_name = {r["name"]: r["ppl"] for r in results}
     lines = [f"SmolLM2-135M, W sym g{args.group_size}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, "

@@ -93,6 +93,10 @@ class Teacher(ABC):
         """Teacher logits for the student's forward inputs (no grad)."""
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if torch.is_tensor(value) else value
+
+
 class ModelTeacher(Teacher):
     """A separate frozen model (any device/dtype); inputs are moved to it, logits come back as they are."""
 
@@ -102,9 +106,8 @@ class ModelTeacher(Teacher):
 
     @torch.no_grad()
     def logits(self, args, kwargs):
-        move = lambda v: v.to(self.device) if torch.is_tensor(v) else v
-        args = tuple(move(a) for a in args)
-        kwargs = {k: move(v) for k, v in kwargs.items()}
+        args = tuple(_to(a, self.device) for a in args)
+        kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
         return self.model(*args, **kwargs).logits
 
 
