@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--memory-steps", type=int, default=5)
+    p.add_argument("--memory-steps", type=int, default=5, help="steps of the teacher memory runs (0: skip)")
     p.add_argument("--only", choices=["all", "fast"], default="all")
     p.add_argument("--rows", default=None, help="comma-separated substrings: run only rows whose name has one")
     p.add_argument("--sensitivity", default=None, help="estimator of the re-allocation rows (default: callback's)")
@@ -247,7 +248,8 @@ def main(argv=None) -> int:
         free()
 
     over = args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes
-    memory = teacher_memory(path, dataset, args, device, work) if device.type == "cuda" and not over else {}
+    wanted = device.type == "cuda" and args.memory_steps > 0 and not over
+    memory = teacher_memory(path, dataset, args, device, work) if wanted else {}
     table = render(results, memory, args)
     print(table)
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -278,7 +280,7 @@ def render(results, memory, args) -> str:
     if memory:
         lines.append(f"\nPeak GPU memory, {args.memory_steps} KD steps: "
                      + ", ".join(f"teacher {k}: {v:.0f} MiB" for k, v in memory.items()))
-    lines.append("\nReproduce: python " + " ".join([sys.argv[0]] + sys.argv[1:]))
+    lines.append("\nReproduce: python " + shlex.join(sys.argv))
     return "\n".join(lines) + "\n"
 
 
