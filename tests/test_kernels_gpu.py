@@ -60,17 +60,51 @@ def test_split_k_workspace_is_left_clean():
     del triton_lowbit._tuned[key]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_gemv_candidate_config(bits):
+    """The tuner may pick any candidate: each one (with and without split-K) must be right."""
+    layer = _packed(bits, bits != 3, 256, k=1024, n=320)
+    x = torch.randn(1, 1024, device=DEVICE, dtype=torch.bfloat16)
+    ref = x.double() @ layer.dequantized_weight().double().t()
+    y = torch.empty(1, 320, device=DEVICE, dtype=torch.bfloat16)
+    for block_n, block_r, warps in triton_lowbit.GEMV_CANDIDATES:
+        if not triton_lowbit._fits(bits, 256, block_r):
+            continue
+        for split in (1, 4):
+            cfg = triton_lowbit.GemvConfig(block_n, block_r, warps, 1, split)
+            y.fill_(float("nan"))
+            triton_lowbit._launch_gemv(x, layer.qweight, layer.scales, layer.zeros, y, bits, 256, cfg)
+            assert _rel_err(y, ref) < 1e-2, cfg
+
+
+def test_large_batches_fused_and_dequantized():
+    layer = _packed(3, False, 128)
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        x = torch.randn(300, 512, device=DEVICE, dtype=dtype)
+        ref = x.double() @ layer.dequantized_weight().double().t()
+        via_dequant = torch.ops.hfqat.lowbit_mm(x, layer.qweight, layer.scales, layer.zeros, 3, 128)
+        triton_lowbit.FUSED_LARGE_M = True
+        try:
+            fused = torch.ops.hfqat.lowbit_mm(x, layer.qweight, layer.scales, layer.zeros, 3, 128)
+        finally:
+            triton_lowbit.FUSED_LARGE_M = False
+        assert _rel_err(via_dequant, ref) < tol and _rel_err(fused, ref) < tol
+
+
 def test_tinygemm_matches_fallback():
     for symmetric in (True, False):
         layer = _packed(4, symmetric, 128)
-        x = torch.randn(3, 512, device=DEVICE, dtype=torch.bfloat16)
-        ref = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
-        layer.force_backend = "tinygemm"
-        assert _rel_err(layer(x), ref) < 1e-2 and layer.backend == "tinygemm"
+        for m in (3, 200):  # 200 rows: handed to the Triton path
+            x = torch.randn(m, 512, device=DEVICE, dtype=torch.bfloat16)
+            ref = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+            layer.force_backend = None
+            assert _rel_err(layer(x), ref) < 1e-2 and layer.backend == "tinygemm"  # the automatic choice
 
 
-def test_compile_and_cuda_graph():
+@pytest.mark.parametrize("backend", ["triton", "tinygemm"])
+def test_compile_and_cuda_graph(backend):
     layer = _packed(4, True, 128)
+    layer.force_backend = backend
     x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
     eager = layer(x)  # picks the backend outside the compiled region
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)

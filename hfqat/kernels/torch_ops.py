@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..packing import unpack
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+TINYGEMM_MAX_M = 64  # tinygemm is a small-batch kernel; larger batches (prefill) go to `_large_m_matmul`
 
 
 def dequant_matmul(layer, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +70,22 @@ def tinygemm_backend(layer, device: torch.device, dtype: torch.dtype):
     layer.register_buffer("_tinygemm_weight", weight, persistent=False)
     layer.register_buffer("_tinygemm_scales_and_zeros", _int4_scales_and_zeros(layer, torch.bfloat16),
                           persistent=False)
+    layer._tinygemm_large_m = _large_m_matmul(layer, device, dtype)
     return _tinygemm_matmul
 
 
+def _large_m_matmul(layer, device: torch.device, dtype: torch.dtype):
+    """The Triton path (dequantize once + cuBLAS for large M) where it applies, else the exact fallback."""
+    try:
+        from . import triton_lowbit
+    except ImportError:
+        return dequant_matmul
+    return triton_lowbit.backend(layer, device, dtype) or dequant_matmul
+
+
 def _tinygemm_matmul(layer, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() // x.shape[-1] > TINYGEMM_MAX_M:
+        return layer._tinygemm_large_m(layer, x)
     y = torch.ops.aten._weight_int4pack_mm(_flat(x), layer._tinygemm_weight, layer.group_size,
                                            layer._tinygemm_scales_and_zeros)
     return _add_bias(y.reshape(*x.shape[:-1], -1), layer)

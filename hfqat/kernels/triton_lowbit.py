@@ -24,6 +24,7 @@ import triton.language as tl
 KERNEL_BITS = (2, 3, 4, 8)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMM_MAX_M = 64
+FUSED_LARGE_M = False  # True: large M also runs `_gemm_kernel` (dequantize in registers) instead of dequant+cuBLAS
 _MAGIC_I = tl.constexpr(0x4B000000)  # bit pattern of 2^23 as float32
 _MAGIC_F = tl.constexpr(8388608.0)
 
@@ -202,15 +203,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_gemv_config(n: int, k: int, bits: int, group_size: int, device: torch.device) -> GemvConfig:
-    """Heuristic when no tuned entry exists: 128-column blocks, enough K splits for ~2 programs per SM."""
+    """Used when no tuned entry exists. On an H100 the tuned choices for 8B-Llama shapes were 64-256 column
+    blocks with 8-16 K splits (~1000 programs); 64 columns, 2 warps and up to 16 splits were within ~10%."""
     block_r = next(r for r in (4, 2, 1) if _fits(bits, group_size, r))
-    block_n = 128
     tiles = k // (32 * block_r)
-    col_blocks = triton.cdiv(n, block_n)
     split = 1
-    while split * 2 <= tiles and col_blocks * split * 2 <= 2 * _sm_count(device):
+    while split * 2 <= min(tiles, 16) and triton.cdiv(n, 64) * split < 8 * _sm_count(device):
         split *= 2
-    return GemvConfig(block_n, block_r, 4, 1, split)
+    return GemvConfig(64, block_r, 2, 1, split)
 
 
 def _gemv_key(n: int, k: int, bits: int, group_size: int, symmetric: bool) -> tuple:
@@ -243,17 +243,24 @@ def _launch_gemv(x, qweight, scales, zeros, y, bits, group_size, cfg: GemvConfig
     )
 
 
+def _gemm_tiles(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); fp32 tiles stay small (they spill at 64-wide K)."""
+    if dtype == torch.float32:
+        return 16 if m <= 16 else 32, 64, 32, 4
+    if m <= GEMM_MAX_M:
+        return (16 if m <= 16 else (32 if m <= 32 else 64)), 64, 64, 4
+    return 128, 128, 64, 8
+
+
 def _launch_gemm(x, qweight, scales, zeros, y, bits, group_size) -> None:
     m, k = x.shape
     n = qweight.shape[1]
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_k = 32 if x.dtype == torch.float32 else 64  # fp32 tiles at 64 spill registers
+    block_m, block_n, block_k, warps = _gemm_tiles(m, x.dtype)
     block_k = block_k if group_size % block_k == 0 else 32
-    block_n = 64
     _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, qweight, scales, scales if zeros is None else zeros, y, m, n, k, group_size, x.stride(0), y.stride(0),
         BITS=bits, SYM=zeros is None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3,
     )
 
 
@@ -272,7 +279,7 @@ def dequantize(qweight, scales, zeros, bits: int, group_size: int, in_features: 
 def _lowbit_mm(x, qweight, scales, zeros, bits: int, group_size: int):
     m, k = x.shape
     n = qweight.shape[1]
-    if m > GEMM_MAX_M:
+    if m > GEMM_MAX_M and not FUSED_LARGE_M:
         return x @ dequantize(qweight, scales, zeros, bits, group_size, k, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1:
