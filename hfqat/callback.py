@@ -349,6 +349,7 @@ class QATCallback(TrainerCallback, ExportableState):
         bits = broadcast_object(bits)  # rank 0's choice everywhere, whatever float noise did elsewhere
         for name, layer in self._layers:
             layer.set_bits(bits[name])
+        self._estimator.note_bits(bits)
 
     def _record(self, step: int, predicted: float | None) -> None:
         bits = bit_allocation(self._model)

@@ -34,7 +34,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, ClassVar
 
 import torch
@@ -54,8 +54,14 @@ def _as_oi(layer: FakeQuantMixin, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.t() if isinstance(layer, QATConv1D) else tensor
 
 
+@lru_cache(maxsize=1024)
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Cached: creating a small CUDA tensor from Python data copies from pageable memory, which waits for the GPU.
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
 @torch.no_grad()
-def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: torch.Tensor, group_size: int,
+def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
                  symmetric: bool) -> torch.Tensor:
     """(bits, out, in) squared errors of the min-max grids shrunk by ``shrink`` (one factor per bit width).
 
@@ -64,8 +70,8 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: torch.Te
     """
     out_features, in_features = w.shape
     wg = w.float().reshape(1, out_features, in_features // group_size, group_size)
-    bits = torch.tensor(bit_choices, dtype=torch.float32, device=w.device).view(-1, 1, 1)
-    shrink = shrink.to(w.device, torch.float32).view(-1, 1, 1)
+    bits = _constant(tuple(float(b) for b in bit_choices), w.device)
+    shrink = _constant(tuple(float(c) for c in shrink), w.device)
     if symmetric:
         qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
         scale = (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS)
@@ -85,24 +91,25 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: torch.Te
 def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
     """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE."""
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
-    totals = torch.stack([_grid_errors(w, choices, torch.full((len(choices),), c), spec.group_size,
-                                       spec.symmetric).sum((1, 2)) for c in CLIP_GRID])  # (clips, bits)
+    totals = torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
+                          for c in CLIP_GRID])  # (clips, bits)
     best = totals.argmin(0).tolist()  # one host sync per layer
     return {b: CLIP_GRID[i] for b, i in zip(choices, best)}
 
 
 @torch.no_grad()
-def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip: Mapping[int, float]
-                        ) -> torch.Tensor:
+def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip: Mapping[int, float],
+                        current_bits: int | None = None) -> torch.Tensor:
     """(bits, out, in) per-element squared errors ``(Q_b(W) - W)²`` (float32), in `bit_choices` order.
 
     The layer's current bit width uses its actual quantizer (learned scales); the others the clipped grid.
+    Pass ``current_bits`` when known: reading ``layer.bits`` waits for the GPU.
     """
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
-    shrink = torch.tensor([clip.get(b, 1.0) for b in choices])
-    errors = _grid_errors(w, choices, shrink, spec.group_size, spec.symmetric)
-    if layer.bits in choices:
-        errors[choices.index(layer.bits)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
+    errors = _grid_errors(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size, spec.symmetric)
+    current = layer.bits if current_bits is None else current_bits
+    if current in choices:
+        errors[choices.index(current)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
     return errors
 
 
@@ -134,6 +141,7 @@ class SensitivityEstimator(ABC):
         # that per-step updates never wait for the GPU; `scores` reads them out (one sync) when needed.
         self._ema: dict[str, torch.Tensor] = {}
         self.clip: dict[str, dict[int, float]] = {}  # per-layer clip ratios for off-grid bit widths
+        self._bits: dict[str, int] = {}  # the layers' bits as of the last re-fit (read without a GPU sync)
 
     @property
     def scores(self) -> dict[str, dict[int, float]]:
@@ -149,7 +157,18 @@ class SensitivityEstimator(ABC):
                      for name, per_bits in scores.items()}
 
     def refit_clip(self, layers: LayerList) -> None:
+        """Refit the clip ratios; called at start and after every re-allocation (also notes the layers' bits)."""
         self.clip = {name: fit_clip_ratios(layer, self.bit_choices) for name, layer in layers}
+        self._bits = {name: layer.bits for name, layer in layers}
+
+    def note_bits(self, bits: Mapping[str, int]) -> None:
+        """Record the layers' new bits (after a re-allocation), so per-step measurements need no GPU read."""
+        self._bits.update(bits)
+
+    def _errors(self, name: str, layer: FakeQuantMixin) -> torch.Tensor:
+        if name not in self._bits:  # e.g. after a resume, before the first re-fit
+            self._bits[name] = layer.bits
+        return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._bits[name])
 
     def attach(self, layers: LayerList) -> None:
         """Start collecting statistics during training (hooks); the default needs none."""
@@ -173,8 +192,7 @@ class SensitivityEstimator(ABC):
         """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
     def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
-        errors = quantization_errors(layer, self.bit_choices, self.clip.get(name, {}))
-        return 0.5 * (errors * curvature).sum((1, 2), dtype=torch.float64)
+        return 0.5 * (self._errors(name, layer) * curvature).sum((1, 2), dtype=torch.float64)
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -272,7 +290,7 @@ class KFACEstimator(SensitivityEstimator):
         for name, layer in layers:
             if name not in self._out_sq:
                 continue
-            errors = quantization_errors(layer, self.bit_choices, self.clip.get(name, {}))
+            errors = self._errors(name, layer)
             if errors.shape[1:] != (self._out_sq[name].numel(), self._in_sq[name].numel()):
                 raise ValueError("sensitivity='kfac' does not support sharded (FSDP2) weights; allowed there: "
                                  "'fisher', 'hutchinson', 'variance'")

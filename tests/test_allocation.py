@@ -123,7 +123,7 @@ def test_errors_use_the_actual_quantizer_for_current_bits(model):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_batched_grid_errors_equal_the_primitives(symmetric):
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0)) * 0.05
-    shrink = torch.tensor([0.6, 0.8, 0.9, 1.0])
+    shrink = (0.6, 0.8, 0.9, 1.0)
     errors = _grid_errors(w, CHOICES, shrink, 32, symmetric)
     for i, bits in enumerate(CHOICES):
         scale, zero = init_scales(w, bits, 32, symmetric, "minmax")

@@ -90,8 +90,14 @@ def test_reallocation_keeps_parameter_identity(tiny_model_dir, tmp_path):
     model = _model(tiny_model_dir("llama"))
     scales = {name: layer.weight_scale for name, layer in qat_layers(model)}
     callback = QATCallback(teacher=None, budget_bits=3.0, reallocate_every=2, freeze_after=1.0)
+    noted = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            noted.append(callback._estimator._bits == hfqat.bit_allocation(model))  # noqa: SLF001
+
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=text_dataset(32),
-                      callbacks=[callback])
+                      callbacks=[callback, Probe()])
     trainer.train()
     changed = [n for n in scales if any(h["bits"][n] != callback.history[0]["bits"][n] for h in callback.history)]
     assert changed, "expected some layer to change bits"
@@ -99,6 +105,8 @@ def test_reallocation_keeps_parameter_identity(tiny_model_dir, tmp_path):
     for name, layer in qat_layers(model):
         assert layer.weight_scale is scales[name] and id(layer.weight_scale) in in_optimizer
     assert len(trainer.optimizer.param_groups) == len(trainer.create_optimizer().param_groups)
+    # The estimator's record of the bits (read per step without a GPU sync) follows every change.
+    assert noted and all(ok for ok in noted)
 
 
 def test_soft_sharpness_anneals_to_exact(tiny_model_dir, tmp_path):
