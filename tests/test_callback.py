@@ -94,7 +94,7 @@ def test_reallocation_keeps_parameter_identity(tiny_model_dir, tmp_path):
 
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            noted.append(callback._estimator._bits == hfqat.bit_allocation(model))  # noqa: SLF001
+            noted.append(callback._estimator._bits == hfqat.bit_allocation(model))
 
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=text_dataset(32),
                       callbacks=[callback, Probe()])
