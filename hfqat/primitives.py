@@ -119,7 +119,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, w, scale, zero_point, bits, group_size, out_dtype):
         ctx.save_for_backward(w, scale, zero_point, bits)
         ctx.group_size = group_size
-        ctx.fused = _use_fused_kernels(w, scale, zero_point, group_size)
+        ctx.fused = fused_fake_quant.supports(w, scale, zero_point, group_size)
         if ctx.fused:
             return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
         wq = dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
@@ -154,9 +154,6 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad_w, grad_s, grad_z, None, None, None
 
 
-def _use_fused_kernels(w, scale, zero_point, group_size) -> bool:
-    # Under torch.compile the torch code is traced instead: inductor fuses it into its own kernels.
-    return not torch.compiler.is_compiling() and fused_fake_quant.supports(w, scale, zero_point, group_size)
 
 
 def fake_quantize(
@@ -177,8 +174,12 @@ def fake_quantize(
     (`hfqat.fused_fake_quant`).
     """
     if not (math.isfinite(sharpness) and (rounding == "soft" or clamping == "soft")):
-        bits = torch.as_tensor(bits, device=w.device)
-        return _FakeQuantSTE.apply(w, scale, zero_point, bits, group_size, out_dtype)
+        if not torch.compiler.is_compiling():
+            bits = torch.as_tensor(bits, device=w.device)
+            return _FakeQuantSTE.apply(w, scale, zero_point, bits, group_size, out_dtype)
+        # Under torch.compile: the same quantizer as plain differentiable ops (STE round, hard clamp; autograd
+        # then yields exactly the fused function's LSQ gradients), which inductor fuses itself.
+        rounding, clamping = "ste", "hard"
     qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
     s = effective_scale(scale).unsqueeze(-1)
     x = _grouped(w, group_size) / s
