@@ -67,11 +67,11 @@ def smollm2(group_size: int = 64) -> None:
     bf16 = sum(2 * layer.weight.numel() for _, layer in qat_layers(model))
     with tempfile.TemporaryDirectory() as tmp:
         path = save_packed(model.eval(), os.path.join(tmp, "packed"))
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            packed = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
-                         if k.endswith((".qweight", ".scales", ".zeros")))
+        tensors = load_file(str(path / "model.safetensors"))
+        packed = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                     if k.endswith((".qweight", ".scales", ".zeros")))
         disk = os.path.getsize(path / "model.safetensors")
     print(f"SmolLM2-135M W4 g{group_size}: linear weights bf16 {bf16 / 1e6:.1f} MB -> packed {packed / 1e6:.1f} MB "
           f"(x{bf16 / packed:.2f}); whole checkpoint on disk {disk / 1e6:.1f} MB (embeddings stay float)")

@@ -15,6 +15,13 @@ Packed checkpoint, per quantized layer ``<name>`` (layout `hfqat.packing.LAYOUT`
 ``config.json`` carries a `QATConfig` with ``checkpoint_format="packed"`` and ``packed_layers`` = {name: bits,
 group_size, symmetric, layout}; `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
 loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
+Each reloaded layer picks its matmul kernel on first use (`hfqat.kernels`; see `PackedLinear.backend`).
+
+compressed-tensors / vLLM: `export_compressed_tensors` writes the ``pack-quantized`` format for symmetric 4- and
+8-bit weight-only layers (group-wise or per channel), which transformers (``compressed-tensors>=0.9``, extra
+``hfqat[vllm]``) and vLLM load. vLLM's pack-quantized path has no 2/3-bit (or 5-7-bit) and no asymmetric
+(zero-point) variant that hfqat's grid maps onto, and no GPT-2 ``Conv1D``: such a model raises a `ValueError`
+naming the first offending layer before anything is written; export those with `save_packed` instead.
 """
 
 from __future__ import annotations

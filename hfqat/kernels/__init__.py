@@ -16,8 +16,8 @@ the fake-quantized layer computes), so every layer runs somewhere.
 
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
-Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16). Optional libraries
-(triton) are imported only when their factory runs.
+Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
+Optional libraries (triton) are imported only when their factory runs.
 """
 
 from __future__ import annotations
