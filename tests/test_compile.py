@@ -150,8 +150,10 @@ def test_cuda_compiled_qat_model_matches_eager(tiny_model_dir, input_ids):
     ref_loss, ref_grads = _loss_and_grads(model, ids)  # eager: fused Triton kernels
     loss, grads = _loss_and_grads(torch.compile(model), ids)  # compiled: inductor's own fusion of the torch code
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
-    # Inductor's fp32 division may round w/s differently by an ulp, so a rare weight sitting exactly on a
-    # rounding or clamp boundary can take the neighbouring code (and flip its STE mask): compare by norm.
+    # Inductor lowers fp32 division to Triton's approximate div.full (unless
+    # torch._inductor.config.eager_numerics.division_rounding / TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING=1), so a
+    # weight within an ulp of a rounding or clamp boundary can take the neighbouring code and flip its STE mask:
+    # compare by norm (seen on an H100: 1.0% on one layer's weight gradient; a broken backward is off by ~100%).
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
-        assert (grads[name] - ref).norm() <= 1e-2 * ref.norm() + 1e-6, name
+        assert (grads[name] - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
