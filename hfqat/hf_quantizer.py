@@ -54,8 +54,12 @@ class QATHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        for name, layer in list(qat_layers(model)):
-            model.set_submodule(name, layer.to_float())
+        """Plain float layers holding exactly the quantized weights (fake-quant or packed)."""
+        from .export import packed_modules
+
+        for name, layer in list(qat_layers(model)) + list(packed_modules(model)):
+            float_layer = layer.to_float()
+            model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
         return model
 
     def is_serializable(self) -> bool:
