@@ -1,13 +1,15 @@
 """Offline text data: prose from the Python standard library (present on every machine), tokenized and packed.
 
 Training text is the language reference in `pydoc_data/topics.py`; evaluation text is the docstrings of
-stdlib modules, a different text, so evaluation never sees training data.
+stdlib modules, a different text, so evaluation never sees training data. User text comes from local
+.txt/.json/.jsonl/.parquet files through `datasets` (`load_blocks`, `load_text`); no network is used.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 EVAL_MODULES = ("argparse", "logging/__init__", "typing", "dataclasses", "functools", "subprocess", "pathlib",
@@ -42,3 +44,81 @@ def pack_tokens(tokenizer, text: str, block_size: int, max_blocks: int | None = 
     if max_blocks is not None:
         n = min(n, max_blocks)
     return [ids[i * block_size:(i + 1) * block_size] for i in range(n)]
+
+
+# -- local files through `datasets` ------------------------------------------------------------------------
+BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json",
+            ".parquet": "parquet"}
+STDLIB_TEXTS = {"train": stdlib_train_text, "eval": stdlib_eval_text}
+
+
+def _split_files(files: str | Sequence[str]) -> list[str]:
+    return [f.strip() for f in files.split(",") if f.strip()] if isinstance(files, str) else list(files)
+
+
+def load_documents(files: str | Sequence[str] | None = None, text_column: str = "text", default: str = "train"):
+    """A `datasets.Dataset` with one "text" column: the documents of local files, or the stdlib prose.
+
+    `files` are .txt/.md (one document per file), .json/.jsonl or .parquet (one document per row, text in
+    `text_column`), comma-separated or a list, all of one kind. Without files: `stdlib_train_text()` for
+    `default="train"`, `stdlib_eval_text()` for "eval". Nothing is downloaded.
+    """
+    import datasets
+
+    if not files:
+        return datasets.Dataset.from_dict({"text": [STDLIB_TEXTS[default]()]})
+    paths = _split_files(files)
+    kinds = set()
+    for path in paths:
+        suffix = Path(path).suffix.lower()
+        if suffix not in BUILDERS:
+            raise ValueError(f"data file {path!r}: unsupported extension {suffix!r}; allowed: {sorted(BUILDERS)}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data file {path!r} does not exist")
+        kinds.add(BUILDERS[suffix])
+    if len(kinds) > 1:
+        raise ValueError(f"data files {paths} mix formats {sorted(kinds)}; pass files of one format")
+    builder = kinds.pop()
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
+    if text_column not in ds.column_names:
+        raise ValueError(f"data files {paths} have no column {text_column!r}; columns: {ds.column_names} "
+                         "(set data.text_column)")
+    ds = ds.select_columns([text_column])
+    return ds.rename_column(text_column, "text") if text_column != "text" else ds
+
+
+def tokenize_and_pack(documents, tokenizer, block_size: int, max_blocks: int | None = None):
+    """Tokenize every document (EOS between documents when the tokenizer has one), concatenate and cut into
+    blocks of `block_size` tokens; returns a `datasets.Dataset` of {"input_ids", "labels"} (labels = inputs;
+    the model shifts them), the remainder shorter than a block dropped."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and len(documents) > 1 else []
+
+    def tokenize(batch):
+        return {"input_ids": [ids + eos for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]}
+
+    def pack(batch):
+        ids = [t for seq in batch["input_ids"] for t in seq]
+        n = len(ids) // block_size
+        blocks = [ids[i * block_size:(i + 1) * block_size] for i in range(n)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokenized = documents.map(tokenize, batched=True, remove_columns=documents.column_names, desc="Tokenizing")
+    # One packing batch per 1000 documents: documents join across their boundaries like a single stream.
+    packed = tokenized.map(pack, batched=True, batch_size=1000, desc="Packing")
+    if len(packed) == 0:
+        raise ValueError(f"the text has fewer than block_size={block_size} tokens; lower data.block_size")
+    if max_blocks is not None:
+        packed = packed.select(range(min(max_blocks, len(packed))))
+    return packed.with_format("torch")
+
+
+def load_blocks(tokenizer, files: str | Sequence[str] | None, block_size: int, max_blocks: int | None = None,
+                text_column: str = "text", default: str = "train"):
+    """`tokenize_and_pack(load_documents(...))`: packed token blocks ready for `transformers.Trainer`."""
+    return tokenize_and_pack(load_documents(files, text_column, default), tokenizer, block_size, max_blocks)
+
+
+def load_text(files: str | Sequence[str] | None = None, text_column: str = "text", default: str = "eval") -> str:
+    """All documents as one string (documents joined by blank lines): the input of perplexity evaluation."""
+    return "\n\n".join(load_documents(files, text_column, default)["text"])
