@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,9 @@ from .evaluation import perplexity
 from .export import save_packed
 from .hub import write_model_card
 from .modeling import average_bits, qat_layers
+
+
+EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @dataclass
@@ -43,7 +45,7 @@ class DemoArguments:
 
     demo_dir: str = field(default="hfqat-demo", metadata={"help": "Output folder."})
     model: str = field(default="embedded:smollm2", metadata={"help": "embedded:smollm2 or a float checkpoint."})
-    steps: int = field(default=40, metadata={"help": "QAT optimizer steps."})
+    steps: int = field(default=30, metadata={"help": "QAT optimizer steps."})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)."})
     bits: int = field(default=3, metadata={"help": "RTN baseline bits (and QAT start)."})
     group_size: int = field(default=64, metadata={"help": "Group size."})
@@ -122,7 +124,8 @@ def run_demo(args: DemoArguments, load_float, command: list[str] | None = None) 
     metrics = {label: {"perplexity": r["ppl"], "avg bits": r["avg bits"]} for label, r in rows.items()}
     plots = [p for p in (train_dir / "bit_allocation.png", train_dir / "loss_curves.png") if p.exists()]
     write_model_card(model, packed_dir, metrics=metrics, plots=plots, training_args=[training_args, callback],
-                     reproduce_command=shlex.join(command), base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+                     reproduce_command=shlex.join(command),
+                     base_model=EMBEDDED_BASE_MODEL if args.model.startswith("embedded:") else None)
 
     table = _table(rows, bf16_bytes)
     results = {"rows": rows, "settings": asdict(args), "device": device, "seconds": time.time() - started,
@@ -143,7 +146,3 @@ def _table(rows: dict[str, dict], bf16_bytes: int) -> str:
                      f"{bf16_bytes / 1e6 / mb:.2f}x smaller |" if label != "FP" else
                      f"| {label} | {r['ppl']:.2f} | 16 (bf16) | {mb:.1f} | 1.00x |")
     return "\n".join(lines)
-
-
-def demo_command() -> list[str]:
-    return ["hfqat", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("hfqat") else ["hfqat", "demo"]

@@ -82,3 +82,18 @@ def test_ptq_and_eval(tiny_dir, tmp_path, method):
     assert main(argv) == 0
     assert json.loads((out / "eval_results.json").read_text())["ppl"]["tokens"] > 0
     assert main(["eval", "--model", str(out), "--tasks", "ppl", "--max_eval_tokens", "64", "--block_size", "32"]) == 0
+
+
+def test_demo_pipeline_on_a_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tiny_dir), "--demo_dir", str(out), "--steps", "2", "--bits", "3",
+            "--group_size", "32", "--block_size", "32", "--batch_size", "2", "--max_eval_tokens", "64",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rows"]) == {"FP", "RTN PTQ", "QAT (KD + realloc)"}
+    assert results["rows"]["QAT (KD + realloc)"]["avg bits"] <= 3.0
+    card = (out / "packed" / "README.md").read_text()
+    assert card.startswith("---") and "hfqat" in card and "plots/bit_allocation.png" in card
+    assert (out / "packed" / "model.safetensors").exists() and (out / "train" / "loss_curves.png").exists()
+    assert "hfqat demo" in (out / "results.md").read_text()
