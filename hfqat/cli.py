@@ -93,6 +93,16 @@ def _evaluate(model, tokenizer, data, eval_args) -> dict:
     return results
 
 
+def _save_and_evaluate(model, tokenizer, out: Path, data, eval_args, save: bool = True) -> dict:
+    """Save the (fake-quant) model + tokenizer to `out`, evaluate, write `out/eval_results.json`."""
+    if save:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    results = _evaluate(model, tokenizer, data, eval_args)
+    _report(results, out / "eval_results.json" if save else None)
+    return results
+
+
 def cmd_train(argv: list[str]) -> dict:
     from transformers import Trainer, default_data_collator
 
@@ -119,12 +129,7 @@ def cmd_train(argv: list[str]) -> dict:
     if lora.use_lora:
         model = model.merge_and_unload()
     final = Path(training.output_dir) / "final"
-    if trainer.is_world_process_zero():
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-    results = _evaluate(model, tokenizer, data, a["eval"])
-    _report(results, final / "eval_results.json")
-    return results
+    return _save_and_evaluate(model, tokenizer, final, data, a["eval"], save=trainer.is_world_process_zero())
 
 
 def cmd_ptq(argv: list[str]) -> dict:
@@ -141,12 +146,8 @@ def cmd_ptq(argv: list[str]) -> dict:
         gptq(model, (torch.as_tensor(b["input_ids"]).unsqueeze(0) for b in blocks), ptq.percdamp)
     else:
         rtn(model)
-    out = Path(ptq.ptq_output_dir or f"hfqat-ptq-{ptq.method}")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    results = _evaluate(model, tokenizer, data, a["eval"])
-    _report(results, out / "eval_results.json")
-    return results
+    return _save_and_evaluate(model, tokenizer, Path(ptq.ptq_output_dir or f"hfqat-ptq-{ptq.method}"), data,
+                              a["eval"])
 
 
 def cmd_eval(argv: list[str]) -> dict:
