@@ -22,7 +22,7 @@ ROUNDING_MODES = ("ste", "soft")
 CLAMPING_MODES = ("hard", "soft")
 SCALE_INITS = ("mse", "minmax")
 RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
-WEIGHT_FORMATS = ("int",)
+WEIGHT_FORMATS = ("int", "codebook")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
 ACTIVATION_BITS = (None, 8)
 
@@ -52,6 +52,8 @@ class LayerQuantSpec:
     clamping: str
     activation_bits: int | None
     scale_init: str
+    weight_format: str = "int"  # "int" grid or "codebook" (hfqat.codebook)
+    codebook_max_bits: int = 8  # codebook layers: centroid slots allocated = 2**codebook_max_bits
 
 
 @dataclass
@@ -73,7 +75,13 @@ class QATConfig(QuantizationConfigMixin):
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
             "per_channel" (one scale per row for those layers, with a warning).
-        weight_format: "int" (uniform integer grid).
+        weight_format: "int" (uniform integer grid) or "codebook" (weight clustering, `hfqat.codebook`: per output
+            channel or group a learned codebook of 2^bits float centroids, k-means initialised; ``symmetric`` and
+            ``scale_init`` do not apply; rounding/clamping must be "ste"/"hard").
+        codebook_max_bits: codebook layers only: the largest bit width a layer may take (re-allocation
+            included); every layer allocates 2^codebook_max_bits centroid slots up front so that bit changes keep
+            parameter shapes. Memory: (out, in/group_size, 2^codebook_max_bits) fp32 per layer (at 8 bits and
+            per-channel codebooks 256/in_features of the weight's size); lower it for group-wise codebooks.
         checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
             `hfqat.save_packed`, real low-bit integers for inference).
         packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.
@@ -91,6 +99,7 @@ class QATConfig(QuantizationConfigMixin):
     scale_init: str = "mse"
     ragged_groups: str = "error"
     weight_format: str = "int"
+    codebook_max_bits: int = 8
     checkpoint_format: str = "fake_quant"
     packed_layers: dict[str, dict[str, int]] | None = None
     quant_method: str = field(default=QUANT_METHOD, repr=False)
@@ -115,6 +124,7 @@ class QATConfig(QuantizationConfigMixin):
         _check_choice("scale_init", self.scale_init, SCALE_INITS)
         _check_choice("ragged_groups", self.ragged_groups, RAGGED_GROUP_POLICIES)
         _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
+        _check_bits("codebook_max_bits", self.codebook_max_bits)
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
@@ -137,8 +147,25 @@ class QATConfig(QuantizationConfigMixin):
                     re.compile(pattern)
                 except re.error as err:
                     raise ValueError(f"QATConfig.layer_bits key {pattern!r} is not a valid regex: {err}") from None
+        if self.weight_format == "codebook":
+            self._check_codebook()
         if self.checkpoint_format == "packed" and not self.packed_layers:
             raise ValueError("QATConfig.packed_layers must list the packed layers when checkpoint_format='packed'")
+
+    def _check_codebook(self) -> None:
+        for name in ("rounding", "clamping"):
+            if getattr(self, name) == "soft":
+                raise ValueError(f"QATConfig.{name}='soft' is not supported with weight_format='codebook' (nearest-"
+                                 f"centroid assignment has no soft relaxation here); allowed values: "
+                                 f"{['ste' if name == 'rounding' else 'hard']}")
+        too_wide = {key: b for key, b in {"bits": self.bits, **(self.layer_bits or {})}.items()
+                    if b > self.codebook_max_bits}
+        if too_wide:
+            raise ValueError(f"QATConfig.codebook_max_bits={self.codebook_max_bits} is below the bits of {too_wide}; "
+                             f"allowed: codebook_max_bits >= every layer's bits")
+        if not self.symmetric:
+            warnings.warn("QATConfig.symmetric=False is ignored with weight_format='codebook' (codebooks have no zero "
+                          "point)")
 
     # -- per-layer resolution ------------------------------------------------------------------------------
     def bits_for(self, module_name: str) -> int:
@@ -177,6 +204,8 @@ class QATConfig(QuantizationConfigMixin):
             clamping=self.clamping,
             activation_bits=self.activation_bits,
             scale_init=self.scale_init,
+            weight_format=self.weight_format,
+            codebook_max_bits=self.codebook_max_bits,
         )
 
     # -- serialization --------------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ Packed checkpoint, per quantized layer ``<name>`` (layout `hfqat.packing.LAYOUT`
 - ``<name>.zeros``    int16, same shape, the integer zero points (asymmetric grids only)
 - ``<name>.bias``     as in the float model
 
+Codebook layers (``weight_format="codebook"``, `hfqat.codebook`) are written as `PackedCodebookLinear`:
+``<name>.qweight`` (the centroid indices, same layout) and ``<name>.codebook`` (fp32 (out_features,
+in_features/group_size, 2^bits) tables), bias as above; their ``packed_layers`` entry has ``weight_format: "codebook"``.
+
 ``config.json`` carries a `QATConfig` with ``checkpoint_format="packed"`` and ``packed_layers`` = {name: bits,
-group_size, symmetric, layout}; `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
+group_size, symmetric, layout[, weight_format]}; `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
 loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
 Each reloaded layer picks its matmul kernel on first use (`hfqat.kernels`; see `PackedLinear.backend`).
 
@@ -43,6 +47,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .codebook import PackedCodebookLinear
 from .config import QATConfig
 from .distributed import barrier, is_sharded, unsharded_model
 from .kernels import select_backend
@@ -171,15 +176,24 @@ class PackedLinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
+    def config_entry(self) -> dict[str, Any]:
+        """This layer's entry in ``QATConfig.packed_layers``."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "layout": LAYOUT}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"activation_bits={self.activation_bits}, backend={self.backend}")
 
 
-def packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
+# weight_format -> packed inference class (each has from_qat(layer) and config_entry())
+PACKED_CLASSES: dict[str, type[nn.Module]] = {"int": PackedLinear, "codebook": PackedCodebookLinear}
+PACKED_TYPES = tuple(PACKED_CLASSES.values())
+
+
+def packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear | PackedCodebookLinear]]:
     for name, module in model.named_modules():
-        if isinstance(module, PackedLinear):
+        if isinstance(module, PACKED_TYPES):
             yield name, module
 
 
@@ -224,11 +238,21 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
             in_features, out_features = module.nx, module.nf
         else:
             raise ValueError(f"packed layer {name!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
-        model.set_submodule(name, PackedLinear(
-            in_features, out_features, module.bias is not None, int(entry["bits"]), int(entry["group_size"]),
-            bool(entry.get("symmetric", config.symmetric)), config.activation_bits,
-            device=module.weight.device, dtype=module.weight.dtype,
-        ))
+        weight_format = entry.get("weight_format", "int")
+        if weight_format not in PACKED_CLASSES:
+            raise ValueError(f"packed layer {name!r} has weight_format {weight_format!r}; this hfqat reads "
+                             f"{list(PACKED_CLASSES)}")
+        if weight_format == "codebook":
+            packed = PackedCodebookLinear(in_features, out_features, module.bias is not None, int(entry["bits"]),
+                                          int(entry["group_size"]), config.activation_bits,
+                                          device=module.weight.device, dtype=module.weight.dtype)
+        else:
+            packed = PackedLinear(
+                in_features, out_features, module.bias is not None, int(entry["bits"]), int(entry["group_size"]),
+                bool(entry.get("symmetric", config.symmetric)), config.activation_bits,
+                device=module.weight.device, dtype=module.weight.dtype,
+            )
+        model.set_submodule(name, packed)
         replaced.append(name)
     return replaced
 
@@ -336,14 +360,13 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
     owned = {f"{name}.{suffix}" for name, _ in layers
-             for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "bias")}
+             for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_codebook", "bias")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        packed = PackedLinear.from_qat(layer)
+        packed = PACKED_CLASSES[layer.spec.weight_format].from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
-        packed_layers[name] = {"bits": packed.bits, "group_size": packed.group_size,
-                               "symmetric": packed.symmetric, "layout": LAYOUT}
+        packed_layers[name] = packed.config_entry()
     qconfig = _base_qat_config(model, layers)
     qconfig.checkpoint_format = "packed"
     qconfig.packed_layers = packed_layers
@@ -358,6 +381,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
 # -- compressed-tensors (vLLM) ------------------------------------------------------------------------------
 def _ct_check(name: str, layer: FakeQuantMixin) -> None:
     reasons = []
+    if layer.spec.weight_format != "int":
+        reasons.append(f"it is a {layer.spec.weight_format} (weight clustering) layer, not an integer grid")
     if isinstance(layer, QATConv1D):
         reasons.append("it is a GPT-2 Conv1D layer (only nn.Linear layers are exported)")
     if layer.bits not in CT_BITS:

@@ -111,16 +111,19 @@ def write_model_card(
     base_model = base_model if base_model is not None else _guess_base_model(model)
     bit_widths = sorted({row["bits"] for row in layers})
     average_bits = _average_bits(layers)
+    weight_format = quant.get("weight_format", "int")
 
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["hfqat", "quantization", "qat", *[f"{b}-bit" for b in bit_widths],
-              *(["mixed-precision"] if len(bit_widths) > 1 else [])],
+              *(["mixed-precision"] if len(bit_widths) > 1 else []),
+              *(["codebook", "weight-clustering"] if weight_format == "codebook" else [])],
         **({"base_model_relation": "quantized"} if base_model else {}),
-        hfqat={"version": __version__, "bits": bit_widths, "average_bits": round(average_bits, 3),
-               "group_size": quant.get("group_size"), "symmetric": quant.get("symmetric")},
+        hfqat={"version": __version__, "weight_format": weight_format, "bits": bit_widths,
+               "average_bits": round(average_bits, 3), "group_size": quant.get("group_size"),
+               "symmetric": quant.get("symmetric") if weight_format == "int" else None},
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = []
@@ -142,6 +145,7 @@ def write_model_card(
         has_tokenizer=has_tokenizer,
         hfqat_version=__version__,
         bits_label="/".join(str(b) for b in bit_widths) + "-bit",
+        codebook=weight_format == "codebook",
         average_bits=average_bits,
         checkpoint_mb=_checkpoint_mb(out_dir),
         quant_settings=_quant_settings(quant),
@@ -225,11 +229,18 @@ def _quant_config_dict(model: nn.Module | None, export_config: Mapping[str, Any]
 
 def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
     group, symmetric, act_bits = quant.get("group_size"), quant.get("symmetric"), quant.get("activation_bits")
+    if quant.get("weight_format") == "codebook":
+        method = "hfqat codebook / weight clustering (per-group learned fp32 centroids, packed indices)"
+        grid = "codebook: 2^bits non-uniform centroids per group, k-means initialised, trained"
+    else:
+        method = "hfqat (uniform integer grid, real packed weights)"
+        grid = None if symmetric is None else ("symmetric" if symmetric else "asymmetric (zero point)")
     rows = [
-        ("method", "hfqat (uniform integer grid, real packed weights)"),
+        ("method", method),
+        ("weight format", quant.get("weight_format", "int")),
         ("default bits", quant.get("bits")),
         ("group size", "per output channel" if group == -1 else group),
-        ("grid", None if symmetric is None else ("symmetric" if symmetric else "asymmetric (zero point)")),
+        ("grid", grid),
         ("learned scales", quant.get("learn_scales")),
         ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
         ("activations", f"int{act_bits} dynamic per token" if act_bits else "float"),

@@ -64,10 +64,24 @@ class FakeQuantMixin:
         """
         w = self.weight_oi()
         sharpness = self.soft_sharpness if (self.training and not exact) else math.inf
-        return fake_quantize(
-            w, self.weight_scale, self.weight_zero_point, self.weight_bits, self.spec.group_size,
-            self.spec.rounding, self.spec.clamping, sharpness, out_dtype=w.dtype,
-        )
+        return self.fake_quantize_weight(w, self.weight_scale, self.weight_zero_point, sharpness, out_dtype=w.dtype)
+
+    def fake_quantize_weight(self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                             sharpness: float = math.inf, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This layer's quantizer (format, bits, group size, its other quantizer state) applied to any (out, in)
+        weight with the given scale / zero point; differentiable. LoRA uses it for ``Q(W + B·A)``."""
+        return fake_quantize(w, scale, zero_point, self.weight_bits, self.spec.group_size, self.spec.rounding,
+                             self.spec.clamping, sharpness, out_dtype=out_dtype)
+
+    # -- candidate bit widths (hooks for hfqat.sensitivity) ------------------------------------------------
+    def refit_candidates(self, bit_choices: tuple[int, ...]) -> bool:
+        """Refit this layer's own stand-ins for the quantizers ``set_bits(b)`` would build; False when it has none
+        (the integer grid: sensitivity estimates them with clipped min-max grids)."""
+        return False
+
+    def candidate_errors(self, bit_choices: tuple[int, ...]) -> torch.Tensor | None:
+        """(bits, out, in) squared errors of those stand-ins on the current weight, or None (no stand-ins)."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation_bits is not None:

@@ -61,7 +61,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from transformers.pytorch_utils import Conv1D
 
 from .layers import FakeQuantMixin
-from .primitives import fake_quantize, fake_quantize_activations
+from .primitives import fake_quantize_activations
 
 _QuantTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
@@ -173,10 +173,8 @@ class QATLoraLinear(LoraLinear):
         base = self.get_base_layer()
         weight, scale, zero, _ = self._folded(adapters)
         weight = weight.t() if self.fan_in_fan_out else weight
-        spec = base.spec
-        wq = fake_quantize(weight, scale, zero, base.weight_bits, spec.group_size, spec.rounding, spec.clamping,
-                           sharpness)
-        return wq.to(weight.dtype)
+        # The base layer's own quantizer (integer grid or codebook), fed the folded tensors.
+        return base.fake_quantize_weight(weight, scale, zero, sharpness).to(weight.dtype)
 
     def _trainable_inputs(self, adapters: list[str]) -> list[torch.Tensor]:
         base = self.get_base_layer()

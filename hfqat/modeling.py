@@ -13,10 +13,17 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from .codebook import CodebookConv1D, CodebookLinear
 from .config import QATConfig
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 
 logger = logging.getLogger(__name__)
+
+# weight_format -> (class for nn.Linear, class for Conv1D); the codebook classes subclass the int ones
+LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
+    "int": (QATLinear, QATConv1D),
+    "codebook": (CodebookLinear, CodebookConv1D),
+}
 
 
 def _is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
@@ -41,7 +48,8 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
         spec = config.spec_for(name, in_features)
         if spec.group_size != config.group_size and config.group_size not in (-1, in_features):
             ragged.append(f"{name} (in_features={in_features} -> group_size={spec.group_size})")
-        layer_cls = QATLinear if isinstance(module, nn.Linear) else QATConv1D
+        linear_cls, conv1d_cls = LAYER_CLASSES[spec.weight_format]
+        layer_cls = linear_cls if isinstance(module, nn.Linear) else conv1d_cls
         model.set_submodule(name, layer_cls.from_float(module, spec))
         converted.append(name)
     if ragged:

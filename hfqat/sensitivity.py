@@ -25,7 +25,9 @@ then picks the bits. Estimators (``name`` → class in `ESTIMATORS`):
 ``Q_b`` for the layer's current bits is its actual quantizer (learned scales); for other bits it is the
 quantizer `set_bits` would start from, approximated cheaply by the min-max grid shrunk by a per-layer clip
 ratio (`fit_clip_ratios`, refit at every re-allocation) so that low bit widths are not penalised for the
-outliers a real clip search would cut off.
+outliers a real clip search would cut off. Codebook layers (`hfqat.codebook`) provide their own stand-ins
+instead (k-means codebooks per bit width, refit at the same moments: `FakeQuantMixin.refit_candidates` /
+`candidate_errors`).
 """
 
 from __future__ import annotations
@@ -89,8 +91,14 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
 
 @torch.no_grad()
 def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
-    """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE."""
+    """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE.
+
+    Layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`) refit those instead
+    and need no clip ratio (1.0).
+    """
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
+    if layer.refit_candidates(choices):
+        return {b: 1.0 for b in choices}
     totals = torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
                           for c in CLIP_GRID])  # (clips, bits)
     best = totals.argmin(0).tolist()  # one host sync per layer
@@ -106,7 +114,9 @@ def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip:
     Pass ``current_bits`` when known: reading ``layer.bits`` waits for the GPU.
     """
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
-    errors = _grid_errors(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size, spec.symmetric)
+    errors = layer.candidate_errors(choices)  # the layer's own stand-ins (codebooks), else the clipped grid
+    if errors is None:
+        errors = _grid_errors(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size, spec.symmetric)
     current = layer.bits if current_bits is None else current_bits
     if current in choices:
         errors[choices.index(current)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)

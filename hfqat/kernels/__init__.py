@@ -14,6 +14,13 @@ the fake-quantized layer computes), so every layer runs somewhere.
 | cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
 
+Codebook layers (`hfqat.codebook.PackedCodebookLinear`) have their own table, `CODEBOOK_BACKENDS`:
+
+| backend    | where | applies to                                         | numerics vs fake quant          |
+|------------|-------|----------------------------------------------------|---------------------------------|
+| triton_lut | CUDA  | 2/3/4/8 bit, groups of 32k, K % 32 == 0            | fp32 accumulate, order differs  |
+| dequant    | any   | everything (gather from the tables + matmul)       | exact                           |
+
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
 Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
@@ -75,23 +82,41 @@ BACKENDS: dict[str, BackendFactory] = {
 AUTO_ORDER: tuple[str, ...] = ("tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
 
 
-def select_backend(layer, device: torch.device, dtype: torch.dtype, force: str | None = None) -> tuple[str, MatmulFn]:
+def _triton_lut(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_lut
+    except ImportError:  # triton missing or too old
+        return None
+    return triton_lut.backend(layer, device, dtype)
+
+
+CODEBOOK_BACKENDS: dict[str, BackendFactory] = {"triton_lut": _triton_lut, "dequant": _dequant}
+CODEBOOK_AUTO_ORDER: tuple[str, ...] = ("triton_lut", "dequant")
+
+
+def select_backend(layer, device: torch.device, dtype: torch.dtype, force: str | None = None,
+                   backends: dict[str, BackendFactory] = BACKENDS,
+                   order: tuple[str, ...] = AUTO_ORDER) -> tuple[str, MatmulFn]:
     """(name, matmul function) for `layer` running on `device` with activations of `dtype`.
 
     `force` names one backend; it raises a `ValueError` when that backend cannot run this layer here.
+    `backends` / `order`: the layer kind's table (`CODEBOOK_BACKENDS` / `CODEBOOK_AUTO_ORDER` for codebook layers);
+    the last backend of `order` must always apply.
     """
     if force is not None:
-        if force not in BACKENDS:
-            raise ValueError(f"backend={force!r} is unknown; allowed values: {list(BACKENDS)} or None (auto)")
-        fn = BACKENDS[force](layer, device, dtype)
+        if force not in backends:
+            raise ValueError(f"backend={force!r} is unknown; allowed values: {list(backends)} or None (auto)")
+        fn = backends[force](layer, device, dtype)
         if fn is None:
             raise ValueError(
                 f"backend {force!r} does not apply to this layer ({layer.extra_repr()}) on {device} with {dtype} "
                 f"activations; see hfqat.kernels for what each backend supports, or use 'dequant'"
             )
         return force, fn
-    for name in AUTO_ORDER[:-1]:
-        fn = BACKENDS[name](layer, device, dtype)
+    for name in order[:-1]:
+        fn = backends[name](layer, device, dtype)
         if fn is not None:
             return name, fn
-    return AUTO_ORDER[-1], BACKENDS[AUTO_ORDER[-1]](layer, device, dtype)  # dequant: applies everywhere
+    return order[-1], backends[order[-1]](layer, device, dtype)  # dequant: applies everywhere

@@ -1,0 +1,414 @@
+r"""Weight clustering (codebook) quantization: ``QATConfig(weight_format="codebook")``.
+
+Every output channel (``group_size=-1``) or group of ``group_size`` inputs owns a codebook of ``2^bits`` float
+centroids; each weight is replaced by its group's nearest centroid. Non-uniform levels follow the weight
+distribution (dense near zero, sparse in the tails), which keeps more quality than a uniform grid at 3 bits and
+below. Numerics, per group (``s``: per-group gain, ``C``: centroids, ``w``: float master weights)::
+
+    a_i = argmin_k |w_i / s - C_k|         (k < 2^bits: only the first 2^bits slots are active)
+    ŵ_i = s · C[a_i]
+
+Initialisation: 1-D k-means per group (`kmeans_1d`: Lloyd iterations from quantile init, vectorised over all
+groups of a layer), optionally weighted per weight as in SqueezeLLM (``sample_weight``, e.g. the diagonal Fisher
+``g²`` from `fisher_diagonal`); ``s = 1``. The centroids are in weight units.
+
+Training: ``weight_codebook`` (centroids) and ``weight_scale`` (gain) are parameters (trainable when
+``learn_scales``); assignments are recomputed in every forward (no gradient). Gradients: straight-through to the
+float weight (``∂ŵ/∂w = 1``); to the centroids the scatter-add of ``s · ∂L/∂ŵ`` over the entries assigned to each
+centroid; to the gain ``Σ ∂L/∂ŵ · C[a]``. The gain is redundant with the centroids but gives codebook layers the
+same ``weight_scale`` handle as integer layers: LoRA's per-group scale factor (`hfqat.lora`) multiplies it, and
+code that reads ``layer.weight_scale`` keeps working. Soft rounding/clamping does not apply (config error).
+
+Shapes stay fixed for re-allocation: ``weight_codebook`` is (out, in // group_size, 2^codebook_max_bits) from the
+start (default 8 bits: 256 slots; the unused slots are masked, never assigned). ``set_bits(b)`` re-runs k-means in
+place, so the optimizer keeps its parameters. Memory: the codebook adds 2^codebook_max_bits / group_size of the
+weight's element count (per channel on SmolLM2 at 8 bits: 17-44%; at codebook_max_bits=4: 1-3%), plus its Adam
+state; lower ``QATConfig.codebook_max_bits`` for group-wise codebooks.
+
+Sensitivity (`hfqat.sensitivity`): a codebook layer's stand-in for ``Q_b`` at bit widths other than its current
+one is the k-means codebook of ``b`` bits fitted at the last re-fit (`refit_candidates`, at train start and after
+every re-allocation), applied to the current weight (`candidate_errors`).
+
+Export: `PackedCodebookLinear` stores the indices packed with `hfqat.packing` (``qweight``, bits per weight) and the
+effective table ``codebook = s · C[:, :, :2^bits]`` (fp32, (out, groups, 2^bits)); the fake-quant weight is
+exactly ``codebook.gather(indices)``, so a reloaded model computes the same logits. Matmul backends
+(`CODEBOOK_BACKENDS`): ``triton_lut`` (CUDA: indices unpacked in registers, looked up in the layer's L1-resident
+table, `hfqat.kernels.triton_lut`) and ``dequant`` (anywhere: gather-dequantize + matmul, exact).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LayerQuantSpec
+from .kernels import CODEBOOK_AUTO_ORDER, CODEBOOK_BACKENDS, select_backend
+from .layers import FakeQuantMixin, QATConv1D, QATLinear
+from .packing import LAYOUT, pack, packed_rows, unpack
+from .primitives import SCALE_EPS, _grouped, effective_scale, fake_quantize_activations
+
+KMEANS_ITERS = 30
+WEIGHT_FORMAT = "codebook"
+
+
+# -- 1-D k-means and nearest-centroid assignment ---------------------------------------------------------------
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index (int64, shape of ``x``) of the nearest centroid for every value of ``x`` (..., n).
+
+    ``centroids`` (..., k) has the same leading dims, in any order; ``+inf`` entries are never chosen. Sorted
+    centroids + a binary search over the midpoints: O(n log k) time and no (n, k) distance matrix. A value exactly
+    on a midpoint goes to the smaller centroid.
+    """
+    ordered, order = centroids.sort(dim=-1)
+    mids = (ordered[..., 1:] + ordered[..., :-1]) * 0.5  # inf + finite = inf: masked slots sort last, never hit
+    pos = torch.searchsorted(mids.contiguous(), x.contiguous())
+    return order.gather(-1, pos)
+
+
+@torch.no_grad()
+def kmeans_1d(x: torch.Tensor, k: int, sample_weight: torch.Tensor | None = None,
+              iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """``k`` centroids per row of ``x`` (rows, n), sorted ascending, as float32 (rows, k).
+
+    Lloyd iterations from quantile initialisation (the values at quantiles (i + 1/2)/k), all rows at once;
+    ``sample_weight`` (shape of ``x``, ≥ 0) weights each value's pull on its centroid (SqueezeLLM's sensitivity-
+    weighted k-means). A centroid that loses all its values keeps its position. Stops early once no centroid moves.
+    """
+    x = x.float()
+    rows, n = x.shape
+    pos = ((torch.arange(k, device=x.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
+    centroids = x.sort(dim=-1).values[:, pos]
+    if sample_weight is not None:
+        h = sample_weight.float().reshape(rows, n)
+        h = h / h.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # per-row scale is irrelevant
+        hx = h * x
+    for _ in range(iters):
+        idx = nearest_centroid(x, centroids)
+        if sample_weight is None:
+            sums = torch.zeros_like(centroids).scatter_add_(-1, idx, x)
+            counts = torch.zeros_like(centroids).scatter_add_(-1, idx, torch.ones_like(x))
+        else:
+            sums = torch.zeros_like(centroids).scatter_add_(-1, idx, hx)
+            counts = torch.zeros_like(centroids).scatter_add_(-1, idx, h)
+        updated = torch.where(counts > 0, sums / counts.clamp_min(torch.finfo(torch.float32).tiny), centroids)
+        updated = updated.sort(dim=-1).values  # 1-D Lloyd keeps the order; empty clusters may not
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    return centroids
+
+
+def _active(codebook: torch.Tensor, bits: torch.Tensor | int) -> torch.Tensor:
+    """float32 codebook with the slots beyond 2^bits set to +inf (no host sync when bits is a device tensor)."""
+    slots = torch.arange(codebook.shape[-1], device=codebook.device)
+    limit = torch.exp2(torch.as_tensor(bits, device=codebook.device, dtype=torch.float32))
+    return torch.where(slots < limit, codebook.float(), math.inf)
+
+
+def codebook_indices(w: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor, bits: torch.Tensor | int,
+                     group_size: int) -> torch.Tensor:
+    """(out, in // group_size, group_size) int64 assignments of the exact codebook quantizer (export, tests)."""
+    x = _grouped(w.detach(), group_size) / effective_scale(scale.detach()).unsqueeze(-1)
+    return nearest_centroid(x, _active(codebook.detach(), bits))
+
+
+class _CodebookSTE(torch.autograd.Function):
+    """``ŵ = s · C[a]`` with a = nearest active centroid; STE to ``w``, scatter-add to ``C``, ``Σ g·C[a]`` to ``s``.
+
+    Saves the assignments as uint8 (≤ 256 slots): one byte per weight between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, codebook, bits, group_size, out_dtype):
+        idx = codebook_indices(w, scale, codebook, bits, group_size)
+        s = effective_scale(scale).unsqueeze(-1)
+        wq = (s * codebook.float().gather(-1, idx)).reshape(w.shape)
+        ctx.save_for_backward(scale, codebook, idx.to(torch.uint8) if codebook.shape[-1] <= 256 else idx)
+        ctx.w_meta = (w.shape, w.dtype)
+        ctx.group_size = group_size
+        return wq.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, codebook, idx = ctx.saved_tensors
+        shape, dtype = ctx.w_meta
+        grad_w = grad_s = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_w = grad.reshape(shape).to(dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g = _grouped(grad, ctx.group_size)
+            idx = idx.long()
+            if ctx.needs_input_grad[2]:
+                s = effective_scale(scale).unsqueeze(-1)
+                grad_c = torch.zeros_like(codebook, dtype=torch.float32).scatter_add_(-1, idx, g * s)
+                grad_c = grad_c.to(codebook.dtype)
+            if ctx.needs_input_grad[1]:
+                ds = (g * codebook.float().gather(-1, idx)).sum(-1)
+                # through effective_scale = |scale| clamped at SCALE_EPS
+                grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
+        return grad_w, grad_s, grad_c, None, None, None
+
+
+def codebook_fake_quantize(w: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor, bits: torch.Tensor | int,
+                           group_size: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Differentiable codebook quantize→dequantize of ``w`` (out, in); exactly what `PackedCodebookLinear` computes."""
+    bits = torch.as_tensor(bits, device=w.device)
+    return _CodebookSTE.apply(w, scale, codebook, bits, group_size, out_dtype)
+
+
+# -- layers -----------------------------------------------------------------------------------------------------
+class CodebookMixin(FakeQuantMixin):
+    """Codebook quantizer state and numerics on top of `FakeQuantMixin` (same bookkeeping, other quantizer).
+
+    Adds ``weight_codebook`` (out, in // group_size, 2^codebook_max_bits) and the optional non-persistent buffer
+    ``kmeans_weight`` (the per-weight importance used by every k-means refit; `fit_codebooks` sets it).
+    ``weight_scale`` is the per-group gain (init 1); ``weight_zero_point`` is always None.
+    """
+
+    def _init_quant_state(self, spec: LayerQuantSpec, out_features: int, in_features: int, device=None) -> None:
+        super()._init_quant_state(spec, out_features, in_features, device)
+        self.register_parameter("weight_zero_point", None)  # a codebook has no zero point, whatever `symmetric` says
+        slots = 1 << spec.codebook_max_bits
+        self.weight_codebook = nn.Parameter(
+            torch.zeros(out_features, in_features // spec.group_size, slots, dtype=torch.float32, device=device),
+            requires_grad=spec.learn_scales)
+        self.register_buffer("kmeans_weight", None, persistent=False)
+        self._candidates: dict[int, torch.Tensor] = {}
+
+    # -- numerics -------------------------------------------------------------------------------------------
+    def fake_quantize_weight(self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                             sharpness: float = math.inf, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The codebook quantizer on any (out, in) weight with the given gain (``zero_point``/``sharpness`` unused:
+        nearest-centroid assignment is always exact)."""
+        return codebook_fake_quantize(w, scale, self.weight_codebook, self.weight_bits, self.spec.group_size,
+                                      out_dtype)
+
+    @torch.no_grad()
+    def codebook_indices(self) -> torch.Tensor:
+        """(out, in) int64 centroid index of every weight under the exact quantizer (what export packs)."""
+        w = self.weight_oi()
+        return codebook_indices(w, self.weight_scale, self.weight_codebook, self.weight_bits,
+                                self.spec.group_size).reshape(w.shape)
+
+    def _kmeans(self, bits: int, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(out, groups, 2^bits) k-means centroids of the current float weight (gain 1)."""
+        w = self.weight_oi().detach()
+        rows = w.numel() // self.spec.group_size
+        h = sample_weight if sample_weight is not None else self.kmeans_weight
+        h = None if h is None else h.reshape(rows, self.spec.group_size)
+        centroids = kmeans_1d(w.reshape(rows, self.spec.group_size), 1 << bits, h)
+        return centroids.view(w.shape[0], -1, 1 << bits)
+
+    # -- state changes --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_quant_params(self, sample_weight: torch.Tensor | None = None) -> None:
+        """Gain 1 and k-means centroids of the current weight for the current bits (weighted by ``sample_weight``,
+        (out, in), else by ``kmeans_weight`` when set); unused slots are zeroed."""
+        k = 1 << self.bits
+        self.weight_scale.fill_(1.0)
+        self.weight_codebook.zero_()
+        self.weight_codebook[..., :k] = self._kmeans(self.bits, sample_weight)
+
+    @torch.no_grad()
+    def set_bits(self, bits: int, sample_weight: torch.Tensor | None = None) -> None:
+        """New bit width: k-means re-run in place (same parameter objects and shapes)."""
+        if bits > self.spec.codebook_max_bits:
+            raise ValueError(f"bits={bits} exceeds QATConfig.codebook_max_bits={self.spec.codebook_max_bits} of this "
+                             f"codebook layer; allowed: 2..{self.spec.codebook_max_bits} (raise codebook_max_bits)")
+        if bits == self.bits and sample_weight is None:
+            return
+        self.weight_bits.fill_(bits)
+        self.reset_quant_params(sample_weight)
+
+    # -- candidate bit widths (hfqat.sensitivity) -----------------------------------------------------------
+    @torch.no_grad()
+    def refit_candidates(self, bit_choices: tuple[int, ...]) -> bool:
+        """k-means codebooks of every candidate width on the current weight: what ``set_bits(b)`` would start from."""
+        self._candidates = {b: self._kmeans(b) for b in bit_choices if b <= self.spec.codebook_max_bits}
+        return True
+
+    @torch.no_grad()
+    def candidate_errors(self, bit_choices: tuple[int, ...]) -> torch.Tensor:
+        """(bits, out, in) squared errors of the candidate codebooks on the current weight (refit when missing).
+
+        A width beyond ``codebook_max_bits`` cannot be taken: its error is +inf, so no allocation picks it.
+        """
+        if any(b not in self._candidates for b in bit_choices if b <= self.spec.codebook_max_bits):
+            self.refit_candidates(bit_choices)
+        w = self.weight_oi().detach()
+        x = _grouped(w, self.spec.group_size)
+        errors = []
+        for b in bit_choices:
+            if b not in self._candidates:
+                errors.append(torch.full(w.shape, math.inf, device=w.device))
+                continue
+            c = self._candidates[b]
+            errors.append((c.gather(-1, nearest_centroid(x, c)) - x).pow(2).reshape(w.shape))
+        return torch.stack(errors)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        bits = "meta" if self.weight_bits.is_meta else self.bits
+        base = super(FakeQuantMixin, self).extra_repr()  # nn.Linear / Conv1D's own
+        return (f"{base}, weight_format=codebook, bits={bits}, group_size={s.group_size}, "
+                f"codebook_slots={1 << s.codebook_max_bits}, activation_bits={s.activation_bits}")
+
+
+class CodebookLinear(CodebookMixin, QATLinear):
+    """`nn.Linear` with a codebook-quantized weight (a `QATLinear`, so peft, export and the callback see it)."""
+
+
+class CodebookConv1D(CodebookMixin, QATConv1D):
+    """GPT-2 ``Conv1D`` with a codebook-quantized weight."""
+
+
+# -- calibration helpers ----------------------------------------------------------------------------------------
+def fisher_diagonal(model: nn.Module, batches: Iterable[torch.Tensor],
+                    names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher ``mean_batches g²`` of each linear layer's weight, in (out, in) layout.
+
+    Runs forward + backward with the language-model loss on every batch of input ids (the model's own weights,
+    float or fake-quantized: QAT layers pass gradients to their float weights). ``names`` limits the layers
+    (default: every ``nn.Linear``/``Conv1D`` whose weight requires grad). Gradients are cleared afterwards.
+    """
+    modules = {name: m for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D)) and m.weight.requires_grad}
+    if names is not None:
+        modules = {name: modules[name] for name in names}
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout: the gradients of the model as it is
+    try:
+        for ids in batches:
+            ids = ids.to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            for name, m in modules.items():
+                g = m.weight.grad.detach().float()
+                g = g.t() if isinstance(m, Conv1D) else g
+                sums[name] = sums[name] + g.pow(2) if name in sums else g.pow(2)
+            count += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {name: s / max(count, 1) for name, s in sums.items()}
+
+
+@torch.no_grad()
+def fit_codebooks(model: nn.Module, sample_weights: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """(Re)fit every codebook layer's centroids by k-means; with ``sample_weights`` ({layer name: (out, in)
+    importance}, e.g. `fisher_diagonal`) weighted as in SqueezeLLM. The weights are kept on the layer
+    (``kmeans_weight``) so later re-fits (``set_bits`` during re-allocation) use them too. Returns the layers fitted.
+    """
+    fitted = []
+    for name, module in model.named_modules():
+        if not isinstance(module, CodebookMixin):
+            continue
+        h = (sample_weights or {}).get(name)
+        if h is not None:
+            module.kmeans_weight = h.to(device=module.weight.device, dtype=torch.float32)
+        module.reset_quant_params()
+        fitted.append(name)
+    return fitted
+
+
+# -- packed inference layer -------------------------------------------------------------------------------------
+class PackedCodebookLinear(nn.Module):
+    """Inference layer of a codebook-quantized linear: packed indices + per-group fp32 tables; ``y = x·Wᵀ + b``.
+
+    ``qweight``: int32 (in·bits/32 (padded), out), the `hfqat.packing` layout of the indices;
+    ``codebook``: fp32 (out, in // group_size, 2^bits), ``W[n, k] = codebook[n, k // group_size, index[n, k]]``.
+    The matmul backend is picked on first use per (device, dtype) from `CODEBOOK_BACKENDS` (``backend`` tells
+    which; ``force_backend`` pins one).
+    """
+
+    weight_format = WEIGHT_FORMAT
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 activation_bits: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if group_size < 1 or in_features % group_size:
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.activation_bits = bits, group_size, activation_bits
+        self.register_buffer("qweight", torch.empty(packed_rows(in_features, bits), out_features, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("codebook", torch.empty(out_features, in_features // group_size, 1 << bits,
+                                                     dtype=torch.float32, device=device))
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.force_backend: str | None = None
+        self.backend: str | None = None
+        self._matmul = None
+        self._prepared_key: tuple | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_qat(cls, layer: CodebookMixin) -> PackedCodebookLinear:
+        """Pack a codebook layer: its exact assignments and its effective table ``s · C`` (the active slots)."""
+        bits, k = layer.bits, 1 << layer.bits
+        indices = layer.codebook_indices()
+        out_features, in_features = indices.shape
+        bias = layer.bias
+        packed = cls(in_features, out_features, bias is not None, bits, layer.spec.group_size,
+                     layer.spec.activation_bits, device=indices.device,
+                     dtype=bias.dtype if bias is not None else layer.weight.dtype)
+        packed.qweight.copy_(pack(indices.to(torch.int32), bits))
+        # the same fp32 product the fake-quant forward forms element by element: s · C[a] == (s · C)[a]
+        packed.codebook.copy_(effective_scale(layer.weight_scale).unsqueeze(-1) * layer.weight_codebook.float()[..., :k])
+        if bias is not None:
+            packed.bias.copy_(bias)
+        return packed
+
+    def config_entry(self) -> dict:
+        """This layer's entry in ``QATConfig.packed_layers``."""
+        return {"bits": self.bits, "group_size": self.group_size, "weight_format": WEIGHT_FORMAT, "layout": LAYOUT}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed indices (for code that probes ``.weight``, as `PackedLinear` does)."""
+        return self.qweight
+
+    def indices(self) -> torch.Tensor:
+        """(out, in) int64 centroid indices."""
+        return unpack(self.qweight, self.bits, self.in_features).long()
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight: a gather from the tables (bit-identical to the fake-quant weight in fp32)."""
+        idx = self.indices().view(self.out_features, -1, self.group_size)
+        return self.codebook.gather(-1, idx).view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is not None:
+            x = fake_quantize_activations(x, self.activation_bits)
+        if self._prepared_key != (x.device, x.dtype, self.force_backend):
+            self._prepare(x.device, x.dtype)
+        return self._matmul(self, x)
+
+    @torch.compiler.disable
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.backend, self._matmul = select_backend(self, device, dtype, self.force_backend,
+                                                    backends=CODEBOOK_BACKENDS, order=CODEBOOK_AUTO_ORDER)
+        self._prepared_key = (device, dtype, self.force_backend)
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Linear:
+        """A plain `nn.Linear` computing the same function."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.qweight.device, dtype=dtype)
+        linear.weight.copy_(self.dequantized_weight(dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight_format=codebook, bits={self.bits}, group_size={self.group_size}, "
+                f"activation_bits={self.activation_bits}, backend={self.backend}")
