@@ -55,3 +55,15 @@ def text_dataset(n: int = 16, seq_len: int = 24, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, VOCAB, (n, seq_len), generator=g)
     return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to CPU oversubscription (restored afterwards).
+
+    Use per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,12 +31,7 @@ from hfqat.sensitivity import (
 CHOICES = (2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(seed: int, layers: int):

@@ -20,13 +20,7 @@ from hfqat.callback import HISTORY_FILE, TEACHER_FILE, QATCallback
 from hfqat.modeling import qat_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up dominates; with 1 thread the module is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(path, **config):

@@ -18,12 +18,7 @@ from hfqat.modeling import qat_layers
 from hfqat.primitives import dequantize, fake_quantize, init_scales, quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up dominates
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(path, **config):

@@ -19,12 +19,7 @@ from hfqat.distillation import (
 from hfqat.modeling import qat_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(path, bits=2):
