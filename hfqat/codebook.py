@@ -51,7 +51,7 @@ from .layers import FakeQuantMixin, QATConv1D, QATLinear
 from .packing import LAYOUT, pack, packed_rows, unpack
 from .primitives import SCALE_EPS, _grouped, effective_scale, fake_quantize_activations
 
-KMEANS_ITERS = 30
+KMEANS_ITERS = 30  # Lloyd from quantiles: most rows are at their fixed point by then, the rest within ~1e-3
 WEIGHT_FORMAT = "codebook"
 
 
@@ -76,29 +76,37 @@ def kmeans_1d(x: torch.Tensor, k: int, sample_weight: torch.Tensor | None = None
 
     Lloyd iterations from quantile initialisation (the values at quantiles (i + 1/2)/k), all rows at once;
     ``sample_weight`` (shape of ``x``, ≥ 0) weights each value's pull on its centroid (SqueezeLLM's sensitivity-
-    weighted k-means). A centroid that loses all its values keeps its position. Stops early once no centroid moves.
+    weighted k-means). In 1-D every cluster is an interval of the sorted values, so after one sort an iteration
+    costs O(k log n) per row: the cluster boundaries are binary searches of the centroid midpoints, the cluster
+    sums differences of float64 prefix sums. Ties go to the smaller centroid, as in `nearest_centroid`. A centroid
+    that loses all its values keeps its position. Stops once no boundary moves (an exact Lloyd fixed point) or
+    after ``iters`` iterations.
     """
-    x = x.float()
     rows, n = x.shape
+    xs, order = x.float().sort(dim=-1)
+    if sample_weight is None:
+        h = torch.ones_like(xs, dtype=torch.float64)
+    else:
+        h = sample_weight.reshape(rows, n).gather(-1, order).double()
+        h = h / h.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)  # per-row scale is irrelevant
+    zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
+    sum_hx = torch.cat([zero, (h * xs.double()).cumsum(-1)], dim=-1)  # (rows, n + 1) prefix sums
+    sum_h = torch.cat([zero, h.cumsum(-1)], dim=-1)
     pos = ((torch.arange(k, device=x.device, dtype=torch.float64) + 0.5) * n / k).long().clamp(max=n - 1)
-    centroids = x.sort(dim=-1).values[:, pos]
-    if sample_weight is not None:
-        h = sample_weight.float().reshape(rows, n)
-        h = h / h.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # per-row scale is irrelevant
-        hx = h * x
+    centroids = xs[:, pos]
+    bounds = None
     for _ in range(iters):
-        idx = nearest_centroid(x, centroids)
-        if sample_weight is None:
-            sums = torch.zeros_like(centroids).scatter_add_(-1, idx, x)
-            counts = torch.zeros_like(centroids).scatter_add_(-1, idx, torch.ones_like(x))
-        else:
-            sums = torch.zeros_like(centroids).scatter_add_(-1, idx, hx)
-            counts = torch.zeros_like(centroids).scatter_add_(-1, idx, h)
-        updated = torch.where(counts > 0, sums / counts.clamp_min(torch.finfo(torch.float32).tiny), centroids)
-        updated = updated.sort(dim=-1).values  # 1-D Lloyd keeps the order; empty clusters may not
-        if torch.equal(updated, centroids):
+        mids = (centroids[:, 1:] + centroids[:, :-1]) * 0.5
+        # cluster j holds the values in (mid_{j-1}, mid_j]: its end is the count of values <= mid_j
+        ends = torch.searchsorted(xs, mids.contiguous(), right=True)
+        new_bounds = torch.cat([torch.zeros_like(ends[:, :1]), ends, torch.full_like(ends[:, :1], n)], dim=-1)
+        if bounds is not None and torch.equal(new_bounds, bounds):
             break
-        centroids = updated
+        bounds = new_bounds
+        weight = sum_h.gather(-1, bounds[:, 1:]) - sum_h.gather(-1, bounds[:, :-1])
+        total = sum_hx.gather(-1, bounds[:, 1:]) - sum_hx.gather(-1, bounds[:, :-1])
+        means = (total / weight.clamp_min(torch.finfo(torch.float64).tiny)).float()
+        centroids = torch.where(weight > 0, means, centroids).sort(dim=-1).values
     return centroids
 
 
@@ -352,16 +360,32 @@ class PackedCodebookLinear(nn.Module):
     @torch.no_grad()
     def from_qat(cls, layer: CodebookMixin) -> PackedCodebookLinear:
         """Pack a codebook layer: its exact assignments and its effective table ``s · C`` (the active slots)."""
-        bits, k = layer.bits, 1 << layer.bits
-        indices = layer.codebook_indices()
-        out_features, in_features = indices.shape
-        bias = layer.bias
-        packed = cls(in_features, out_features, bias is not None, bits, layer.spec.group_size,
-                     layer.spec.activation_bits, device=indices.device,
-                     dtype=bias.dtype if bias is not None else layer.weight.dtype)
-        packed.qweight.copy_(pack(indices.to(torch.int32), bits))
+        k = 1 << layer.bits
         # the same fp32 product the fake-quant forward forms element by element: s · C[a] == (s · C)[a]
-        packed.codebook.copy_(effective_scale(layer.weight_scale).unsqueeze(-1) * layer.weight_codebook.float()[..., :k])
+        table = effective_scale(layer.weight_scale).unsqueeze(-1) * layer.weight_codebook.float()[..., :k]
+        return cls._build(layer.codebook_indices(), table, layer.bias, layer.bits, layer.spec.group_size,
+                          layer.spec.activation_bits, layer.weight.dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Linear | Conv1D, bits: int, group_size: int,
+                   sample_weight: torch.Tensor | None = None) -> PackedCodebookLinear:
+        """Post-training k-means quantization of a float layer (``group_size=-1``: per channel), e.g. for benchmarks."""
+        w = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        group_size = w.shape[1] if group_size == -1 else group_size
+        k = 1 << bits
+        table = kmeans_1d(w.reshape(-1, group_size), k, sample_weight).view(w.shape[0], -1, k)
+        indices = nearest_centroid(_grouped(w, group_size), table).reshape(w.shape)
+        return cls._build(indices, table, module.bias, bits, group_size, None, w.dtype)
+
+    @classmethod
+    def _build(cls, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, bits: int,
+               group_size: int, activation_bits: int | None, dtype: torch.dtype) -> PackedCodebookLinear:
+        out_features, in_features = indices.shape
+        packed = cls(in_features, out_features, bias is not None, bits, group_size, activation_bits,
+                     device=indices.device, dtype=bias.dtype if bias is not None else dtype)
+        packed.qweight.copy_(pack(indices.to(torch.int32), bits))
+        packed.codebook.copy_(table)
         if bias is not None:
             packed.bias.copy_(bias)
         return packed

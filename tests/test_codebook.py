@@ -271,6 +271,15 @@ def test_packed_export_reload_exact_and_at_most_8_values(tiny_model_dir, input_i
                        fake["model.layers.0.mlp.down_proj"].quantized_weight(exact=True))
 
 
+def test_packed_from_float_is_the_kmeans_init(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"), group_size=32)
+    layer = dict(qat_layers(model))["model.layers.0.mlp.up_proj"]
+    linear = torch.nn.Linear(64, 128, bias=False)
+    linear.weight.data.copy_(layer.weight.detach())
+    packed = PackedCodebookLinear.from_float(linear, 3, 32)
+    assert torch.equal(packed.dequantized_weight(), layer.quantized_weight(exact=True))
+
+
 def test_model_card_says_codebook(tiny_model_dir, tmp_path):
     model = _model(tiny_model_dir("llama"))
     out = save_packed(model, tmp_path / "packed")
