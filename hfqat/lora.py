@@ -191,8 +191,20 @@ class QATLoraLinear(LoraLinear):
         adapters = [a for a in self.active_adapters if a in self.lora_A]
         if self.disable_adapters and self.merged:
             self.unmerge()
-        if self.disable_adapters or self.merged or not adapters:
+        base = self.get_base_layer()
+        # A `forward` set on the base instance means a caller swapped its computation for one pass (QATCallback's
+        # float teacher does): that wins, as it would on a plain QAT model.
+        if self.disable_adapters or self.merged or not adapters or "forward" in vars(base):
             return self.base_layer(x)
+        # Run as the base layer's forward, so hooks registered on the quantized layer (e.g. hfqat.sensitivity's
+        # K-FAC statistics) observe the computation that replaces it.
+        base.forward = functools.partial(self._adapter_forward, adapters)
+        try:
+            return self.base_layer(x)
+        finally:
+            del base.forward
+
+    def _adapter_forward(self, adapters: list[str], x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         if base.spec.activation_bits is not None:
             x = fake_quantize_activations(x, base.spec.activation_bits)

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from hfqat import QATConfig
+from hfqat import QATCallback, QATConfig, average_bits, bit_allocation
 from hfqat.layers import FakeQuantMixin, QATConv1D, QATLinear
 from hfqat.lora import QATLoraLinear, apply_lora, register, set_train_scales
 
@@ -139,6 +139,27 @@ def test_acceptance_trainer_merge_export_and_adapter_roundtrip(tiny_model_dir, i
     save_packed(merged, tmp_path / "packed")
     packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
     assert max_diff(logits(packed, input_ids), merged_logits) <= 1e-4
+
+
+def test_qat_callback_distills_and_reallocates_on_peft_model(tiny_model_dir, input_ids, tmp_path):
+    # K-FAC: its statistics come from hooks on the quantized layers, which the adapter layer runs through.
+    # (The default "fisher" estimator reads weight gradients, which frozen LoRA base weights do not have.)
+    model = get_peft_model(qat_model(tiny_model_dir("llama")), LoraConfig(r=8, target_modules=LLAMA_TARGETS))
+    callback = QATCallback(budget_bits=3.0, reallocate_every=2, sensitivity="kfac")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=text_dataset(), callbacks=[callback])
+    trainer.train()
+
+    # The float teacher pass bypasses the adapters (QATCallback swaps the base layers' forward): KL > 0.
+    distill = [float(log["distill_loss"]) for log in trainer.state.log_history if "distill_loss" in log]
+    assert distill and min(distill) > 0
+    assert average_bits(model) <= 3.0
+    assert len(callback.history) >= 2 and callback.history[-1]["predicted_loss_increase"] is not None
+    assert len(set(bit_allocation(model).values())) > 1  # sensitivities moved bits away from the uniform prior
+    adapter_logits = logits(model, input_ids)
+    merged = model.merge_and_unload()
+    assert max_diff(logits(merged, input_ids), adapter_logits) <= 1e-4
 
 
 def test_asymmetric_conv1d_merge_and_unmerge(tiny_model_dir, input_ids):
