@@ -31,6 +31,13 @@ Memory
     `_LinearRecomputedWeight` saves only the layer input between forward and backward; ``Q(W + s·B·A)`` and its
     weight-sized intermediates are rebuilt in backward (one extra element-wise pass, no extra matmul).
 
+With `QATCallback`
+    The adapter computation runs as the base layer's forward, so hooks on the quantized layers see it (K-FAC
+    sensitivity works) and the callback's float teacher pass, which swaps the base layers' forward, bypasses the
+    adapters (teacher = train-start float weights). Re-allocation (`set_bits`) re-fits the base scales; the
+    adapters' factors keep multiplying them. The ``fisher`` estimator reads weight gradients, which frozen LoRA
+    base weights do not have: use ``sensitivity="kfac"`` (or "variance") for LoRA runs.
+
 Usage (plain peft; importing this module — or ``hfqat`` — registers the dispatch)::
 
     peft_model = get_peft_model(qat_model, LoraConfig(target_modules=["q_proj", "v_proj"]))
