@@ -49,10 +49,10 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
                                      dtype=dtype)
         return model.to(device)
     shapes = {
-        "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-        "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=512),
+        "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                         "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+        "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "vocab_size": 512},
     }[name]
     with device:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**shapes, max_position_embeddings=4096), dtype=dtype)
@@ -126,18 +126,18 @@ def run_mode(mode: str, args) -> dict:
             times.append(time.perf_counter() - start)
     sampler.stop.set()
     sampler.join()
-    figures = dict(
-        mode=mode,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        trainable_params=sum(p.numel() for p in trainable),
-        param_mib=tensor_bytes(model.parameters()) / MIB,
-        grad_mib=grad_bytes / MIB,
-        optim_state_mib=tensor_bytes(t for s in optimizer.state.values() for t in s.values()
+    figures = {
+        "mode": mode,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "trainable_params": sum(p.numel() for p in trainable),
+        "param_mib": tensor_bytes(model.parameters()) / MIB,
+        "grad_mib": grad_bytes / MIB,
+        "optim_state_mib": tensor_bytes(t for s in optimizer.state.values() for t in s.values()
                                      if isinstance(t, torch.Tensor)) / MIB,
-        step_s=statistics.median(times),
-        rss_before_mib=rss_before / MIB,
-        peak_rss_mib=max(sampler.peak, rss_bytes()) / MIB,
-    )
+        "step_s": statistics.median(times),
+        "rss_before_mib": rss_before / MIB,
+        "peak_rss_mib": max(sampler.peak, rss_bytes()) / MIB,
+    }
     if device.type == "cuda":
         figures["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / MIB
     return figures
@@ -153,7 +153,7 @@ def report(results: list[dict], command: str) -> None:
         print(" ".join(fmt.format(r[name]) for name, fmt in cols))
     full = next((r for r in results if r["mode"] == "full"), None)
     if full is not None:
-        state = lambda r: r["param_mib"] + r["grad_mib"] + r["optim_state_mib"]  # noqa: E731
+        state = lambda r: r["param_mib"] + r["grad_mib"] + r["optim_state_mib"]
         for r in results:
             if r is not full:
                 print(f"{r['mode']} / full: peak {r[peak_key] / full[peak_key]:.1%} ({peak_key}), "

@@ -59,12 +59,12 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layers import FakeQuantMixin

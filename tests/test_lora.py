@@ -21,7 +21,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def qat_model(path, **overrides):
-    cfg = dict(bits=4, group_size=32)
+    cfg = {"bits": 4, "group_size": 32}
     cfg.update(overrides)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=QATConfig(**cfg))
 
