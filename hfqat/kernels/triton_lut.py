@@ -6,12 +6,24 @@ column in one group is 2^bits consecutive floats (32 bytes at 3 bits).
 
 - ``M == 1`` (batch-1 decode): `_lut_gemv_kernel`. A program owns ``BLOCK_N`` output columns and one K split;
   per tile it loads each packed word once and extracts its codes in registers (shift + mask; the 3-bit planes
-  recombined), looks each code up in its column's table and accumulates ``x[k]·T[...]`` in fp32. Up to 4 bits the
-  table (≤ 16 entries per column) is held in registers and the lookup is a select chain (the register codebook;
-  Triton has no explicit shared-memory gather); at 8 bits it is a gather from the L1-resident tables. The tables
-  are read through a transposed (groups, 2^bits, N) copy made when the backend is set up. K is split over
-  programs so that narrow layers still fill the GPU; partial sums meet in an fp32 buffer through atomics.
+  recombined), looks each code up in its column's table and accumulates ``x[k]·T[...]`` in fp32. At 2 bits the
+  4-entry table is held in registers and the lookup is a select chain (the register codebook); at 3/4/8 bits it is
+  a gather from the tables the program touches, which stay in L1 (Triton has no explicit shared-memory gather; the
+  L1 lines play the shared-memory codebook's role). The tables are read through a transposed (groups, 2^bits, N)
+  copy made when the backend is set up. K is split over programs so that narrow layers still fill the GPU;
+  partial sums meet in an fp32 buffer through atomics.
 - ``M > 1`` (prefill, batches): `_lut_dequant_kernel` writes the weight once in the activation dtype, then cuBLAS.
+
+Measured on an H100 (bench/bench_codebook.py --gpu, bf16 activations, batch 1, per-channel tables, CUDA-graph
+replays; microseconds for 576x576 | 14336x4096 | 4096x14336, int = hfqat's Triton int kernel, bf16 = cuBLAS
+3.3 | 41.8 | 44.5):
+    gather lookup, words re-read per code:   W2 12.8 | 60.4 | 53.5   W3 17.3 | 90.3 | 80.2   W4 13.1 | 64.6 | 57.5
+    select chain, words loaded once:          W2 12.9 | 44.7 | 38.6   W3 19.9 | 97.4 | 85.4   W4 31.6 | 169.5 | 149.1
+    int Triton GEMV:                          W2  5.5 | 17.3 | 17.6   W3  6.8 | 30.7 | 31.3   W4  5.0 | 20.7 | 19.4
+The shipped combination (select chain at 2 bits, words loaded once + gather at 3/4/8 bits) was assembled from
+these two runs and checked for correctness (Triton interpreter), but its 3/4-bit times were not measured
+separately. The LUT kernel is 2-3x slower than the int kernel (one table access or a select chain per weight
+against one FADD/FFMA) and at 3/4 bits not faster than bf16 on large layers: it saves memory, not time, so far.
 
 Numerics: the looked-up values are exactly the fake-quant weights (fp32); only the summation order differs from
 the exact ``dequant`` fallback. Entry point: the custom op ``torch.ops.hfqat.lut_mm`` (opaque to torch.compile).
@@ -24,6 +36,7 @@ import triton.language as tl
 from .triton_lowbit import _codes, _sm_count
 
 KERNEL_BITS = (2, 3, 4, 8)
+SELECT_MAX_BITS: tl.constexpr = tl.constexpr(2)  # register select chain up to this width, gather above
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -31,10 +44,12 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _lookup(c, tt_ptr, g, N, offs_n, mask_n, BITS: tl.constexpr):
     """T[g, c, n] for codes ``c`` (rows, BLOCK_N) from the transposed tables ``tt`` (groups, 2^BITS, N).
 
-    Up to 16 entries: a select chain over the column's entries, each loaded once per tile (coalesced along n)
-    and kept in registers — no per-weight memory access. 8 bits (256 entries): a gather (L1-resident).
+    Up to `SELECT_MAX_BITS`: a select chain over the column's entries, each loaded once per tile (coalesced along
+    n) and kept in registers — no per-weight memory access, but 2^BITS - 1 compare+selects per weight. Wider: a
+    gather from the L1-resident tables. On an H100 the chain won at 2 bits and lost clearly at 3 and 4 bits
+    (module docstring).
     """
-    if BITS <= 4:
+    if BITS <= SELECT_MAX_BITS:
         base = tt_ptr + g * (N << BITS) + offs_n
         v = tl.zeros(c.shape, dtype=tl.float32) + tl.load(base, mask=mask_n, other=0.0)[None, :]
         for j in tl.static_range(1, 1 << BITS):
