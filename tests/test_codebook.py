@@ -296,7 +296,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="codebook_max_bits=3"):
         hfqat.QATConfig(weight_format="codebook", bits=3, codebook_max_bits=3, layer_bits={"q_proj": 4})
     with pytest.warns(UserWarning, match="symmetric=False is ignored"):
-        hfqat.QATConfig(weight_format="codebook", symmetric=False)
+        config = hfqat.QATConfig(weight_format="codebook", symmetric=False, group_size=32)
+    layer = CodebookLinear.from_float(torch.nn.Linear(64, 8), config.spec_for("l", 64))
+    assert layer.weight_zero_point is None and "weight_zero_point" not in layer.state_dict()
+    assert layer.weight_codebook.shape == (8, 2, 256)
     assert hfqat.QATConfig().spec_for("l", 128).weight_format == "int"
 
 
