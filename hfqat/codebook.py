@@ -18,6 +18,9 @@ float weight (``∂ŵ/∂w = 1``); to the centroids the scatter-add of ``s · �
 centroid; to the gain ``Σ ∂L/∂ŵ · C[a]``. The gain is redundant with the centroids but gives codebook layers the
 same ``weight_scale`` handle as integer layers: LoRA's per-group scale factor (`hfqat.lora`) multiplies it, and
 code that reads ``layer.weight_scale`` keeps working. Soft rounding/clamping does not apply (config error).
+LoRA: the adapter computes ``Q(W + s·B·A)`` through the base layer's `fake_quantize_weight`, i.e. with the
+base codebook (frozen by peft like every base parameter; the adapter's scale factor trains the gain), and merging
+writes exactly those tensors, so the merged (and packed) model equals the adapter model.
 
 Shapes stay fixed for re-allocation: ``weight_codebook`` is (out, in // group_size, 2^codebook_max_bits) from the
 start (default 8 bits: 256 slots; the unused slots are masked, never assigned). ``set_bits(b)`` re-runs k-means in

@@ -344,7 +344,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     """Write `model` (with hfqat fake-quantized layers) as a packed low-bit checkpoint at `path`, atomically.
 
     Every fake-quantized layer is stored as packed integer codes + fp32 scales (+ int16 zero points) at its
-    current bit width (mixed widths as the allocation left them); all other weights as they are. Files:
+    current bit width (mixed widths as the allocation left them); codebook layers as packed centroid indices + fp32
+    tables (`hfqat.codebook.PackedCodebookLinear`); all other weights as they are. Files:
     ``model.safetensors``, ``config.json`` (with the packed `QATConfig`), ``generation_config.json`` and the
     tokenizer files when given. Returns the path.
     """
