@@ -239,27 +239,22 @@ class CodebookMixin(FakeQuantMixin):
     @torch.no_grad()
     def refit_candidates(self, bit_choices: tuple[int, ...]) -> bool:
         """k-means codebooks of every candidate width on the current weight: what ``set_bits(b)`` would start from."""
-        self._candidates = {b: self._kmeans(b) for b in bit_choices if b <= self.spec.codebook_max_bits}
+        too_wide = [b for b in bit_choices if b > self.spec.codebook_max_bits]
+        if too_wide:
+            raise ValueError(f"bit choices {too_wide} exceed QATConfig.codebook_max_bits={self.spec.codebook_max_bits} "
+                             "of the codebook layers; allowed: bit_choices <= codebook_max_bits (e.g. "
+                             f"QATCallback(bit_choices=...) or a larger codebook_max_bits)")
+        self._candidates = {b: self._kmeans(b) for b in bit_choices}
         return True
 
     @torch.no_grad()
     def candidate_errors(self, bit_choices: tuple[int, ...]) -> torch.Tensor:
-        """(bits, out, in) squared errors of the candidate codebooks on the current weight (refit when missing).
-
-        A width beyond ``codebook_max_bits`` cannot be taken: its error is +inf, so no allocation picks it.
-        """
-        if any(b not in self._candidates for b in bit_choices if b <= self.spec.codebook_max_bits):
+        """(bits, out, in) squared errors of the candidate codebooks on the current weight (refit when missing)."""
+        if any(b not in self._candidates for b in bit_choices):
             self.refit_candidates(bit_choices)
-        w = self.weight_oi().detach()
-        x = _grouped(w, self.spec.group_size)
-        errors = []
-        for b in bit_choices:
-            if b not in self._candidates:
-                errors.append(torch.full(w.shape, math.inf, device=w.device))
-                continue
-            c = self._candidates[b]
-            errors.append((c.gather(-1, nearest_centroid(x, c)) - x).pow(2).reshape(w.shape))
-        return torch.stack(errors)
+        x = _grouped(self.weight_oi().detach(), self.spec.group_size)
+        errors = [(c.gather(-1, nearest_centroid(x, c)) - x).pow(2) for c in (self._candidates[b] for b in bit_choices)]
+        return torch.stack(errors).flatten(2)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -190,6 +190,9 @@ def test_callback_reallocates_codebook_layers(tiny_model_dir, tmp_path):
         assert (layer.weight_codebook, layer.weight_scale) == params[name]
         assert id(layer.weight_codebook) in in_optimizer
         assert _distinct_per_group(layer.quantized_weight(exact=True), layer.in_features) <= 2 ** layer.bits
+    with pytest.raises(ValueError, match=r"bit choices \[8\] exceed QATConfig.codebook_max_bits=4"):
+        Trainer(model=model, args=_args(tmp_path), train_dataset=text_dataset(8),
+                callbacks=[QATCallback(teacher=None, budget_bits=3.0, bit_choices=(2, 4, 8))]).train()
 
 
 def test_fisher_weighted_fit(tiny_model_dir):
