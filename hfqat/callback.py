@@ -40,6 +40,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .allocation import allocate_bits, weighted_average_bits
+from .calibration import calibrate, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
 from .distributed import broadcast_object, local_view, mean_across_ranks
@@ -77,6 +78,9 @@ class QATCallback(TrainerCallback, ExportableState):
         reallocate_every: re-allocate every this many optimizer steps; 0 turns re-allocation off (then
             budget_bits must be None).
         sensitivity: "fisher" | "kfac" | "hutchinson" | "variance" (see `hfqat.sensitivity`).
+        calibrate: before each re-allocation, measure the loss increase of every kind of layer at every bit
+            choice on the last batch and rescale the estimator's predictions to it (`hfqat.calibration`;
+            ``kinds × bit choices + 1`` extra forward passes per re-allocation).
         ema: smoothing of the sensitivity measurements, in [0, 1).
         hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
             ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
@@ -93,6 +97,7 @@ class QATCallback(TrainerCallback, ExportableState):
     bit_choices: tuple[int, ...] = (2, 3, 4, 8)
     reallocate_every: int = 50
     sensitivity: str = "fisher"
+    calibrate: bool = True
     ema: float = 0.9
     hysteresis: float = 0.05
     freeze_after: float = 0.8
@@ -143,6 +148,8 @@ class QATCallback(TrainerCallback, ExportableState):
                                "None when reallocate_every=0 (re-allocation off); set reallocate_every > 0")
         if self.sensitivity not in ESTIMATORS:
             raise _invalid("sensitivity", self.sensitivity, str(sorted(ESTIMATORS)))
+        if not isinstance(self.calibrate, bool):
+            raise _invalid("calibrate", self.calibrate, "True or False")
         if not 0.0 <= self.ema < 1.0:
             raise _invalid("ema", self.ema, "a number in [0, 1)")
         if not self.hysteresis >= 0:
@@ -162,7 +169,7 @@ class QATCallback(TrainerCallback, ExportableState):
     # -- ExportableState ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         args = {name: getattr(self, name) for name in (
-            "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "ema",
+            "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "calibrate", "ema",
             "hysteresis", "freeze_after", "seed", "write_plots")}
         args["bit_choices"] = list(self.bit_choices)
         args["soft_anneal"] = list(self.soft_anneal) if self.soft_anneal is not None else None
@@ -229,10 +236,12 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
         if self._budget is not None and step % self.reallocate_every == 0 and step <= self._freeze_step:
-            if not self._estimator.per_step:  # e.g. Hutchinson runs the model: outside the local view
+            # Estimators and calibration that run the model do it outside the local view.
+            if not self._estimator.per_step:  # e.g. Hutchinson
                 self._estimator.update(self._layers, self._context(state))
+            measured = self._measure_kinds() if self.calibrate else None
             with self._local():
-                self._reallocate(state)
+                self._reallocate(state, measured)
         if step >= self._freeze_step:
             self._estimator.detach()  # bits are final: stop collecting statistics
 
@@ -319,7 +328,15 @@ class QATCallback(TrainerCallback, ExportableState):
             self._apply(allocate_bits(mean_across_ranks(prior), self._numels, self._budget))
         self._record(step, None)
 
-    def _reallocate(self, state) -> None:
+    def _measure_kinds(self) -> dict[str, dict[int, float]] | None:
+        batch = self._hook.last_batch if self._hook is not None else None
+        if batch is None:
+            return None
+        measured = measure_kinds(self._model, self._layers, batch, self.bit_choices, self._estimator.clip,
+                                 bit_allocation(self._model))
+        return mean_across_ranks(measured)  # ranks saw different batches
+
+    def _reallocate(self, state, measured: dict[str, dict[int, float]] | None = None) -> None:
         # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
         self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
         if any(name not in scores for name in self._numels):
@@ -329,13 +346,15 @@ class QATCallback(TrainerCallback, ExportableState):
                 self._warned_no_scores = True
             return
         costs = {name: scores[name] for name in self._numels}
+        if measured:
+            costs = calibrate(costs, measured, self._numels)
         current = bit_allocation(self._model)
         at_current = [costs[n].get(b, min(costs[n].values())) for n, b in current.items()]
         margin = self.hysteresis * sum(at_current) / len(at_current)
         bits = allocate_bits(costs, self._numels, self._budget, current=current, switch_cost=margin)
         self._apply(bits)
         self._refit_clip()
-        self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()))
+        self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()), measured)
 
     def _local(self, gather_zero3: bool = True):
         # FSDP2: statistics and re-fits on this rank's rows; ZeRO-3: gathered partitions; else a no-op.
@@ -351,10 +370,12 @@ class QATCallback(TrainerCallback, ExportableState):
             layer.set_bits(bits[name])
         self._estimator.note_bits(bits)
 
-    def _record(self, step: int, predicted: float | None) -> None:
+    def _record(self, step: int, predicted: float | None, measured: dict[str, dict[int, float]] | None = None) -> None:
         bits = bit_allocation(self._model)
+        if measured is not None:  # JSON keys, as the history reads back from a checkpoint
+            measured = {kind: {str(b): v for b, v in per_bits.items()} for kind, per_bits in measured.items()}
         self.history.append({"step": step, "bits": bits, "average_bits": weighted_average_bits(bits, self._numels),
-                             "predicted_loss_increase": predicted})
+                             "predicted_loss_increase": predicted, "measured_kind_loss_increase": measured})
 
     def _write_outputs(self, output_dir: str, log_history: list[dict[str, Any]]) -> None:
         from .plots import plot_bit_allocation, plot_loss_curves

@@ -252,9 +252,17 @@ class CodebookMixin(FakeQuantMixin):
         """(bits, out, in) squared errors of the candidate codebooks on the current weight (refit when missing)."""
         if any(b not in self._candidates for b in bit_choices):
             self.refit_candidates(bit_choices)
-        x = _grouped(self.weight_oi().detach(), self.spec.group_size)
-        errors = [(c.gather(-1, nearest_centroid(x, c)) - x).pow(2) for c in (self._candidates[b] for b in bit_choices)]
-        return torch.stack(errors).flatten(2)
+        w = self.weight_oi().detach()
+        return torch.stack([(self.candidate_weight(b) - w).pow(2) for b in bit_choices])
+
+    @torch.no_grad()
+    def candidate_weight(self, bits: int) -> torch.Tensor:
+        """(out, in) current weight on the candidate ``bits``-bit codebook (refit when missing)."""
+        if bits not in self._candidates:
+            self.refit_candidates(tuple(sorted({*self._candidates, bits})))
+        w = self.weight_oi().detach()
+        x, centroids = _grouped(w, self.spec.group_size), self._candidates[bits]
+        return centroids.gather(-1, nearest_centroid(x, centroids)).reshape(w.shape)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -83,6 +83,10 @@ class FakeQuantMixin:
         """(bits, out, in) squared errors of those stand-ins on the current weight, or None (no stand-ins)."""
         return None
 
+    def candidate_weight(self, bits: int) -> torch.Tensor | None:
+        """The (out, in) float32 weight this layer's stand-in quantizer for ``bits`` gives, or None (no stand-ins)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation_bits is not None:
             x = fake_quantize_activations(x, self.spec.activation_bits)

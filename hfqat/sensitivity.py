@@ -63,9 +63,9 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
-                 symmetric: bool) -> torch.Tensor:
-    """(bits, out, in) squared errors of the min-max grids shrunk by ``shrink`` (one factor per bit width).
+def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
+                  symmetric: bool) -> torch.Tensor:
+    """(bits, out, in) float32 weights on the min-max grids shrunk by ``shrink`` (one factor per bit width).
 
     All bit widths in one batched computation (a few kernels per layer, no host sync). Scales and zero points
     are those of ``init_scales(..., "minmax")`` times the shrink; zero points are shrink-invariant.
@@ -86,7 +86,13 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
         scale = (base * shrink).clamp_min(SCALE_EPS)
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
     q = torch.clamp(torch.round(wg / scale) + zero, qmin.unsqueeze(-1), qmax.unsqueeze(-1))
-    return ((q - zero) * scale - wg).pow(2).reshape(len(bit_choices), out_features, in_features)
+    return ((q - zero) * scale).reshape(len(bit_choices), out_features, in_features)
+
+
+def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
+                 symmetric: bool) -> torch.Tensor:
+    """(bits, out, in) squared errors of `_grid_weights`."""
+    return (_grid_weights(w, bit_choices, shrink, group_size, symmetric) - w.float()).pow(2)
 
 
 @torch.no_grad()
@@ -121,6 +127,29 @@ def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip:
     if current in choices:
         errors[choices.index(current)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
     return errors
+
+
+@torch.no_grad()
+def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float], current_bits: int) -> torch.Tensor:
+    """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at its
+    current bits, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
+    w = layer.weight_oi()
+    if bits == current_bits:
+        return layer.quantized_weight(exact=True)
+    own = layer.candidate_weight(bits)
+    if own is None:
+        own = _grid_weights(w, (bits,), (clip.get(bits, 1.0),), layer.spec.group_size, layer.spec.symmetric)[0]
+    return own.to(w.dtype)
+
+
+def loss_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded training micro-batch as model kwargs that return the language-model loss (raw text: labels =
+    inputs) without touching the KV cache."""
+    inputs = {k: v for k, v in batch.items() if k not in ("num_items_in_batch", "return_dict")}
+    inputs["use_cache"] = False
+    if inputs.get("labels") is None:
+        inputs["labels"] = inputs["input_ids"]
+    return inputs
 
 
 # -- estimators -----------------------------------------------------------------------------------------------
@@ -323,10 +352,7 @@ class HutchinsonEstimator(SensitivityEstimator):
         model, params = context.model, [layer.weight for _, layer in layers]
         if not all(p.requires_grad for p in params):
             return {}
-        batch = {k: v for k, v in context.batch.items() if k not in ("num_items_in_batch", "return_dict")}
-        batch["use_cache"] = False
-        if batch.get("labels") is None:
-            batch["labels"] = batch["input_ids"]  # raw text: language-model loss on the inputs
+        batch = loss_inputs(context.batch)
         was_training = model.training
         model.eval()  # deterministic probe: no dropout, no gradient checkpointing (needs double backward)
         try:

@@ -1,0 +1,112 @@
+"""Measured calibration of the predicted sensitivities: what the loss really does when a kind of layer is quantized.
+
+The estimators of `hfqat.sensitivity` predict each layer's loss increase with a quadratic model (½ Σ F e²). It
+is cheap and ranks the layers of one kind well (which blocks), but its error differs between bit widths (a
+2-bit grid is no small perturbation: the quadratic model underestimates it) and between kinds of layer (the
+diagonal Fisher sees v_proj and down_proj differently from how the loss reacts to them). Allocations built on
+the raw predictions sent whole MLPs to 2 bits and lost to uniform bits at the same size.
+
+`measure_kinds` therefore measures, on the last training micro-batch with the model in eval mode, the real loss
+increase ``ΔL(k, b)`` when every layer of kind ``k`` (same module name up to the block index, e.g.
+``model.layers.*.mlp.down_proj``) computes with its ``b``-bit quantizer and all other layers with their float
+weights; `calibrate` rescales the predictions of kind ``k`` at ``b`` bits to sum to it::
+
+    cost_l(b) = pred_l(b) · ΔL(k, b) / Σ_{l ∈ k} pred_l(b)
+
+so the quadratic model still decides within a kind, the measurement between kinds and bit widths. The ``b``-bit
+quantizer is the layer's own (learned scales) at its current bits and the stand-in the estimators use otherwise
+(`hfqat.sensitivity.candidate_weight`). Cost per re-allocation: ``kinds × bit choices + 1`` forward passes
+without backward (a Llama has 7 kinds) over at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
+resumed run measures the same batch again and takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import FakeQuantMixin
+from .sensitivity import candidate_weight, loss_inputs
+
+LayerList = list[tuple[str, FakeQuantMixin]]
+MAX_TOKENS = 2048  # rows of the batch measured (at least one): enough for a paired difference, cheap on a CPU
+_BLOCK_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def layer_kind(name: str) -> str:
+    """The layer's name with block indices replaced by ``*`` (``model.layers.3.mlp.up_proj`` → ``model.layers.*.mlp.up_proj``)."""
+    return _BLOCK_INDEX.sub(".*", name)
+
+
+def _linear_at(layer: FakeQuantMixin, name: str, bits: int | None, clip: Mapping[str, Mapping[int, float]],
+               current: Mapping[str, int], x: torch.Tensor) -> torch.Tensor:
+    # Weight-only effect: activations stay in float, as in the snapshot teacher's float pass.
+    weight = layer.weight_oi() if bits is None else candidate_weight(layer, bits, clip.get(name, {}), current[name])
+    return F.linear(x, weight.to(x.dtype), layer.bias)
+
+
+def _compute_at(layers: LayerList, bits: int | None, clip: Mapping[str, Mapping[int, float]],
+                current: Mapping[str, int]) -> None:
+    # An instance attribute ``forward`` shadows the class's (LoRA wrappers defer to it too); the replacement
+    # weight is built inside each layer's forward, so never more than one extra weight is alive.
+    for name, layer in layers:
+        layer.forward = partial(_linear_at, layer, name, bits, clip, current)
+
+
+@torch.no_grad()
+def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any], bit_choices: Iterable[int],
+                  clip: Mapping[str, Mapping[int, float]], current: Mapping[str, int]) -> dict[str, dict[int, float]]:
+    """kind → {bits: loss increase (≥ 0) over all-float weights when that kind's layers use ``bits``}."""
+    inputs, bit_choices = loss_inputs(batch), tuple(bit_choices)
+    rows = max(1, MAX_TOKENS // inputs["input_ids"].shape[-1])
+    inputs = {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    kinds: dict[str, LayerList] = {}
+    for name, layer in layers:
+        kinds.setdefault(layer_kind(name), []).append((name, layer))
+    was_training = model.training
+    model.eval()  # no dropout; the distillation and statistics hooks only act on training forwards
+    try:
+        _compute_at(layers, None, clip, current)
+        base = model(**inputs).loss.float()
+        measured = {}
+        for kind, members in kinds.items():
+            increases = []
+            for bits in bit_choices:
+                _compute_at(members, bits, clip, current)
+                increases.append(model(**inputs).loss.float() - base)
+            _compute_at(members, None, clip, current)
+            measured[kind] = torch.stack(increases).clamp_min(0.0)
+    finally:
+        model.train(was_training)
+        for _, layer in layers:
+            vars(layer).pop("forward", None)  # back to the class's forward
+    values = torch.stack(list(measured.values())).tolist()  # one host sync
+    return {kind: dict(zip(bit_choices, row)) for kind, row in zip(measured, values)}
+
+
+def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, Mapping[int, float]],
+              numels: Mapping[str, int]) -> dict[str, dict[int, float]]:
+    """Per-layer predictions rescaled so each kind's total at each bit width equals its measured loss increase.
+
+    A kind whose predictions sum to 0 at some width (e.g. no gradient reached it) shares the measurement by
+    weight count. Layers of kinds that were not measured keep their predictions.
+    """
+    members: dict[str, list[str]] = {}
+    for name in scores:
+        members.setdefault(layer_kind(name), []).append(name)
+    out = {name: dict(per_bits) for name, per_bits in scores.items()}
+    for kind, names in members.items():
+        if kind not in measured:
+            continue
+        for bits, target in measured[kind].items():
+            predicted = sum(scores[n][bits] for n in names)
+            for n in names:
+                share = scores[n][bits] / predicted if predicted > 0 else numels[n] / sum(numels[m] for m in names)
+                out[n][bits] = target * share
+    return out
