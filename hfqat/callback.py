@@ -9,10 +9,13 @@ Per training run:
   allocation from the weight-variance prior (no gradient has been seen yet).
 - every step: sets the soft rounding/clamping sharpness from training progress (geometric from
   ``soft_anneal[0]`` to ``soft_anneal[1]`` until ``freeze_after``, then ``inf``: the last steps train the
-  exact quantizer that export packs); observes per-step sensitivities (Fisher) before the optimizer step.
-- every ``reallocate_every`` steps up to ``freeze_after · max_steps``: re-chooses every layer's bits
-  (`hfqat.allocation`, exact, with hysteresis) and applies them with ``layer.set_bits`` — in place, the scale
-  parameters keep shape and identity, so the optimizer, its Adam moments and the scheduler keep working.
+  exact quantizer that export packs); observes per-step sensitivities (Fisher) before the optimizer step, in
+  the last quarter of each re-allocation interval (the steps the next allocation reads; the rest run at QAT cost).
+- every ``reallocate_every`` steps up to ``freeze_after · max_steps``: measures the loss increase of each kind of
+  layer at each bit choice and calibrates the estimator's predictions to it (`hfqat.calibration`), then
+  re-chooses every layer's bits (`hfqat.allocation`, exact, with hysteresis) and applies them with
+  ``layer.set_bits`` — in place, the scale parameters keep shape and identity, so the optimizer, its Adam
+  moments and the scheduler keep working.
 - logs ``task_loss`` and ``distill_loss`` next to Trainer's ``loss`` (their mix).
 - train end: writes ``bit_allocation.png``, ``loss_curves.png`` and ``bit_allocation_history.json`` to
   ``args.output_dir``; ``callback.history`` holds the same history.
@@ -57,6 +60,7 @@ logger = logging.getLogger(__name__)
 TEACHER_FILE = "hfqat_teacher.safetensors"
 HISTORY_FILE = "bit_allocation_history.json"
 STATE_VERSION = 1
+MEASURED_FRACTION = 0.25  # of each re-allocation interval, at its end, in which per-step sensitivities are observed
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -229,7 +233,7 @@ class QATCallback(TrainerCallback, ExportableState):
         self._anneal(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self._budget is not None and self._estimator.per_step and state.global_step + 1 <= self._freeze_step:
+        if self._budget is not None and self._estimator.per_step and self._measures(state.global_step + 1):
             with self._local(gather_zero3=False):  # ZeRO-3 keeps gradients to itself: nothing to measure
                 self._estimator.update(self._layers, self._context(state))
 
@@ -308,6 +312,12 @@ class QATCallback(TrainerCallback, ExportableState):
         logger.warning("QATCallback: %s not found in %s; the resumed run distills from a snapshot of the "
                        "resumed (already trained) weights instead of the original ones.", TEACHER_FILE, candidates)
         return None
+
+    def _measures(self, step: int) -> bool:
+        """Whether per-step sensitivities are observed at ``step``: only in the last `MEASURED_FRACTION` of each
+        re-allocation interval (what the next allocation reads), so their cost is paid on few steps."""
+        window = max(1, math.ceil(self.reallocate_every * MEASURED_FRACTION))
+        return step <= self._freeze_step and (-step) % self.reallocate_every < window
 
     def _context(self, state) -> SensitivityContext:
         batch = self._hook.last_batch if self._hook is not None else None
