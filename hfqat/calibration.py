@@ -14,10 +14,8 @@ weights; `calibrate` rescales the predictions of kind ``k`` at ``b`` bits to sum
     cost_l(b) = pred_l(b) · ΔL(k, b) / Σ_{l ∈ k} pred_l(b)
 
 so the quadratic model still decides within a kind, the measurement between kinds and bit widths. The ``b``-bit
-quantizer is the stand-in the estimators use for other widths (`hfqat.sensitivity.candidate_weight`) at *every*
-width, the layer's current one included: its learned quantizer has adapted to its grid during training and the
-float weight has drifted with it, so next to untrained stand-ins it would look free (measured: no loss increase
-at all) and every comparison would favour whatever the layers hold now. Cost per re-allocation: ``kinds × bit choices + 1`` forward passes
+quantizer is the layer's own (learned scales) at its current bits and the stand-in the estimators use otherwise
+(`hfqat.sensitivity.candidate_weight`). Cost per re-allocation: ``kinds × bit choices + 1`` forward passes
 without backward (a Llama has 7 kinds) over at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
 """
@@ -47,22 +45,23 @@ def layer_kind(name: str) -> str:
 
 
 def _linear_at(layer: FakeQuantMixin, name: str, bits: int | None, clip: Mapping[str, Mapping[int, float]],
-               x: torch.Tensor) -> torch.Tensor:
+               current: Mapping[str, int], x: torch.Tensor) -> torch.Tensor:
     # Weight-only effect: activations stay in float, as in the snapshot teacher's float pass.
-    weight = layer.weight_oi() if bits is None else candidate_weight(layer, bits, clip.get(name, {}))
+    weight = layer.weight_oi() if bits is None else candidate_weight(layer, bits, clip.get(name, {}), current[name])
     return F.linear(x, weight.to(x.dtype), layer.bias)
 
 
-def _compute_at(layers: LayerList, bits: int | None, clip: Mapping[str, Mapping[int, float]]) -> None:
+def _compute_at(layers: LayerList, bits: int | None, clip: Mapping[str, Mapping[int, float]],
+                current: Mapping[str, int]) -> None:
     # An instance attribute ``forward`` shadows the class's (LoRA wrappers defer to it too); the replacement
     # weight is built inside each layer's forward, so never more than one extra weight is alive.
     for name, layer in layers:
-        layer.forward = partial(_linear_at, layer, name, bits, clip)
+        layer.forward = partial(_linear_at, layer, name, bits, clip, current)
 
 
 @torch.no_grad()
 def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any], bit_choices: Iterable[int],
-                  clip: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+                  clip: Mapping[str, Mapping[int, float]], current: Mapping[str, int]) -> dict[str, dict[int, float]]:
     """kind → {bits: loss increase (≥ 0) over all-float weights when that kind's layers use ``bits``}."""
     inputs, bit_choices = loss_inputs(batch), tuple(bit_choices)
     rows = max(1, MAX_TOKENS // inputs["input_ids"].shape[-1])
@@ -73,15 +72,15 @@ def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any],
     was_training = model.training
     model.eval()  # no dropout; the distillation and statistics hooks only act on training forwards
     try:
-        _compute_at(layers, None, clip)
+        _compute_at(layers, None, clip, current)
         base = model(**inputs).loss.float()
         measured = {}
         for kind, members in kinds.items():
             increases = []
             for bits in bit_choices:
-                _compute_at(members, bits, clip)
+                _compute_at(members, bits, clip, current)
                 increases.append(model(**inputs).loss.float() - base)
-            _compute_at(members, None, clip)
+            _compute_at(members, None, clip, current)
             measured[kind] = torch.stack(increases).clamp_min(0.0)
     finally:
         model.train(was_training)

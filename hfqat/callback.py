@@ -342,7 +342,8 @@ class QATCallback(TrainerCallback, ExportableState):
         batch = self._hook.last_batch if self._hook is not None else None
         if batch is None:
             return None
-        measured = measure_kinds(self._model, self._layers, batch, self.bit_choices, self._estimator.clip)
+        measured = measure_kinds(self._model, self._layers, batch, self.bit_choices, self._estimator.clip,
+                                 bit_allocation(self._model))
         return mean_across_ranks(measured)  # ranks saw different batches
 
     def _reallocate(self, state, measured: dict[str, dict[int, float]] | None = None) -> None:

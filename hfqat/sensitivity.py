@@ -130,10 +130,9 @@ def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip:
 
 
 @torch.no_grad()
-def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float],
-                     current_bits: int | None = None) -> torch.Tensor:
-    """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at
-    ``current_bits``, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
+def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float], current_bits: int) -> torch.Tensor:
+    """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at its
+    current bits, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
     w = layer.weight_oi()
     if bits == current_bits:
         return layer.quantized_weight(exact=True)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.calibration import calibrate, layer_kind, measure_kinds
-from hfqat.modeling import qat_layers
+from hfqat.modeling import bit_allocation, qat_layers
 from hfqat.sensitivity import candidate_weight, fit_clip_ratios
 from tests.conftest import text_dataset
 
@@ -38,13 +38,13 @@ def test_calibrate_matches_measured_totals_and_keeps_shares():
     assert scores["m.0.q"][2] == 3.0  # inputs untouched
 
 
-def _reference_increase(model, batch, members: set[str], bits: int, clip) -> float:
+def _reference_increase(model, batch, members: set[str], bits: int, clip, current) -> float:
     """The same loss increase from plain nn.Linear copies holding the float / candidate weights."""
     def plain(quantized_bits):
         ref = copy.deepcopy(model)
         for name, layer in list(qat_layers(ref)):
             weight = layer.weight_oi() if name not in members or quantized_bits is None else \
-                candidate_weight(layer, quantized_bits, clip[name])
+                candidate_weight(layer, quantized_bits, clip[name], current[name])
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             with torch.no_grad():
                 linear.weight.copy_(weight)
@@ -64,13 +64,14 @@ def test_measure_kinds_equals_hand_built_models_and_restores_forward(tiny_model_
     layers = list(qat_layers(model))
     model.get_submodule("model.layers.0.mlp.up_proj").set_bits(4)  # one layer off the uniform width
     clip = {name: fit_clip_ratios(layer, CHOICES) for name, layer in layers}
+    current = bit_allocation(model)
     batch = {"input_ids": input_ids}
     model.train()
     with torch.no_grad():
         before = model.eval()(**batch).logits
     model.train()
 
-    measured = measure_kinds(model, layers, batch, CHOICES, clip)
+    measured = measure_kinds(model, layers, batch, CHOICES, clip, current)
 
     assert model.training  # mode restored
     assert all("forward" not in vars(layer) for _, layer in layers)
@@ -79,9 +80,9 @@ def test_measure_kinds_equals_hand_built_models_and_restores_forward(tiny_model_
     assert set(measured) == {layer_kind(name) for name, _ in layers}
     kind = "model.layers.*.mlp.up_proj"
     members = {name for name, _ in layers if layer_kind(name) == kind}
-    for bits in (2, 4):  # 4: stand-ins also for the layer already at 4 bits, not its learned quantizer
+    for bits in (2, 4):  # 4: the layer already at 4 bits uses its learned quantizer, the other the stand-in
         assert measured[kind][bits] == pytest.approx(
-            _reference_increase(model, batch, members, bits, clip), rel=1e-4, abs=1e-6)
+            _reference_increase(model, batch, members, bits, clip, current), rel=1e-4, abs=1e-6)
     assert all(value >= 0 for per_bits in measured.values() for value in per_bits.values())
 
 
