@@ -12,7 +12,8 @@ Three sub-commands (a stock `transformers.Trainer`; nothing here shards anything
 
 Same global batch on 1 and N GPUs (``--batch`` is per GPU), same data order, so the loss curves should agree.
 Data: a synthetic, learnable stream (Zipf-distributed tokens whose second half repeats the first), offline.
-`train` writes ``result.json`` (rank 0): per-step loss, tokens/s per GPU (median step interval), peak memory,
+`train` writes ``result.json`` (rank 0): per-step loss, tokens/s per GPU (mean step interval after 2 warm-up steps: re-allocation
+work sits on some steps only, so the mean is the amortised rate), peak memory,
 every rank's final bit allocation (gathered) and whether they are equal, and the packed export's check.
 """
 
@@ -75,7 +76,7 @@ def train(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         args.model, quantization_config=hfqat.QATConfig(bits=4, group_size=args.group_size), dtype=torch.float32,
         device_map={"": local_rank} if cuda else None)
-    callback = QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every)
+    callback = QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every, sensitivity=args.sensitivity)
     timer = StepTimer()
     training_args = TrainingArguments(
         args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
@@ -107,10 +108,10 @@ def train(args) -> None:
     if not hd.is_main_process():
         return
     intervals = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])][2:]  # skip warm-up steps
-    step_time = statistics.median(intervals)
+    step_time = statistics.mean(intervals)
     result = {
         "world_size": hd.world_size(), "per_gpu_batch": args.batch, "seq": args.seq,
-        "tokens_per_s_per_gpu": args.batch * args.seq / step_time, "median_step_s": step_time,
+        "tokens_per_s_per_gpu": args.batch * args.seq / step_time, "median_step_s": statistics.median(intervals),
         "mean_step_s": statistics.mean(intervals), "peak_gib_max_rank": peak.item() / 2**30,
         "losses": {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
         "allocations_equal": all(a == allocations[0] for a in allocations),
@@ -165,6 +166,7 @@ def main() -> None:
     tr.add_argument("--save-steps", type=int, default=0)
     tr.add_argument("--save-packed", action="store_true")
     tr.add_argument("--resume", default=None)
+    tr.add_argument("--sensitivity", default="fisher", help="'variance' under DeepSpeed ZeRO-3 (no gradients seen)")
     rp = sub.add_parser("report")
     rp.add_argument("runs", nargs="+")
     args = parser.parse_args()
