@@ -11,6 +11,8 @@ table stays small). When the table would still be too large, counts are bucketed
 always rounding each layer's count *up* and the capacity *down*: the solution may then be slightly
 suboptimal but can never exceed the budget. The result is re-checked in exact integer arithmetic.
 
+Ties (e.g. layers whose cost is 0 at every width) go to the wider choice: budget left unused buys nothing.
+
 Hysteresis: ``switch_cost`` is added to every choice that differs from the layer's current bits, so the
 allocation only moves when the predicted total gain exceeds the summed margins of the layers that change.
 """
@@ -69,6 +71,8 @@ def allocate_bits(
     capacity = min(max(capacity, 0), sum(weights) * spread)
 
     table = np.array([[costs[n][b] for b in choices] for n in names], dtype=np.float64)
+    # Tie-break towards more bits, far below any real cost difference.
+    table -= 1e-9 * max(float(np.abs(table).max()), 1e-30) * np.array(choices) / choices[-1]
     if current is not None and switch_cost > 0:
         table += switch_cost * np.array([[b != current.get(n) for b in choices] for n in names])
 

@@ -97,14 +97,15 @@ def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, 
     """Per-layer predictions rescaled so each kind's total at each bit width equals its measured loss increase.
 
     A kind whose predictions sum to 0 at some width (e.g. no gradient reached it) shares the measurement by
-    weight count. Layers of kinds that were not measured keep their predictions.
+    weight count. Layers of kinds that were not measured, or whose measurements are all 0 (no signal: quantizing
+    them did not raise this batch's loss at any width), keep their predictions.
     """
     members: dict[str, list[str]] = {}
     for name in scores:
         members.setdefault(layer_kind(name), []).append(name)
     out = {name: dict(per_bits) for name, per_bits in scores.items()}
     for kind, names in members.items():
-        if kind not in measured:
+        if not any(value > 0 for value in measured.get(kind, {}).values()):
             continue
         for bits, target in measured[kind].items():
             predicted = sum(scores[n][bits] for n in names)

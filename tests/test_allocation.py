@@ -216,3 +216,10 @@ def test_state_roundtrip_and_registry():
     with pytest.raises(ValueError, match="allowed values"):
         make_estimator("nope", CHOICES, 0.9)
     assert issubclass(ESTIMATORS["variance"], SensitivityEstimator)
+
+
+def test_ties_go_to_more_bits():
+    numels = {"a": 100, "b": 100, "c": 200}
+    costs = {name: {2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0} for name in numels}
+    bits = allocate_bits(costs, numels, 4.0)
+    assert weighted_average_bits(bits, numels) == 4.0

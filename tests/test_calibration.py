@@ -109,3 +109,10 @@ def test_callback_records_measurements(tiny_model_dir, tmp_path, calibrate_costs
 def test_calibrate_must_be_a_bool():
     with pytest.raises(ValueError, match="calibrate"):
         hfqat.QATCallback(calibrate="yes")
+
+
+def test_kinds_without_signal_keep_their_predictions():
+    scores = {"m.0.q": {2: 3.0, 4: 1.0}, "m.0.v": {2: 2.0, 4: 0.5}}
+    out = calibrate(scores, {"m.*.q": {2: 0.0, 4: 0.0}, "m.*.v": {2: 4.0, 4: 0.0}}, {"m.0.q": 1, "m.0.v": 1})
+    assert out["m.0.q"] == scores["m.0.q"]
+    assert out["m.0.v"] == {2: 4.0, 4: 0.0}
