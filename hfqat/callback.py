@@ -240,11 +240,14 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
         if self._budget is not None and step % self.reallocate_every == 0 and step <= self._freeze_step:
-            # Estimators and calibration that run the model do it outside the local view.
-            if not self._estimator.per_step:  # e.g. Hutchinson
+            # What runs the model (Hutchinson, calibration) runs outside the local view; the rest inside it.
+            at_reallocation = not self._estimator.per_step
+            if at_reallocation and self._estimator.runs_model:
                 self._estimator.update(self._layers, self._context(state))
             measured = self._measure_kinds() if self.calibrate else None
             with self._local():
+                if at_reallocation and not self._estimator.runs_model:  # e.g. variance: whole (ZeRO-3) or row weights
+                    self._estimator.update(self._layers, self._context(state))
                 self._reallocate(state, measured)
         if step >= self._freeze_step:
             self._estimator.detach()  # bits are final: stop collecting statistics

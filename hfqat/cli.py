@@ -112,6 +112,7 @@ def cmd_train(argv: list[str]) -> dict:
 
     from .callback import QATCallback
     from .data import load_blocks
+    from .distributed import is_sharded, unsharded_model
 
     a = _parse("train", argv)
     model, tokenizer = load_model(a["model"], a["quant"].to_qat_config())
@@ -132,6 +133,12 @@ def cmd_train(argv: list[str]) -> dict:
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     if lora.use_lora:
         model = model.merge_and_unload()
+    if is_sharded(model):
+        # FSDP2 / ZeRO-3: gather a whole copy on the main process, which saves and evaluates it alone.
+        model = unsharded_model(model)
+        if model is None:
+            return {}
+        model.to(training.device)
     final = Path(training.output_dir) / "final"
     return _save_and_evaluate(model, tokenizer, final, data, a["eval"], save=trainer.is_world_process_zero())
 

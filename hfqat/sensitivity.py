@@ -167,11 +167,13 @@ class SensitivityEstimator(ABC):
     """Template method: `update` keeps the EMAs and clip ratios; subclasses implement `_measure`.
 
     ``per_step``: measured at every optimizer step (needs that step's gradients) rather than only at
-    re-allocation time.
+    re-allocation time. ``runs_model``: the measurement runs the model's forward (it must then see the model as
+    sharded training sees it, not per-layer local views).
     """
 
     name: ClassVar[str]
     per_step: ClassVar[bool] = False
+    runs_model: ClassVar[bool] = False
 
     def __init__(self, bit_choices: Iterable[int], ema: float = 0.9) -> None:
         self.bit_choices = tuple(sorted(bit_choices))
@@ -344,6 +346,7 @@ class HutchinsonEstimator(SensitivityEstimator):
     """Hessian-trace (Hutchinson) sensitivity on the stored micro-batch; see the module docstring for cost."""
 
     name = "hutchinson"
+    runs_model = True
     probes: ClassVar[int] = 2
 
     def _measure(self, layers, context):
