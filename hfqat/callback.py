@@ -46,7 +46,7 @@ from .allocation import allocate_bits, weighted_average_bits
 from .calibration import calibrate, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import broadcast_object, local_view, mean_across_ranks
+from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,
@@ -198,7 +198,7 @@ class QATCallback(TrainerCallback, ExportableState):
         if not self._layers:
             raise ValueError("QATCallback: the model has no hfqat fake-quantized layers; load it with "
                              "from_pretrained(..., quantization_config=hfqat.QATConfig(...))")
-        self._numels = {name: layer.weight.numel() for name, layer in self._layers}
+        self._numels = {name: full_numel(layer.weight) for name, layer in self._layers}
         self._soft = any(layer.spec.rounding == "soft" or layer.spec.clamping == "soft" for _, layer in self._layers)
         self._freeze_step = math.floor(self.freeze_after * state.max_steps)
         self._last_logged_step = self._step = state.global_step

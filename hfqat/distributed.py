@@ -115,6 +115,11 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
+def full_numel(t: torch.Tensor) -> int:
+    """Element count of the whole tensor: a ZeRO-3 partitioned parameter's own ``numel()`` is 0 outside forward."""
+    return int(getattr(t, "ds_numel", t.numel()))
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered if ``t`` is a DTensor (a collective: call on every rank), else ``t`` itself."""
     return t.full_tensor() if isinstance(t, DTensor) else t

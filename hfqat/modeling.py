@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .codebook import CodebookConv1D, CodebookLinear
 from .config import QATConfig
+from .distributed import full_numel
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def bit_allocation(model: nn.Module) -> dict[str, int]:
 def average_bits(model: nn.Module) -> float:
     """Parameter-weighted average weight bits over the fake-quantized layers."""
     layers = [layer for _, layer in qat_layers(model)]
-    numel = sum(layer.weight.numel() for layer in layers)
-    return sum(layer.bits * layer.weight.numel() for layer in layers) / max(numel, 1)
+    numel = sum(full_numel(layer.weight) for layer in layers)
+    return sum(layer.bits * full_numel(layer.weight) for layer in layers) / max(numel, 1)
 
 
 @torch.no_grad()
