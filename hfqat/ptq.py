@@ -7,19 +7,21 @@ model: it evaluates, trains further, and packs like a QAT one.
   are rounded to the nearest grid point by the fake quantizer. Nothing to run: `rtn` only re-fits.
 - GPTQ (Frantar et al., 2022): per layer, with ``H = 2·XᵀX`` from calibration inputs, quantize the columns of W
   one at a time and spread each column's rounding error over the not-yet-quantized columns through the
-  Cholesky factor of ``H⁻¹`` (lazy block updates). Scales stay those of the RTN fit (static groups). The
-  quantized weights are written back on the grid, so the fake quantizer reproduces them exactly.
+  Cholesky factor of ``H⁻¹`` (lazy block updates). Scales stay those of the RTN fit (static groups); codebook
+  layers round to the nearest centroid of their fitted codebooks. The quantized weights are written back on the
+  grid, so the fake quantizer reproduces them exactly.
   Hessians come from one pass of the model as loaded (all layers at once, not layer-sequential).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .codebook import CodebookMixin
 from .layers import FakeQuantMixin
 from .modeling import init_quant_params, qat_layers
 from .primitives import effective_scale, int_range
@@ -59,6 +61,31 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[
     return hessians
 
 
+def _column_grid(layer: FakeQuantMixin) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``grid(col, j)``: column ``j`` of the (out, in) weight rounded onto the layer's grid — its integer grid, or
+    for codebook layers the nearest of the group's active centroids (GPTQ needs nothing else from the format)."""
+    group = layer.spec.group_size
+    scale = effective_scale(layer.weight_scale.float())
+    if isinstance(layer, CodebookMixin):
+        centroids = layer.weight_codebook.float()[..., :1 << layer.bits]
+
+        def nearest(col: torch.Tensor, j: int) -> torch.Tensor:
+            s, table = scale[:, j // group], centroids[:, j // group]
+            index = (col.unsqueeze(1) / s.unsqueeze(1) - table).abs().argmin(1, keepdim=True)
+            return table.gather(1, index).squeeze(1) * s
+
+        return nearest
+    zero = torch.round(layer.weight_zero_point.float()) if layer.weight_zero_point is not None else None
+    qmin, qmax = (float(v) for v in int_range(layer.bits, zero is None))
+
+    def rounded(col: torch.Tensor, j: int) -> torch.Tensor:
+        s = scale[:, j // group]
+        z = zero[:, j // group] if zero is not None else 0.0
+        return (torch.clamp(torch.round(col / s) + z, qmin, qmax) - z) * s
+
+    return rounded
+
+
 @torch.no_grad()
 def gptq_layer(layer: FakeQuantMixin, hessian: torch.Tensor, percdamp: float = 0.01, block_size: int = 128) -> None:
     """Quantize one layer's weight in place with GPTQ error compensation on the layer's current grid."""
@@ -70,16 +97,7 @@ def gptq_layer(layer: FakeQuantMixin, hessian: torch.Tensor, percdamp: float = 0
     h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    group = layer.spec.group_size
-    scale = effective_scale(layer.weight_scale)
-    zero = torch.round(layer.weight_zero_point.float()) if layer.weight_zero_point is not None else None
-    qmin, qmax = (float(v) for v in int_range(layer.bits, zero is None))
-
-    def grid(col: torch.Tensor, j: int) -> torch.Tensor:
-        s = scale[:, j // group]
-        z = zero[:, j // group] if zero is not None else 0.0
-        return (torch.clamp(torch.round(col / s) + z, qmin, qmax) - z) * s
-
+    grid = _column_grid(layer)
     n_cols = w.shape[1]
     for start in range(0, n_cols, block_size):
         end = min(start + block_size, n_cols)

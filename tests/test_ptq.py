@@ -1,5 +1,6 @@
-"""PTQ baselines: GPTQ beats round-to-nearest on its calibration data and stays on the grid."""
+"""PTQ baselines: GPTQ beats round-to-nearest on its calibration data and stays on the grid (int and codebook)."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -18,9 +19,10 @@ def _output_error(layer, float_weight, hessian):
     return torch.trace(delta.t() @ hessian @ delta)  # = 2/n · ||X ΔWᵀ||²
 
 
-def test_gptq_reduces_layer_output_error_and_stays_on_grid(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"),
-                                                 quantization_config=QATConfig(bits=3, group_size=32))
+@pytest.mark.parametrize("weight_format", ["int", "codebook"])
+def test_gptq_reduces_layer_output_error_and_stays_on_grid(tiny_model_dir, weight_format):
+    config = QATConfig(bits=3, group_size=32, weight_format=weight_format)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=config)
     rtn(model)
     floats = {n: layer.weight.detach().clone() for n, layer in qat_layers(model)}
     hessians = collect_hessians(model, _batches())
