@@ -49,10 +49,11 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LayerQuantSpec
-from .kernels import CODEBOOK_AUTO_ORDER, CODEBOOK_BACKENDS, select_backend
+from .kernels import CODEBOOK_AUTO_ORDER, CODEBOOK_BACKENDS
 from .layers import FakeQuantMixin, QATConv1D, QATLinear
-from .packing import LAYOUT, pack, packed_rows, unpack
-from .primitives import SCALE_EPS, _grouped, effective_scale, fake_quantize_activations
+from .packed_layer import PackedLayer
+from .packing import LAYOUT, pack, unpack
+from .primitives import SCALE_EPS, _grouped, effective_scale
 
 KMEANS_ITERS = 30  # Lloyd from quantiles: most rows are at their fixed point by then, the rest within ~1e-3
 WEIGHT_FORMAT = "codebook"
@@ -333,34 +334,23 @@ def fit_codebooks(model: nn.Module, sample_weights: Mapping[str, torch.Tensor] |
 
 
 # -- packed inference layer -------------------------------------------------------------------------------------
-class PackedCodebookLinear(nn.Module):
+class PackedCodebookLinear(PackedLayer):
     """Inference layer of a codebook-quantized linear: packed indices + per-group fp32 tables; ``y = x·Wᵀ + b``.
 
     ``qweight``: int32 (in·bits/32 (padded), out), the `hfqat.packing` layout of the indices;
     ``codebook``: fp32 (out, in // group_size, 2^bits), ``W[n, k] = codebook[n, k // group_size, index[n, k]]``.
-    The matmul backend is picked on first use per (device, dtype) from `CODEBOOK_BACKENDS` (``backend`` tells
-    which; ``force_backend`` pins one).
+    The matmul backend comes from `CODEBOOK_BACKENDS` (see `PackedLayer`).
     """
 
     weight_format = WEIGHT_FORMAT
+    backends = CODEBOOK_BACKENDS
+    auto_order = CODEBOOK_AUTO_ORDER
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  activation_bits: int | None = None, device=None, dtype=None) -> None:
-        super().__init__()
-        if group_size < 1 or in_features % group_size:
-            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.activation_bits = bits, group_size, activation_bits
-        self.register_buffer("qweight", torch.empty(packed_rows(in_features, bits), out_features, dtype=torch.int32,
-                                                    device=device))
+        super().__init__(in_features, out_features, bias, bits, group_size, activation_bits, device, dtype)
         self.register_buffer("codebook", torch.empty(out_features, in_features // group_size, 1 << bits,
                                                      dtype=torch.float32, device=device))
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
-        self.force_backend: str | None = None
-        self.backend: str | None = None
-        self._matmul = None
-        self._prepared_key: tuple | None = None
 
     @classmethod
     @torch.no_grad()
@@ -400,11 +390,6 @@ class PackedCodebookLinear(nn.Module):
         """This layer's entry in ``QATConfig.packed_layers``."""
         return {"bits": self.bits, "group_size": self.group_size, "weight_format": WEIGHT_FORMAT, "layout": LAYOUT}
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The packed indices (for code that probes ``.weight``, as `PackedLinear` does)."""
-        return self.qweight
-
     def indices(self) -> torch.Tensor:
         """(out, in) int64 centroid indices."""
         return unpack(self.qweight, self.bits, self.in_features).long()
@@ -413,30 +398,6 @@ class PackedCodebookLinear(nn.Module):
         """The (out, in) weight: a gather from the tables (bit-identical to the fake-quant weight in fp32)."""
         idx = self.indices().view(self.out_features, -1, self.group_size)
         return self.codebook.gather(-1, idx).view(self.out_features, self.in_features).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is not None:
-            x = fake_quantize_activations(x, self.activation_bits)
-        if self._prepared_key != (x.device, x.dtype, self.force_backend):
-            self._prepare(x.device, x.dtype)
-        return self._matmul(self, x)
-
-    @torch.compiler.disable
-    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.backend, self._matmul = select_backend(self, device, dtype, self.force_backend,
-                                                    backends=CODEBOOK_BACKENDS, order=CODEBOOK_AUTO_ORDER)
-        self._prepared_key = (device, dtype, self.force_backend)
-
-    @torch.no_grad()
-    def to_float(self) -> nn.Linear:
-        """A plain `nn.Linear` computing the same function."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.qweight.device, dtype=dtype)
-        linear.weight.copy_(self.dequantized_weight(dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

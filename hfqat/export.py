@@ -50,13 +50,12 @@ from transformers.pytorch_utils import Conv1D
 from .codebook import PackedCodebookLinear
 from .config import QATConfig
 from .distributed import barrier, is_sharded, unsharded_model
-from .kernels import select_backend
 from .layers import FakeQuantMixin, QATConv1D
 from .modeling import qat_layers
-from .packing import LAYOUT, code_offset, pack, packed_rows, unpack_kn
+from .packed_layer import PackedLayer
+from .packing import LAYOUT, code_offset, pack, unpack_kn
 from .primitives import (
     effective_scale,
-    fake_quantize_activations,
     init_scales,
     quantize,
 )
@@ -66,34 +65,22 @@ ZERO_DTYPE = torch.int16
 CT_BITS = (4, 8)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(PackedLayer):
     """Inference linear layer holding packed integer codes (never a float weight); ``y = x · Wᵀ + b``.
 
-    Replaces both `nn.Linear` and GPT-2's `Conv1D` (same function, the weight layout is ours). The matmul
-    backend is picked per layer on the first call for each (device, dtype) — see `hfqat.kernels` — and is
-    reported by `backend`; set `force_backend` (or `set_backend(model, name)`) to pin one.
+    Replaces both `nn.Linear` and GPT-2's `Conv1D` (same function, the weight layout is ours). ``scales`` (fp32) and
+    ``zeros`` (int16, asymmetric only) are (in // group_size, out). The matmul backend is picked per layer on the
+    first call for each (device, dtype) — see `hfqat.kernels` and `PackedLayer`; `set_backend(model, name)` pins one.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, activation_bits: int | None = None, device=None, dtype=None) -> None:
-        super().__init__()
-        if group_size < 1 or in_features % group_size:
-            raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
-        self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.activation_bits = activation_bits
+        super().__init__(in_features, out_features, bias, bits, group_size, activation_bits, device, dtype)
+        self.symmetric = symmetric
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.empty(packed_rows(in_features, bits), out_features,
-                                                    dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float32, device=device))
         self.register_buffer("zeros", None if symmetric else torch.empty(groups, out_features, dtype=ZERO_DTYPE,
                                                                          device=device))
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
-        self.force_backend: str | None = None
-        self.backend: str | None = None  # name of the backend in use, set on the first forward
-        self._matmul = None
-        self._prepared_key: tuple | None = None
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -136,14 +123,6 @@ class PackedLinear(nn.Module):
             layer.bias.copy_(bias)
         return layer
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The packed int32 codes (like bitsandbytes' packed ``weight``), for code that probes ``.weight``.
-
-        transformers' weight init, for one, touches ``c_proj.weight`` of GPT-2 blocks by name.
-        """
-        return self.qweight
-
     # -- numerics -------------------------------------------------------------------------------------------
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) float weight, exactly ``primitives.dequantize`` of the stored codes (fp32 math)."""
@@ -152,29 +131,6 @@ class PackedLinear(nn.Module):
         zero = code_offset(self.bits, True) if self.zeros is None else self.zeros.to(torch.int32).unsqueeze(1)
         w = (codes - zero).float() * self.scales.unsqueeze(1)
         return w.view(k, n).t().contiguous().to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is not None:
-            x = fake_quantize_activations(x, self.activation_bits)
-        if self._prepared_key != (x.device, x.dtype, self.force_backend):
-            self._prepare(x.device, x.dtype)
-        return self._matmul(self, x)
-
-    @torch.compiler.disable
-    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.backend, self._matmul = select_backend(self, device, dtype, self.force_backend)
-        self._prepared_key = (device, dtype, self.force_backend)
-
-    @torch.no_grad()
-    def to_float(self) -> nn.Linear:
-        """A plain `nn.Linear` computing the same function (in fp32 unless the bias says otherwise)."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.qweight.device, dtype=dtype)
-        linear.weight.copy_(self.dequantized_weight(dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
 
     def config_entry(self) -> dict[str, Any]:
         """This layer's entry in ``QATConfig.packed_layers``."""
