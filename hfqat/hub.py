@@ -2,7 +2,7 @@
 
 Three steps, each usable alone:
 
-- `write_model_card(model, out_dir, ...)` renders `README.md` from `model_cards/hfqat_model_card.md` with
+- `write_model_card(model, out_dir, ...)` renders `README.md` from `hfqat/templates/model_card.md` with
   `huggingface_hub.ModelCard.from_template` (YAML metadata + how to load + bit map + plots + metrics + settings).
 - `push_packed_dir(local_dir, repo_id, ...)` uploads an existing packed export (what `hfqat push` calls).
 - `push_to_hub(model, repo_id, ...)` does all of it: `save_packed` -> card -> `create_repo` + `upload_folder`.
@@ -34,7 +34,7 @@ from .modeling import qat_layers
 
 logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "hfqat_model_card.md"
+CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data (in the wheel)
 PLOTS_DIR = "plots"
 # Weight files an earlier push may have left that a new export replaces (e.g. a different shard count).
 STALE_WEIGHT_PATTERNS = ["model*.safetensors", "model.safetensors.index.json"]
@@ -92,7 +92,7 @@ def write_model_card(
         reproduce_command: the command that reproduces this model (string or argv list).
         base_model: Hub id of the float model; default: the model's `name_or_path` when it looks like a Hub id.
         has_tokenizer: whether the loading snippet shows the tokenizer; default: a tokenizer file is in out_dir.
-        template_path: Jinja template; default `model_cards/hfqat_model_card.md`.
+        template_path: Jinja template; default `hfqat/templates/model_card.md`.
         redact: strings (tokens) scrubbed from the rendered card, as a last line of defence.
     """
     from huggingface_hub import ModelCard, ModelCardData
