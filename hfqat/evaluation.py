@@ -57,14 +57,15 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"perplexity window={window}, stride={stride} are invalid; allowed: window >= 2 and "
                          "1 <= stride <= window")
-    windows, prev_end = [], 0
-    for begin in range(0, n_tokens, stride):
+    windows, prev_end, start = [], 0, 0
+    while prev_end < n_tokens:
+        first = max(prev_end, 1)
+        # The first scored token is predicted from its predecessor, which must be inside the window (with
+        # stride == window a window would otherwise start on a token nothing predicts).
+        begin = min(start, first - 1)
         end = min(begin + window, n_tokens)
-        # A token needs one token of context inside its window, hence begin + 1.
-        windows.append((begin, end, max(prev_end, begin + 1)))
-        prev_end = end
-        if end == n_tokens:
-            break
+        windows.append((begin, end, first))
+        prev_end, start = end, start + stride
     return windows
 
 
