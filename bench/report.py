@@ -2,9 +2,11 @@
 
     python bench/report.py --out bench-report            # the CPU-sized set (about 20 min on 2 cores)
     python bench/report.py --out bench-report --gpu      # + GPU speed, decode and full-size quality runs
+    python bench/report.py --out bench-report --include bench/results   # + saved outputs of earlier GPU runs
 
 Writes ``<out>/REPORT.md`` (every section: the exact command, then what the script printed) and copies the
-PNG figures the scripts wrote (``<out>/figures/``). A script that fails is reported with its exit code and
+PNG figures the scripts wrote (``<out>/figures/``). ``--include DIR`` appends every text/markdown file of DIR as
+a section (verbatim: saved script outputs, each with its command) and its PNGs as figures. A script that fails is reported with its exit code and
 the tail of its output; the rest still runs.
 """
 
@@ -41,7 +43,7 @@ def run(title: str, args: list[str], out: Path) -> str:
     command = shlex.join(["python", f"bench/{args[0]}", *argv[2:]])
     print(f"[report] {title}: {command}", flush=True)
     started = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     elapsed = time.time() - started
     body = proc.stdout if proc.returncode == 0 else (proc.stdout + proc.stderr)[-4000:]
     status = "" if proc.returncode == 0 else f"\n**failed with exit code {proc.returncode}**\n"
@@ -52,12 +54,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-report")
     parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmarks")
+    parser.add_argument("--include", type=Path, help="folder of saved outputs (e.g. bench/results) to embed")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections = [run(title, cmd, out) for title, cmd in CPU_RUNS + (GPU_RUNS if args.gpu else [])]
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
+    if args.include:
+        for path in sorted(args.include.glob("*.txt")) + sorted(args.include.glob("*.md")):
+            body = path.read_text().strip()
+            if path.suffix == ".txt":  # plain script output: keep its columns
+                body = f"```\n{body}\n```"
+            sections.append(f"## Saved: {path.name}\n\n{body}\n")
+        for png in args.include.glob("*.png"):
+            shutil.copy(png, figures / png.name)
     for png in out.rglob("*.png"):
         if figures not in png.parents:
             shutil.copy(png, figures / f"{png.parent.name}-{png.name}")
