@@ -5,7 +5,8 @@ Train text: Python's language reference (`hfqat.data.stdlib_train_text`); eval t
 (`stdlib_eval_text`, disjoint). Every trained row uses the same steps, tokens, data order, optimizer and
 learning-rate schedule; only the quantization recipe differs. Weights are symmetric, group size 64.
 
-Rows: FP; RTN PTQ (min-max scales) and the MSE-clip initialisation QAT starts from; QAT with CE only;
+Rows: FP; RTN PTQ (min-max scales) and the MSE-clip initialisation QAT starts from; INT8 points for the
+INT8-vs-INT4 trade-off (W8, W8A8 with dynamic per-token int8 activations, W4A8); QAT with CE only;
 QAT + distillation (STE, and soft rounding/clamping annealed by the callback); QAT + distillation +
 re-allocation at an average of 3.5 and 3.0 bits next to uniform 4 and 3 bits; torchao's QAT (weight-only
 int4/int3 g64 fake quant, CE only) as the peer, when torchao is installed (`pip install torchao`).
@@ -49,6 +50,7 @@ class Row:
     bits: int = 4
     scale_init: str = "mse"
     soft: bool = False
+    activation_bits: int | None = None
     callback: dict = field(default_factory=dict)
     fast: bool = False  # part of the quick subset (--only fast)
 
@@ -64,6 +66,9 @@ def rows(args) -> list[Row]:
         Row("RTN PTQ W4 (min-max)", 4, "ptq", 4, "minmax", fast=True),
         Row("PTQ W4 MSE-clip init", 4, "ptq", 4),
         Row("RTN PTQ W3 (min-max)", 3, "ptq", 3, "minmax"),
+        Row("RTN PTQ W8 (min-max)", None, "ptq", 8, "minmax", fast=True),
+        Row("RTN PTQ W8A8 (int8 per-token activations)", None, "ptq", 8, "minmax", activation_bits=8, fast=True),
+        Row("PTQ W4A8 MSE-clip init", None, "ptq", 4, activation_bits=8, fast=True),
         Row("PTQ W3 MSE-clip init", 3, "ptq", 3),
         Row("QAT W4 CE only", 4, "qat", 4, callback=dict(teacher=None, reallocate_every=0), fast=True),
         Row("QAT W4 + KD (STE)", 4, "qat", 4, callback=kd, fast=True),
@@ -100,7 +105,8 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> float:
 # -- models ---------------------------------------------------------------------------------------------------
 def hfqat_model(path, row: Row, group_size: int, device):
     config = hfqat.QATConfig(bits=row.bits, group_size=group_size, symmetric=True, scale_init=row.scale_init,
-                             rounding="soft" if row.soft else "ste", clamping="soft" if row.soft else "hard")
+                             rounding="soft" if row.soft else "ste", clamping="soft" if row.soft else "hard",
+                             activation_bits=row.activation_bits)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).to(device)
 
 
@@ -262,7 +268,7 @@ def main(argv=None) -> int:
 
 def render(results, memory, args) -> str:
     fp = next((r["ppl"] for r in results if r["ref_bits"] is None), float("nan"))
-    rtn = {r["ref_bits"]: r["ppl"] for r in results if r["name"].startswith("RTN")}
+    rtn = {r["ref_bits"]: r["ppl"] for r in results if r["name"].startswith("RTN") and r["ref_bits"] is not None}
     by_name = {r["name"]: r["ppl"] for r in results}
     lines = [f"SmolLM2-135M, W sym g{args.group_size}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, "
              f"lr {args.lr}; eval {args.eval_blocks} x {args.seq_len} tokens of stdlib docstrings", "",
