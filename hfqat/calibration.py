@@ -13,12 +13,16 @@ weights; `calibrate` rescales the predictions of kind ``k`` at ``b`` bits to sum
 
     cost_l(b) = pred_l(b) · ΔL(k, b) / Σ_{l ∈ k} pred_l(b)
 
-so the quadratic model still decides within a kind, the measurement between kinds and bit widths. The ``b``-bit
-quantizer is the layer's own (learned scales) at its current bits and the stand-in the estimators use otherwise
-(`hfqat.sensitivity.candidate_weight`). The learned quantizer has adapted during training, so the current widths
-look cheap next to untrained stand-ins: an inertia that keeps trained layers where they are. Stand-ins at every
-width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08 vs 15.33 perplexity). Cost per re-allocation: ``kinds × bit choices + 1`` forward passes
-without backward (a Llama has 7 kinds) over at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
+so the quadratic model still decides within a kind, the measurement between kinds and bit widths.
+
+The ``b``-bit quantizer is the layer's own (learned scales) at its current bits and the stand-in the estimators
+use otherwise (`hfqat.sensitivity.candidate_weight`). The learned quantizer has adapted during training, so the
+current widths look cheap next to untrained stand-ins: an inertia that keeps trained layers where they are.
+Stand-ins at every width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08
+vs 15.33 perplexity).
+
+Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
+at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
 """
 
