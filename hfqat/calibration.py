@@ -46,7 +46,10 @@ _BLOCK_INDEX = re.compile(r"\.\d+(?=\.|$)")
 
 
 def layer_kind(name: str) -> str:
-    """The layer's name with block indices replaced by ``*`` (``model.layers.3.mlp.up_proj`` → ``model.layers.*.mlp.up_proj``)."""
+    """The layer's name with block indices replaced by ``*``.
+
+    ``model.layers.3.mlp.up_proj`` → ``model.layers.*.mlp.up_proj``
+    """
     return _BLOCK_INDEX.sub(".*", name)
 
 
