@@ -45,7 +45,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LayerQuantSpec

@@ -24,7 +24,6 @@ from .export import save_packed
 from .hub import write_model_card
 from .modeling import average_bits, qat_layers
 
-
 EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

@@ -211,7 +211,10 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     (peak extra GPU memory: one module); replicated models (DDP, single process) via ``state_dict()``.
     """
     if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if any(hasattr(p, "ds_id") for p in model.parameters()):

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 DEFAULT_MC_TASK = Path(__file__).resolve().parent / "tasks" / "python_semantics.jsonl"

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .codebook import PackedCodebookLinear

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from ._version import __version__
 from .modeling import qat_layers

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LayerQuantSpec
@@ -129,7 +129,7 @@ class QATLinear(FakeQuantMixin, nn.Linear):
         return self.weight
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, spec: LayerQuantSpec) -> "QATLinear":
+    def from_float(cls, linear: nn.Linear, spec: LayerQuantSpec) -> QATLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         layer.weight = linear.weight
@@ -167,7 +167,7 @@ class QATConv1D(FakeQuantMixin, Conv1D):
         return self.weight.t()
 
     @classmethod
-    def from_float(cls, conv: Conv1D, spec: LayerQuantSpec) -> "QATConv1D":
+    def from_float(cls, conv: Conv1D, spec: LayerQuantSpec) -> QATConv1D:
         layer = cls(conv.nf, conv.nx, spec, device=conv.weight.device, dtype=conv.weight.dtype)
         layer.weight = conv.weight
         layer.bias = conv.bias

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
-import torch.nn as nn
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .codebook import CodebookConv1D, CodebookLinear
