@@ -25,6 +25,7 @@ BENCH = Path(__file__).resolve().parent
 CPU_RUNS = [
     ("Fake-quant overhead and RTN init (min/max vs MSE)", ["bench_fake_quant.py"]),
     ("Packed size vs bf16", ["bench_size.py", "--smollm2"]),
+    ("Bit allocators without training (PTQ perplexity)", ["bench_allocation.py"]),
     ("LoRA + QAT vs full QAT: memory and step time", ["bench_lora_memory.py"]),
     ("Quality: FP / RTN / QAT / KD / re-allocation / soft (short CPU run)",
      ["bench_qat_quality.py", "--cpu", "--only", "fast", "--steps", "20", "--batch", "2", "--seq-len", "256",
