@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,8 +52,8 @@ from transformers.pytorch_utils import Conv1D
 from .config import LayerQuantSpec
 from .kernels import CODEBOOK_AUTO_ORDER, CODEBOOK_BACKENDS
 from .layers import FakeQuantMixin, QATConv1D, QATLinear
-from .packed_layer import PackedLayer
-from .packing import LAYOUT, pack, unpack
+from .packed_layer import PackedLayer, float_weight_oi
+from .packing import unpack
 from .primitives import SCALE_EPS, _grouped, effective_scale
 
 KMEANS_ITERS = 30  # Lloyd from quantiles: most rows are at their fixed point by then, the rest within ~1e-3
@@ -367,8 +368,7 @@ class PackedCodebookLinear(PackedLayer):
     def from_float(cls, module: nn.Linear | Conv1D, bits: int, group_size: int,
                    sample_weight: torch.Tensor | None = None) -> PackedCodebookLinear:
         """Post-training k-means quantization of a float layer (``group_size=-1``: per channel), e.g. for benchmarks."""
-        w = module.weight.t() if isinstance(module, Conv1D) else module.weight
-        group_size = w.shape[1] if group_size == -1 else group_size
+        w, group_size = float_weight_oi(module, group_size)
         k = 1 << bits
         table = kmeans_1d(w.reshape(-1, group_size), k, sample_weight).view(w.shape[0], -1, k)
         indices = nearest_centroid(_grouped(w, group_size), table).reshape(w.shape)
@@ -380,15 +380,12 @@ class PackedCodebookLinear(PackedLayer):
         out_features, in_features = indices.shape
         packed = cls(in_features, out_features, bias is not None, bits, group_size, activation_bits,
                      device=indices.device, dtype=bias.dtype if bias is not None else dtype)
-        packed.qweight.copy_(pack(indices.to(torch.int32), bits))
+        packed._store(indices, bias)
         packed.codebook.copy_(table)
-        if bias is not None:
-            packed.bias.copy_(bias)
         return packed
 
-    def config_entry(self) -> dict:
-        """This layer's entry in ``QATConfig.packed_layers``."""
-        return {"bits": self.bits, "group_size": self.group_size, "weight_format": WEIGHT_FORMAT, "layout": LAYOUT}
+    def format_fields(self) -> dict[str, Any]:
+        return {"weight_format": WEIGHT_FORMAT}
 
     def indices(self) -> torch.Tensor:
         """(out, in) int64 centroid indices."""
@@ -398,8 +395,3 @@ class PackedCodebookLinear(PackedLayer):
         """The (out, in) weight: a gather from the tables (bit-identical to the fake-quant weight in fp32)."""
         idx = self.indices().view(self.out_features, -1, self.group_size)
         return self.codebook.gather(-1, idx).view(self.out_features, self.in_features).to(dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight_format=codebook, bits={self.bits}, group_size={self.group_size}, "
-                f"activation_bits={self.activation_bits}, backend={self.backend}")

@@ -52,7 +52,7 @@ from .config import QATConfig
 from .distributed import barrier, is_sharded, unsharded_model
 from .layers import FakeQuantMixin, QATConv1D
 from .modeling import qat_layers
-from .packed_layer import PackedLayer
+from .packed_layer import PackedLayer, float_weight_oi
 from .packing import LAYOUT, code_offset, pack, unpack_kn
 from .primitives import (
     effective_scale,
@@ -72,6 +72,8 @@ class PackedLinear(PackedLayer):
     ``zeros`` (int16, asymmetric only) are (in // group_size, out). The matmul backend is picked per layer on the
     first call for each (device, dtype) — see `hfqat.kernels` and `PackedLayer`; `set_backend(model, name)` pins one.
     """
+
+    weight_format = "int"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  symmetric: bool, activation_bits: int | None = None, device=None, dtype=None) -> None:
@@ -97,8 +99,7 @@ class PackedLinear(PackedLayer):
     def from_float(cls, module: nn.Linear | Conv1D, bits: int, group_size: int, symmetric: bool = True,
                    scale_init: str = "mse") -> PackedLinear:
         """Post-training quantization of a float layer (`group_size=-1`: per channel), e.g. for benchmarks."""
-        w = module.weight.t() if isinstance(module, Conv1D) else module.weight
-        group_size = w.shape[1] if group_size == -1 else group_size
+        w, group_size = float_weight_oi(module, group_size)
         scale, zero = init_scales(w, bits, group_size, symmetric, scale_init)
         codes = quantize(w, scale, zero, bits, group_size)
         return cls._from_codes(codes, effective_scale(scale), zero, module.bias, bits, group_size, None, w.dtype)
@@ -111,16 +112,13 @@ class PackedLinear(PackedLayer):
         symmetric = zero_point is None
         layer = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, activation_bits,
                     device=codes.device, dtype=bias.dtype if bias is not None else dtype)
-        unsigned = codes.to(torch.int32) + code_offset(bits, symmetric)
-        layer.qweight.copy_(pack(unsigned, bits))
+        layer._store(codes.to(torch.int32) + code_offset(bits, symmetric), bias)
         layer.scales.copy_(scale.float().t())
         if zero_point is not None:
             zeros = torch.round(zero_point.float())
             if zeros.abs().max() > torch.iinfo(ZERO_DTYPE).max:
                 raise ValueError(f"zero points beyond the {ZERO_DTYPE} range cannot be packed")
             layer.zeros.copy_(zeros.t().to(ZERO_DTYPE))
-        if bias is not None:
-            layer.bias.copy_(bias)
         return layer
 
     # -- numerics -------------------------------------------------------------------------------------------
@@ -132,18 +130,16 @@ class PackedLinear(PackedLayer):
         w = (codes - zero).float() * self.scales.unsqueeze(1)
         return w.view(k, n).t().contiguous().to(dtype)
 
-    def config_entry(self) -> dict[str, Any]:
-        """This layer's entry in ``QATConfig.packed_layers``."""
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "layout": LAYOUT}
+    def format_fields(self) -> dict[str, Any]:
+        return {"symmetric": self.symmetric}
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}, "
-                f"activation_bits={self.activation_bits}, backend={self.backend}")
+    @classmethod
+    def entry_kwargs(cls, entry: dict[str, Any], config: QATConfig) -> dict[str, Any]:
+        return {"symmetric": bool(entry.get("symmetric", config.symmetric))}
 
 
-# weight_format -> packed inference class (each has from_qat(layer) and config_entry())
-PACKED_CLASSES: dict[str, type[nn.Module]] = {"int": PackedLinear, "codebook": PackedCodebookLinear}
+# weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
+PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear)}
 PACKED_TYPES = tuple(PACKED_CLASSES.values())
 
 
@@ -178,7 +174,8 @@ def backends_in_use(model: nn.Module) -> dict[str, str | None]:
 
 
 def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]:
-    """Swap the layers listed in ``config.packed_layers`` for empty `PackedLinear` ones (before weight loading)."""
+    """Swap the layers listed in ``config.packed_layers`` for empty packed layers of their weight format (before
+    weight loading)."""
     replaced = []
     for name, entry in (config.packed_layers or {}).items():
         layout = entry.get("layout", LAYOUT)
@@ -198,16 +195,9 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
         if weight_format not in PACKED_CLASSES:
             raise ValueError(f"packed layer {name!r} has weight_format {weight_format!r}; this hfqat reads "
                              f"{list(PACKED_CLASSES)}")
-        if weight_format == "codebook":
-            packed = PackedCodebookLinear(in_features, out_features, module.bias is not None, int(entry["bits"]),
-                                          int(entry["group_size"]), config.activation_bits,
-                                          device=module.weight.device, dtype=module.weight.dtype)
-        else:
-            packed = PackedLinear(
-                in_features, out_features, module.bias is not None, int(entry["bits"]), int(entry["group_size"]),
-                bool(entry.get("symmetric", config.symmetric)), config.activation_bits,
-                device=module.weight.device, dtype=module.weight.dtype,
-            )
+        packed = PACKED_CLASSES[weight_format].from_entry(in_features, out_features, module.bias is not None, entry,
+                                                          config, device=module.weight.device,
+                                                          dtype=module.weight.dtype)
         model.set_submodule(name, packed)
         replaced.append(name)
     return replaced

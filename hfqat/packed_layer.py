@@ -4,7 +4,9 @@ A packed layer stores its weight as packed words (``qweight``) plus format-speci
 zero points in `hfqat.export.PackedLinear`, centroid tables in `hfqat.codebook.PackedCodebookLinear`) and never
 holds a float weight. Common to both: the bias, optional dynamic int8 activations, picking the matmul backend
 on first use per (device, dtype) from the format's backend table (`hfqat.kernels`), the ``.weight`` alias of the
-packed words, and `to_float`. Subclasses add their tensors, `dequantized_weight` and `config_entry`.
+packed words, `to_float`, the ``packed_layers`` entry and ``repr`` (around the subclass's `format_fields`), and
+building an empty layer from a ``packed_layers`` entry (`from_entry`, before weight loading). Subclasses add their
+tensors, `dequantized_weight`, `format_fields` and, where their constructor takes more, `entry_kwargs`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from .config import QATConfig
 from .kernels import AUTO_ORDER, BACKENDS, BackendFactory, select_backend
-from .packing import packed_rows
+from .packing import LAYOUT, pack, packed_rows
 from .primitives import fake_quantize_activations
+
+
+def float_weight_oi(module: nn.Linear | Conv1D, group_size: int) -> tuple[torch.Tensor, int]:
+    """A float layer's weight as (out, in) (GPT-2's ``Conv1D`` stores it transposed) and its group size
+    (``-1``: the whole row, i.e. per channel), for the ``from_float`` constructors."""
+    w = module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return w, w.shape[1] if group_size == -1 else group_size
 
 
 class PackedLayer(nn.Module):
@@ -25,6 +36,7 @@ class PackedLayer(nn.Module):
     ``backend`` names the matmul backend in use (set on the first forward); ``force_backend`` pins one.
     """
 
+    weight_format: ClassVar[str]  # the QATConfig.weight_format this class packs
     backends: ClassVar[dict[str, BackendFactory]] = BACKENDS
     auto_order: ClassVar[tuple[str, ...]] = AUTO_ORDER
 
@@ -44,6 +56,26 @@ class PackedLayer(nn.Module):
         self._matmul = None
         self._prepared_key: tuple | None = None
 
+    @classmethod
+    def from_entry(cls, in_features: int, out_features: int, bias: bool, entry: dict[str, Any],
+                   config: QATConfig, device=None, dtype=None) -> PackedLayer:
+        """An empty layer for one ``QATConfig.packed_layers`` entry, to be filled by weight loading."""
+        return cls(in_features, out_features, bias, int(entry["bits"]), int(entry["group_size"]),
+                   activation_bits=config.activation_bits, device=device, dtype=dtype,
+                   **cls.entry_kwargs(entry, config))
+
+    @classmethod
+    def entry_kwargs(cls, entry: dict[str, Any], config: QATConfig) -> dict[str, Any]:
+        """The format's own constructor arguments, read from a ``packed_layers`` entry (none by default)."""
+        return {}
+
+    @torch.no_grad()
+    def _store(self, codes: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Pack the (out, in) non-negative integer ``codes`` into ``qweight`` and copy the bias."""
+        self.qweight.copy_(pack(codes.to(torch.int32), self.bits))
+        if bias is not None:
+            self.bias.copy_(bias)
+
     @property
     def weight(self) -> torch.Tensor:
         """The packed int32 words (like bitsandbytes' packed ``weight``), for code that probes ``.weight``.
@@ -56,9 +88,19 @@ class PackedLayer(nn.Module):
         """The (out, in) weight the packed words and tables encode."""
         raise NotImplementedError
 
+    def format_fields(self) -> dict[str, Any]:
+        """What the format adds to the ``packed_layers`` entry (and the repr) besides bits and group size."""
+        raise NotImplementedError
+
     def config_entry(self) -> dict[str, Any]:
         """This layer's entry in ``QATConfig.packed_layers``."""
-        raise NotImplementedError
+        return {"bits": self.bits, "group_size": self.group_size, **self.format_fields(), "layout": LAYOUT}
+
+    def extra_repr(self) -> str:
+        fields = "".join(f", {key}={value}" for key, value in self.format_fields().items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}{fields}, activation_bits={self.activation_bits}, "
+                f"backend={self.backend}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:
