@@ -24,6 +24,7 @@ def test_gptq_reduces_layer_output_error_and_stays_on_grid(tiny_model_dir, weigh
     config = QATConfig(bits=3, group_size=32, weight_format=weight_format)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=config)
     rtn(model)
+    dict(qat_layers(model))["model.layers.0.mlp.up_proj"].set_bits(2)  # a mixed map: per-layer grids/codebooks
     floats = {n: layer.weight.detach().clone() for n, layer in qat_layers(model)}
     hessians = collect_hessians(model, _batches())
     before = {n: _output_error(layer, floats[n], hessians[n]) for n, layer in qat_layers(model)}
@@ -33,6 +34,8 @@ def test_gptq_reduces_layer_output_error_and_stays_on_grid(tiny_model_dir, weigh
     assert sum(a <= b * 1.01 for a, b in zip(after.values(), before.values())) >= len(after) - 1
     for _, layer in qat_layers(model):  # weights now sit on the grid: fake quant leaves them unchanged
         assert torch.allclose(layer.quantized_weight(exact=True), layer.weight, atol=1e-6)
+        groups = layer.weight.detach().reshape(-1, layer.spec.group_size)
+        assert max(len(torch.unique(g)) for g in groups) <= 1 << layer.bits  # codebook: only the active centroids
 
 
 def test_hessian_is_mean_outer_product(tiny_model_dir):
