@@ -21,6 +21,10 @@ current widths look cheap next to untrained stand-ins: an inertia that keeps tra
 Stand-ins at every width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08
 vs 15.33 perplexity).
 
+Before training, when the configured bits break the budget, the first allocation calibrates the weight-variance
+prior the same way on `leading_batch` (the training set's first examples: no gradient has been seen yet, and
+taking them from the dataset rather than the data loader leaves the shuffling RNG untouched).
+
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
 at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
@@ -97,6 +101,23 @@ def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any],
             vars(layer).pop("forward", None)  # back to the class's forward
     values = torch.stack(list(measured.values())).tolist()  # one host sync
     return {kind: dict(zip(bit_choices, row)) for kind, row in zip(measured, values)}
+
+
+def leading_batch(dataloader: Any, device: torch.device) -> dict[str, Any] | None:
+    """The first examples of ``dataloader``'s (map-style) dataset, collated as training collates them, on ``device``;
+    None when there is no such dataset (e.g. an iterable one)."""
+    dataset, collate = getattr(dataloader, "dataset", None), getattr(dataloader, "collate_fn", None)
+    # accelerate's prepared loaders keep the batch size in the batch sampler (`batch_size` is None)
+    size = getattr(dataloader, "batch_size", None) or getattr(getattr(dataloader, "batch_sampler", None),
+                                                              "batch_size", None) or 1
+    try:
+        examples = [dataset[i] for i in range(min(len(dataset), size))]
+    except (TypeError, NotImplementedError, KeyError, IndexError):
+        return None
+    if not examples or collate is None:
+        return None
+    batch = collate(examples)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, Mapping[int, float]],

@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .allocation import allocate_bits, weighted_average_bits
-from .calibration import calibrate, measure_kinds
+from .calibration import calibrate, leading_batch, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
 from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks
@@ -226,7 +226,7 @@ class QATCallback(TrainerCallback, ExportableState):
             if self._budget is not None:
                 with self._local():
                     self._refit_clip()
-                    self._initial_allocation(state.global_step)
+                self._initial_allocation(state.global_step, kwargs.get("train_dataloader"))
         self._anneal(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -244,7 +244,8 @@ class QATCallback(TrainerCallback, ExportableState):
             at_reallocation = not self._estimator.per_step
             if at_reallocation and self._estimator.runs_model:
                 self._estimator.update(self._layers, self._context(state))
-            measured = self._measure_kinds() if self.calibrate else None
+            last_batch = self._hook.last_batch if self._hook is not None else None
+            measured = self._measure_kinds(last_batch) if self.calibrate else None
             with self._local():
                 if at_reallocation and not self._estimator.runs_model:  # e.g. variance: whole (ZeRO-3) or row weights
                     self._estimator.update(self._layers, self._context(state))
@@ -333,16 +334,22 @@ class QATCallback(TrainerCallback, ExportableState):
         progress = step / self._freeze_step if self._freeze_step > 0 else 1.0
         set_soft_sharpness(self._model, math.inf if progress >= 1.0 else start * (end / start) ** progress)
 
-    def _initial_allocation(self, step: int) -> None:
+    def _initial_allocation(self, step: int, dataloader: Any) -> None:
         current = bit_allocation(self._model)
-        fits = weighted_average_bits(current, self._numels) <= self._budget
-        if not fits or any(b not in self.bit_choices for b in current.values()):
-            prior = {name: weight_variance_costs(layer, self.bit_choices) for name, layer in self._layers}
-            self._apply(allocate_bits(mean_across_ranks(prior), self._numels, self._budget))
-        self._record(step, None)
+        measured = None
+        if weighted_average_bits(current, self._numels) > self._budget or \
+                any(b not in self.bit_choices for b in current.values()):
+            batch = leading_batch(dataloader, next(self._model.parameters()).device) if self.calibrate else None
+            measured = self._measure_kinds(batch) if batch is not None else None
+            with self._local():
+                costs = mean_across_ranks({name: weight_variance_costs(layer, self.bit_choices)
+                                           for name, layer in self._layers})
+                if measured:
+                    costs = calibrate(costs, measured, self._numels)
+                self._apply(allocate_bits(costs, self._numels, self._budget))
+        self._record(step, None, measured)
 
-    def _measure_kinds(self) -> dict[str, dict[int, float]] | None:
-        batch = self._hook.last_batch if self._hook is not None else None
+    def _measure_kinds(self, batch: dict[str, Any] | None) -> dict[str, dict[int, float]] | None:
         if batch is None:
             return None
         measured = measure_kinds(self._model, self._layers, batch, self.bit_choices, self._estimator.clip,

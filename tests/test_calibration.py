@@ -10,9 +10,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.calibration import calibrate, layer_kind, measure_kinds
+from hfqat.allocation import allocate_bits
+from hfqat.calibration import calibrate, layer_kind, leading_batch, measure_kinds
 from hfqat.modeling import bit_allocation, qat_layers
-from hfqat.sensitivity import candidate_weight, fit_clip_ratios
+from hfqat.sensitivity import candidate_weight, fit_clip_ratios, weight_variance_costs
 from tests.conftest import text_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,6 +105,46 @@ def test_callback_records_measurements(tiny_model_dir, tmp_path, calibrate_costs
         else:
             assert measured is None
     assert hfqat.average_bits(model) <= 3.0
+
+
+def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(tiny_model_dir, tmp_path):
+    """Config bits over budget: before any step, the callback allocates from the weight-variance prior rescaled by
+    kind to the loss measured on the training set's first examples — the same as doing it by hand."""
+    path = tiny_model_dir("llama")
+    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                        quantization_config=hfqat.QATConfig(bits=4, group_size=16))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, learning_rate=0.0)
+    dataset = text_dataset(16)
+    model = load()
+    callback = hfqat.QATCallback(teacher=None, budget_bits=3.0, reallocate_every=10)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    trainer.train()
+    first = callback.history[0]
+    assert first["step"] == 0 and first["measured_kind_loss_increase"] is not None
+
+    reference = load()
+    layers = list(qat_layers(reference))
+    batch = leading_batch(trainer.get_train_dataloader(), torch.device("cpu"))
+    assert torch.equal(batch["input_ids"], torch.stack([e["input_ids"] for e in dataset[:4]]))
+    clip = {name: fit_clip_ratios(layer, CHOICES) for name, layer in layers}
+    measured = measure_kinds(reference, layers, batch, CHOICES, clip, bit_allocation(reference))
+    recorded = first["measured_kind_loss_increase"]
+    assert recorded.keys() == measured.keys()
+    for kind, per_bits in measured.items():
+        assert [recorded[kind][str(b)] for b in CHOICES] == pytest.approx([per_bits[b] for b in CHOICES], abs=1e-6)
+    numels = {name: layer.weight.numel() for name, layer in layers}
+    costs = calibrate({name: weight_variance_costs(layer, CHOICES) for name, layer in layers}, measured, numels)
+    assert first["bits"] == allocate_bits(costs, numels, 3.0)
+    assert len(set(first["bits"].values())) > 1 and first["average_bits"] <= 3.0
+
+
+def test_leading_batch_needs_a_map_style_dataset():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(text_dataset(4))
+
+    assert leading_batch(torch.utils.data.DataLoader(Stream(), batch_size=2), torch.device("cpu")) is None
 
 
 def test_calibrate_must_be_a_bool():
