@@ -239,6 +239,31 @@ def _original_class(model: nn.Module) -> type[nn.Module]:
     return next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
 
 
+def _without_zero3_init() -> contextlib.AbstractContextManager:
+    # While a ZeRO-3 config is live, transformers builds models inside deepspeed.zero.Init, which partitions
+    # parameters across ranks: a collective that hangs when rank 0 alone builds a copy. transformers' own flag
+    # for "zero.Init is already active" makes it build a plain model.
+    try:
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:
+        return contextlib.nullcontext()
+    return set_zero3_state()
+
+
+def empty_copy(model: nn.Module) -> nn.Module:
+    """A meta-device model of ``model``'s original class and config, with the same hfqat layers (specs included);
+    built by this process alone (no zero.Init, no FSDP)."""
+    from .layers import FakeQuantMixin
+
+    cls = _original_class(model) if any(isinstance(p, DTensor) for p in model.parameters()) else type(model)
+    with torch.device("meta"), _without_zero3_init():
+        copy = cls._from_config(model.config)
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantMixin):
+            copy.set_submodule(name, type(module).from_float(copy.get_submodule(name), module.spec))
+    return copy
+
+
 @torch.no_grad()
 def unsharded_model(model: nn.Module) -> nn.Module | None:
     """A plain CPU copy of a sharded `transformers` model on the main process (``None`` elsewhere); a collective.
@@ -246,19 +271,12 @@ def unsharded_model(model: nn.Module) -> nn.Module | None:
     The copy has the same classes (hfqat fake-quant layers with their specs), config and values; for the
     unsharded (DDP / single-process) case it is ``model`` itself. Used by ``save_packed`` under FSDP2 / ZeRO-3.
     """
-    from .layers import FakeQuantMixin
-
     if not is_sharded(model):
         return model if is_main_process() else None
     state = gather_full_state_dict(model)
     if not is_main_process():
         return None
-    cls = _original_class(model) if any(isinstance(p, DTensor) for p in model.parameters()) else type(model)
-    with torch.device("meta"):
-        copy = cls._from_config(model.config)
-    for name, module in model.named_modules():
-        if isinstance(module, FakeQuantMixin):
-            copy.set_submodule(name, type(module).from_float(copy.get_submodule(name), module.spec))
+    copy = empty_copy(model)
     copy.to_empty(device="cpu")
     missing, unexpected = copy.load_state_dict(state, strict=False)
     # Non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: take them from the model

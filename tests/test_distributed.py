@@ -53,6 +53,34 @@ def test_two_process_gloo(tmp_path):
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
 
 
+def test_empty_copy_is_built_without_zero3_init(monkeypatch):
+    """Under a live ZeRO-3 config transformers builds models inside deepspeed.zero.Init (a collective); the copy
+    that `save_packed` builds on rank 0 alone must not enter it (it would hang the other ranks' barrier)."""
+    import torch
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from hfqat.distributed import empty_copy
+    from hfqat.modeling import qat_layers
+
+    class LiveZero3Config:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    model = _tiny_model()
+    live = LiveZero3Config()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", lambda: live)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # entering zero.Init would import it: fail loudly
+    with pytest.raises(ImportError):
+        type(model)._from_config(model.config)  # what a plain construction would do here
+    copy = empty_copy(model)
+    assert all(p.device == torch.device("meta") for p in copy.parameters())
+    layers = list(qat_layers(model))
+    assert [(name, type(layer), layer.spec) for name, layer in qat_layers(copy)] == [
+        (name, type(layer), layer.spec) for name, layer in layers] and layers
+
+
 # -- worker (runs under torchrun) -----------------------------------------------------------------------------------
 def _tiny_model():
     import torch
