@@ -6,7 +6,7 @@ is cheap and ranks the layers of one kind well (which blocks), but its error dif
 diagonal Fisher sees v_proj and down_proj differently from how the loss reacts to them). Allocations built on
 the raw predictions sent whole MLPs to 2 bits and lost to uniform bits at the same size.
 
-`measure_kinds` therefore measures, on the last training micro-batch with the model in eval mode, the real loss
+`measure_kinds` therefore measures, on a calibration batch with the model in eval mode, the real loss
 increase ``ΔL(k, b)`` when every layer of kind ``k`` (same module name up to the block index, e.g.
 ``model.layers.*.mlp.down_proj``) computes with its ``b``-bit quantizer and all other layers with their float
 weights; `calibrate` rescales the predictions of kind ``k`` at ``b`` bits to sum to it::
@@ -21,9 +21,12 @@ current widths look cheap next to untrained stand-ins: an inertia that keeps tra
 Stand-ins at every width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08
 vs 15.33 perplexity).
 
-Before training, when the configured bits break the budget, the first allocation calibrates the weight-variance
-prior the same way on `leading_batch` (the training set's first examples: no gradient has been seen yet, and
-taking them from the dataset rather than the data loader leaves the shuffling RNG untouched).
+The calibration batch is `leading_batch`, the training set's first examples: the same rows at every
+re-allocation, on every rank (1 and N GPUs measure alike) and after a resume, so successive measurements differ
+only by what training changed; taking them from the dataset, not the data loader, leaves the shuffling RNG
+untouched. Datasets that cannot be indexed (streams) use the last training micro-batch instead. The same batch
+calibrates the weight-variance prior for the first allocation when the configured bits break the budget
+(before any gradient).
 
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
 at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a

@@ -83,8 +83,9 @@ class QATCallback(TrainerCallback, ExportableState):
             budget_bits must be None).
         sensitivity: "fisher" | "kfac" | "hutchinson" | "variance" (see `hfqat.sensitivity`).
         calibrate: before each re-allocation, measure the loss increase of every kind of layer at every bit
-            choice on the last batch and rescale the estimator's predictions to it (`hfqat.calibration`;
-            ``kinds × bit choices + 1`` extra forward passes per re-allocation).
+            choice on the training set's first examples (the last batch if the dataset cannot be indexed) and
+            rescale the estimator's predictions to it (`hfqat.calibration`; ``kinds × bit choices + 1`` extra
+            forward passes per re-allocation).
         ema: smoothing of the sensitivity measurements, in [0, 1).
         hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
             ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
@@ -126,6 +127,7 @@ class QATCallback(TrainerCallback, ExportableState):
         self._last_logged_step = 0
         self._warned_no_scores = False
         self._checkpoint_root = ""  # where this run's checkpoints go (recorded in the state, for resume)
+        self._leading_batch: dict[str, Any] | None = None
         self._step = 0
 
     def _validate(self) -> None:
@@ -214,6 +216,9 @@ class QATCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and saved is None:
             logger.warning("QATCallback: resuming without saved QATCallback state; starting its state afresh.")
         self._attach_hook(args, state, saved)
+        self._leading_batch = None
+        if self.calibrate and self._budget is not None:
+            self._leading_batch = leading_batch(kwargs.get("train_dataloader"), next(model.parameters()).device)
         self._estimator.detach()
         self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
         if self._budget is not None and state.global_step < self._freeze_step:
@@ -226,7 +231,7 @@ class QATCallback(TrainerCallback, ExportableState):
             if self._budget is not None:
                 with self._local():
                     self._refit_clip()
-                self._initial_allocation(state.global_step, kwargs.get("train_dataloader"))
+                self._initial_allocation(state.global_step)
         self._anneal(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -244,8 +249,7 @@ class QATCallback(TrainerCallback, ExportableState):
             at_reallocation = not self._estimator.per_step
             if at_reallocation and self._estimator.runs_model:
                 self._estimator.update(self._layers, self._context(state))
-            last_batch = self._hook.last_batch if self._hook is not None else None
-            measured = self._measure_kinds(last_batch) if self.calibrate else None
+            measured = self._measure_kinds(self._calibration_batch()) if self.calibrate else None
             with self._local():
                 if at_reallocation and not self._estimator.runs_model:  # e.g. variance: whole (ZeRO-3) or row weights
                     self._estimator.update(self._layers, self._context(state))
@@ -334,13 +338,12 @@ class QATCallback(TrainerCallback, ExportableState):
         progress = step / self._freeze_step if self._freeze_step > 0 else 1.0
         set_soft_sharpness(self._model, math.inf if progress >= 1.0 else start * (end / start) ** progress)
 
-    def _initial_allocation(self, step: int, dataloader: Any) -> None:
+    def _initial_allocation(self, step: int) -> None:
         current = bit_allocation(self._model)
         measured = None
         if weighted_average_bits(current, self._numels) > self._budget or \
                 any(b not in self.bit_choices for b in current.values()):
-            batch = leading_batch(dataloader, next(self._model.parameters()).device) if self.calibrate else None
-            measured = self._measure_kinds(batch) if batch is not None else None
+            measured = self._measure_kinds(self._calibration_batch())
             with self._local():
                 costs = mean_across_ranks({name: weight_variance_costs(layer, self.bit_choices)
                                            for name, layer in self._layers})
@@ -348,6 +351,13 @@ class QATCallback(TrainerCallback, ExportableState):
                     costs = calibrate(costs, measured, self._numels)
                 self._apply(allocate_bits(costs, self._numels, self._budget))
         self._record(step, None, measured)
+
+    def _calibration_batch(self) -> dict[str, Any] | None:
+        # Fixed rows (the training set's first examples) where the dataset allows: the same at every
+        # re-allocation, on every rank and after a resume, so measurements differ only by what training changed.
+        if self._leading_batch is not None:
+            return self._leading_batch
+        return self._hook.last_batch if self._hook is not None else None
 
     def _measure_kinds(self, batch: dict[str, Any] | None) -> dict[str, dict[int, float]] | None:
         if batch is None:

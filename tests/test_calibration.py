@@ -109,7 +109,8 @@ def test_callback_records_measurements(tiny_model_dir, tmp_path, calibrate_costs
 
 def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(tiny_model_dir, tmp_path):
     """Config bits over budget: before any step, the callback allocates from the weight-variance prior rescaled by
-    kind to the loss measured on the training set's first examples — the same as doing it by hand."""
+    kind to the loss measured on the training set's first examples (the calibration batch of every later
+    re-allocation too) — the same as doing it by hand."""
     path = tiny_model_dir("llama")
     load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                         quantization_config=hfqat.QATConfig(bits=4, group_size=16))
@@ -127,6 +128,7 @@ def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(
     layers = list(qat_layers(reference))
     batch = leading_batch(trainer.get_train_dataloader(), torch.device("cpu"))
     assert torch.equal(batch["input_ids"], torch.stack([e["input_ids"] for e in dataset[:4]]))
+    assert torch.equal(callback._calibration_batch()["input_ids"], batch["input_ids"])  # later ones measure it too
     clip = {name: fit_clip_ratios(layer, CHOICES) for name, layer in layers}
     measured = measure_kinds(reference, layers, batch, CHOICES, clip, bit_allocation(reference))
     recorded = first["measured_kind_loss_increase"]
