@@ -135,6 +135,10 @@ def report(runs: list[str]) -> None:
               f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x | "
               f"{r['tokens_per_s_per_gpu'] * r['world_size']:,.0f} | {r['peak_gib_max_rank']:.1f} | "
               f"{r['allocations_equal']} | {r['average_bits']:.3f} | {r['losses'][last]:.4f} |")
+    for run, r in zip(runs, results):
+        if r.get("packed"):
+            print(f"\n{run}: save_packed gathered on rank 0 → {r['packed']['layers']} packed layers, reloaded bits "
+                  f"{'equal' if r['packed']['bits_equal'] else 'DIFFERENT'} to the trained allocation")
     steps = sorted(set.intersection(*(set(r["losses"]) for r in results)), key=int)
     print("\nloss per step: " + " | ".join(runs))
     shown = steps[:: max(1, len(steps) // 10)]
