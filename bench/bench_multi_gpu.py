@@ -73,10 +73,11 @@ def train(args) -> None:
     if cuda:
         torch.cuda.set_device(local_rank)
     # Loaded on the GPU so the quantizer's scale init runs there; accelerate then shards it.
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, quantization_config=hfqat.QATConfig(bits=4, group_size=args.group_size), dtype=torch.float32,
-        device_map={"": local_rank} if cuda else None)
-    callback = QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every, sensitivity=args.sensitivity)
+    quantization = None if args.plain else hfqat.QATConfig(bits=4, group_size=args.group_size)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization, dtype=torch.float32,
+                                                 device_map={"": local_rank} if cuda else None)
+    callbacks = [] if args.plain else [
+        QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every, sensitivity=args.sensitivity)]
     timer = StepTimer()
     training_args = TrainingArguments(
         args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
@@ -85,7 +86,7 @@ def train(args) -> None:
         disable_tqdm=True, dataloader_num_workers=0)
     # The same rows (steps x global batch) whatever the GPU count, so 1- and N-GPU runs see the same batches.
     data = synthetic_blocks(args.steps * args.batch * hd.world_size(), args.seq, model.config.vocab_size)
-    trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[callback, timer])
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[*callbacks, timer])
     trainer.train(resume_from_checkpoint=args.resume)
 
     allocations = [None] * hd.world_size()
@@ -115,8 +116,9 @@ def train(args) -> None:
         "mean_step_s": statistics.mean(intervals), "peak_gib_max_rank": peak.item() / 2**30,
         "losses": {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
         "allocations_equal": all(a == allocations[0] for a in allocations),
-        "average_bits": hfqat.average_bits(trainer.model),
-        "allocation_steps": [h["step"] for h in callback.history], "distinct_bits": sorted(set(allocations[0].values())),
+        "average_bits": hfqat.average_bits(trainer.model) if callbacks else None, "allocation": allocations[0],
+        "allocation_steps": [h["step"] for h in callbacks[0].history] if callbacks else [],
+        "distinct_bits": sorted(set(allocations[0].values())),
         "packed": packed, "resumed_from": args.resume, "command": " ".join(sys.argv),
     }
     (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1))
@@ -127,14 +129,15 @@ def report(runs: list[str]) -> None:
     results = [json.loads((Path(r) / "result.json").read_text()) for r in runs]
     base = results[0]
     print("| run | GPUs | tokens/s per GPU | vs 1 GPU | total tokens/s | peak GiB/GPU | allocations equal | "
-          "avg bits | final loss |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+          "avg bits | final loss | final bits as first run |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for run, r in zip(runs, results):
         last = max(r["losses"], key=int)
         print(f"| {run} | {r['world_size']} | {r['tokens_per_s_per_gpu']:,.0f} | "
               f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x | "
               f"{r['tokens_per_s_per_gpu'] * r['world_size']:,.0f} | {r['peak_gib_max_rank']:.1f} | "
-              f"{r['allocations_equal']} | {r['average_bits']:.3f} | {r['losses'][last]:.4f} |")
+              f"{r['allocations_equal']} | {r['average_bits'] or float('nan'):.3f} | {r['losses'][last]:.4f} | "
+              f"{r.get('allocation') == base.get('allocation')} |")
     for run, r in zip(runs, results):
         if r.get("packed"):
             print(f"\n{run}: save_packed gathered on rank 0 → {r['packed']['layers']} packed layers, reloaded bits "
@@ -170,6 +173,7 @@ def main() -> None:
     tr.add_argument("--save-steps", type=int, default=0)
     tr.add_argument("--save-packed", action="store_true")
     tr.add_argument("--resume", default=None)
+    tr.add_argument("--plain", action="store_true", help="bf16 fine-tune without hfqat (the scaling reference)")
     tr.add_argument("--sensitivity", default="fisher", help="'variance' under DeepSpeed ZeRO-3 (no gradients seen)")
     rp = sub.add_parser("report")
     rp.add_argument("runs", nargs="+")

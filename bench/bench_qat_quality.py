@@ -73,6 +73,8 @@ def rows(args) -> list[Row]:
         Row("QAT W4 CE only", 4, "qat", 4, callback=dict(teacher=None, reallocate_every=0), fast=True),
         Row("QAT W4 + KD (STE)", 4, "qat", 4, callback=kd, fast=True),
         Row("QAT mixed avg 3.5 + KD + realloc", 4, "qat", 4, callback=dict(realloc, budget_bits=3.5), fast=True),
+        Row("QAT mixed avg 3.5 (3/4 bits) + KD + realloc", 4, "qat", 4,
+            callback=dict(realloc, budget_bits=3.5, bit_choices=(3, 4))),
         Row("QAT W3 + KD (STE)", 3, "qat", 3, callback=kd),
         Row("QAT mixed avg 3.0 + KD + realloc", 3, "qat", 4, callback=dict(realloc, budget_bits=3.0)),
         Row("QAT W4 + KD (soft round/clamp)", 4, "qat", 4, soft=True, callback=kd),
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
         with open(os.path.join(out, "results.json"), "w") as f:  # partial results survive a time-out
             json.dump(dict(args=vars(args), results=results), f, indent=1)
         if callback is not None and callback.history and row.callback.get("budget_bits"):
-            tag = f"avg{row.callback['budget_bits']}"
+            tag = f"avg{row.callback['budget_bits']}_bits{''.join(map(str, row.callback['bit_choices']))}"
             for figure in ("bit_allocation.png", "loss_curves.png"):
                 shutil.copy(os.path.join(work, f"run-{len(results) - 1}", figure), os.path.join(out, f"{tag}_{figure}"))
         model = callback = None
@@ -280,6 +282,7 @@ def render(results, memory, args) -> str:
         lines.append(f"| {r['name']} | {bits} | {r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {recovered} | "
                      f"{r['train_s']:.0f} | {'-' if math.isnan(r['peak_mib']) else round(r['peak_mib'])} |")
     for mixed, uniform in (("QAT mixed avg 3.5 + KD + realloc", "QAT W4 + KD (STE)"),
+                           ("QAT mixed avg 3.5 (3/4 bits) + KD + realloc", "QAT W4 + KD (STE)"),
                            ("QAT mixed avg 3.0 + KD + realloc", "QAT W3 + KD (STE)")):
         if mixed in by_name and uniform in by_name:
             lines.append(f"\n{mixed} vs {uniform}: ppl ratio {by_name[mixed] / by_name[uniform]:.4f}")
