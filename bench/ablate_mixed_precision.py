@@ -1,0 +1,98 @@
+"""Ablation of QATCallback's re-allocation schedule on SmolLM2: which choices move mixed-precision quality.
+
+Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions are reused), one row per variant:
+
+    python bench/ablate_mixed_precision.py --variants W4,W3,m35,m35-last-batch,m35-static,m35-every-third,m35-34
+
+- ``W4`` / ``W3``: uniform bits + KD (the references).
+- ``m35``: average 3.5 bits among (2, 3, 4, 8), re-allocation every steps/8 (the callback as shipped).
+- ``m35-last-batch``: calibration on each re-allocation's last training batch and a first allocation from the
+  uncalibrated weight-variance prior (the callback before the fixed calibration batch).
+- ``m35-static``: the first (calibrated) allocation only, never re-allocated.
+- ``m35-every-third``: re-allocation every steps/3.
+- ``m35-34``: bit choices (3, 4) only.
+- ``m30``: average 3.0 bits.
+
+Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import torch
+from transformers import AutoTokenizer
+
+import bench_qat_quality as quality
+import hfqat
+from hfqat.callback import QATCallback
+
+CHOICES = (2, 3, 4, 8)
+
+
+def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
+    """name → (config bits, QATCallback kwargs, calibrate on the last batch instead of the leading one)."""
+    every, mixed = max(1, steps // 8), dict(bit_choices=CHOICES, budget_bits=3.5)
+    return {
+        "W4": (4, dict(reallocate_every=0), False),
+        "W3": (3, dict(reallocate_every=0), False),
+        "m35": (4, dict(mixed, reallocate_every=every), False),
+        "m35-last-batch": (4, dict(mixed, reallocate_every=every), True),
+        "m35-static": (4, dict(mixed, reallocate_every=steps + 1), False),
+        "m35-every-third": (4, dict(mixed, reallocate_every=max(1, steps // 3)), False),
+        "m35-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
+        "m30": (4, dict(mixed, budget_bits=3.0, reallocate_every=every), False),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="W4,m35,m35-last-batch,m35-static,m35-every-third,m35-34,m30,W3")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
+    p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
+    p.add_argument("--float-cache", default=f"{tempfile.gettempdir()}/smollm2_f32")
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+    table = variants(args.steps)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; allowed: {sorted(table)}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    path = quality.float_checkpoint(args)
+    dataset, eval_blocks = quality.load_blocks(AutoTokenizer.from_pretrained(path), args)
+    for name in names:
+        bits, kwargs, last_batch = table[name]
+        model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits), args.group_size, device)
+        callback = QATCallback(**kwargs)
+        # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
+        patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
+        start = time.perf_counter()
+        with patch:
+            quality.train(model, dataset, args, [callback], tempfile.mkdtemp(prefix="ablate_"))
+        seconds = time.perf_counter() - start
+        ppl = quality.perplexity(model, eval_blocks, args.batch)
+        h = callback.history
+        changes = [sum(h[i]["bits"][k] != h[i - 1]["bits"][k] for k in h[i]["bits"]) for i in range(1, len(h))]
+        print(f"{name}: ppl {ppl:.3f} avg bits {hfqat.average_bits(model):.3f} ({seconds:.0f} s) "
+              f"layers changed per re-allocation {changes}", flush=True)
+        model = callback = None
+        quality.free()
+    print("\nReproduce: python " + shlex.join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
