@@ -26,10 +26,10 @@ import tempfile
 import time
 from unittest import mock
 
+import bench_qat_quality as quality
 import torch
 from transformers import AutoTokenizer
 
-import bench_qat_quality as quality
 import hfqat
 from hfqat.callback import QATCallback
 
@@ -54,16 +54,7 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="W4,m35,m35-last-batch,m35-static,m35-every-third,m35-34,m30,W3")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
-    p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
-    p.add_argument("--float-cache", default=f"{tempfile.gettempdir()}/smollm2_f32")
-    p.add_argument("--cpu", action="store_true")
+    quality.add_run_arguments(p)
     args = p.parse_args(argv)
     table = variants(args.steps)
     names = args.variants.split(",")

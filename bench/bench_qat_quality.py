@@ -177,23 +177,28 @@ def gap(ppl: float, rtn: float, fp: float) -> str:
     return f"{100 * (rtn - ppl) / (rtn - fp):.1f}%" if rtn > fp else "n/a"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, data, training and evaluation settings (shared with `ablate_mixed_precision.py`)."""
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
+    p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
+    p.add_argument("--float-cache", default=os.path.join(tempfile.gettempdir(), "smollm2_f32"))
+    p.add_argument("--cpu", action="store_true")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(p)
     p.add_argument("--memory-steps", type=int, default=5, help="steps of the teacher memory runs (0: skip)")
     p.add_argument("--only", choices=["all", "fast"], default="all")
     p.add_argument("--rows", default=None, help="comma-separated substrings: run only rows whose name has one")
     p.add_argument("--sensitivity", default=None, help="estimator of the re-allocation rows (default: callback's)")
-    p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
-    p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
-    p.add_argument("--float-cache", default=os.path.join(tempfile.gettempdir(), "smollm2_f32"))
     p.add_argument("--out", default=None, help="folder for results.json, table.md and the re-allocation figures")
-    p.add_argument("--cpu", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None, help="skip the remaining rows after this long")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
