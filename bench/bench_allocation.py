@@ -10,10 +10,8 @@ weights, so every row starts from the same state) and evaluated on held-out stdl
 - ``fisher``           Fisher-weighted quantization noise, as estimated during training
 - ``fisher+calibrated`` the same, rescaled per kind of layer and width by measured loss increases
                        (`hfqat.calibration`, what `QATCallback(calibrate=True)` does)
-- ``measured per layer`` (``--per-layer``) each layer's own measured loss increase at each width (the others at
-                       4 bits) on the calibration batch: the additive-model oracle, ``layers × widths`` forwards
 
-Run: python bench/bench_allocation.py [--budgets 3.0 3.5 --fisher-batches 4 --eval-tokens 8192 --per-layer]
+Run: python bench/bench_allocation.py [--budgets 3.0 3.5 --fisher-batches 4 --eval-tokens 8192]
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import tempfile
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfqat
@@ -46,7 +43,6 @@ def main() -> None:
     parser.add_argument("--fisher-batches", type=int, default=4, help="training batches of 2 x 512 tokens")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--per-layer", action="store_true", help="add the per-layer measured allocator (slow)")
     parser.add_argument("--cache", default=f"{tempfile.gettempdir()}/smollm2_f32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,11 +69,6 @@ def main() -> None:
     measured = measure_kinds(model, layers, batches[-1], CHOICES, estimator.clip, bit_allocation(model))
     costs = {"variance": {name: weight_variance_costs(layer, CHOICES) for name, layer in layers},
              "fisher": fisher, "fisher+calibrated": calibrate(fisher, measured, numels)}
-    if args.per_layer:  # one layer at a time is its own "kind": its loss increase with the rest at 4 bits
-        costs["measured per layer"] = {
-            name: next(iter(measure_kinds(model, [(name, layer)], batches[-1], CHOICES, estimator.clip,
-                                          bit_allocation(model)).values()))
-            for name, layer in tqdm(layers, desc="per-layer loss increases")}
 
     def ppl_with(bits: dict[str, int]) -> float:
         for name, layer in layers:
