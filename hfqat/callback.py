@@ -230,7 +230,7 @@ class QATCallback(TrainerCallback, ExportableState):
             self.history = []
             if self._budget is not None:
                 with self._local():
-                    self._refit_clip()
+                    self._estimator.refit_clip(self._layers)
                 self._initial_allocation(state.global_step)
         self._anneal(state.global_step)
 
@@ -383,16 +383,12 @@ class QATCallback(TrainerCallback, ExportableState):
         margin = self.hysteresis * sum(at_current) / len(at_current)
         bits = allocate_bits(costs, self._numels, self._budget, current=current, switch_cost=margin)
         self._apply(bits)
-        self._refit_clip()
+        self._estimator.refit_clip(self._layers)
         self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()), measured)
 
     def _local(self, gather_zero3: bool = True):
         # FSDP2: statistics and re-fits on this rank's rows; ZeRO-3: gathered partitions; else a no-op.
         return local_view((layer for _, layer in self._layers), gather_zero3)
-
-    def _refit_clip(self) -> None:
-        self._estimator.refit_clip(self._layers)
-        self._estimator.clip = mean_across_ranks(self._estimator.clip)  # same estimator state on every rank
 
     def _apply(self, bits: dict[str, int]) -> None:
         bits = broadcast_object(bits)  # rank 0's choice everywhere, whatever float noise did elsewhere

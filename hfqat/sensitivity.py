@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .distributed import all_reduce_mean_
 from .layers import FakeQuantMixin, QATConv1D
 from .primitives import MSE_SHRINK_GRID, SCALE_EPS
 
@@ -96,19 +97,27 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
 
 
 @torch.no_grad()
-def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
-    """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE.
-
-    Layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`) refit those instead
-    and need no clip ratio (1.0).
-    """
+def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor | None:
+    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight at each range shrink factor;
+    None for layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`: refitted
+    here instead, they need no clip ratio)."""
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
     if layer.refit_candidates(choices):
-        return {b: 1.0 for b in choices}
-    totals = torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
-                          for c in CLIP_GRID])  # (clips, bits)
-    best = totals.argmin(0).tolist()  # one host sync per layer
-    return {b: CLIP_GRID[i] for b, i in zip(choices, best)}
+        return None
+    return torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
+                        for c in CLIP_GRID])
+
+
+def _best_clip(totals: torch.Tensor | None, bit_choices: tuple[int, ...]) -> dict[int, float]:
+    if totals is None:
+        return {b: 1.0 for b in bit_choices}
+    return {b: CLIP_GRID[i] for b, i in zip(bit_choices, totals.argmin(0).tolist())}
+
+
+def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
+    """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE (1.0 for
+    layers with their own candidate quantizers)."""
+    return _best_clip(clip_error_totals(layer, bit_choices), tuple(bit_choices))
 
 
 @torch.no_grad()
@@ -199,7 +208,10 @@ class SensitivityEstimator(ABC):
 
     def refit_clip(self, layers: LayerList) -> None:
         """Refit the clip ratios; called at start and after every re-allocation (also notes the layers' bits)."""
-        self.clip = {name: fit_clip_ratios(layer, self.bit_choices) for name, layer in layers}
+        totals = {name: clip_error_totals(layer, self.bit_choices) for name, layer in layers}
+        # Ranks holding row shards (FSDP2) add up to the whole layer's errors: the same choice as on one process.
+        all_reduce_mean_(t for t in totals.values() if t is not None)
+        self.clip = {name: _best_clip(t, self.bit_choices) for name, t in totals.items()}
         self._bits = {name: layer.bits for name, layer in layers}
 
     def note_bits(self, bits: Mapping[str, int]) -> None:

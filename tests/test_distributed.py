@@ -47,6 +47,7 @@ def test_two_process_gloo(tmp_path):
     assert all(f["sharded"] and f["local_refit_exact"] for f in fsdp)  # the path under test really had DTensor weights and scales
     assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0 and fsdp[0]["unsharded_allocation_equal"]
     assert fsdp[0]["packed_max_diff"] <= 1e-4 and fsdp[0]["packed_allocation_equal"]  # save_packed gathered
+    assert fsdp[0]["clip_equal_unsharded"] and fsdp[0]["clip_ratios_vary"]  # shard-reduced clip fit = whole fit
     assert fsdp[1]["unsharded_is_none"]
     assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
     ddp = [r["ddp"] for r in ranks]
@@ -108,6 +109,7 @@ def _fsdp2_part(out: Path) -> dict:
     from hfqat.export import save_packed
     from hfqat.modeling import qat_layers
     from hfqat.primitives import init_scales
+    from hfqat.sensitivity import fit_clip_ratios
 
     model = _tiny_model()
     for layer in model.model.layers:
@@ -150,6 +152,12 @@ def _fsdp2_part(out: Path) -> dict:
         layer.reset_quant_params()  # what set_bits does after changing the bits
     local_refit_exact = torch.equal(layer.weight_scale.full_tensor(), full_scale)
 
+    # clip ratios fitted on row shards (errors reduced over ranks) = those fitted on the whole weights
+    layers = list(qat_layers(model))
+    with hd.local_view(layer for _, layer in layers):
+        callback._estimator.refit_clip(layers)
+    sharded_clip = callback._estimator.clip
+
     model.eval()
     ids = torch.arange(24).reshape(1, 24)
     with torch.no_grad():
@@ -164,6 +172,9 @@ def _fsdp2_part(out: Path) -> dict:
         with torch.no_grad():
             result["unsharded_max_diff"] = (copy(input_ids=ids).logits - logits).abs().max().item()
         result["unsharded_allocation_equal"] = hfqat.bit_allocation(copy) == result["allocation"]
+        result["clip_equal_unsharded"] = sharded_clip == {
+            name: fit_clip_ratios(layer, callback.bit_choices) for name, layer in qat_layers(copy)}
+        result["clip_ratios_vary"] = len({v for per_bits in sharded_clip.values() for v in per_bits.values()}) > 1
         packed = AutoModelForCausalLM.from_pretrained(out / "packed")
         with torch.no_grad():
             result["packed_max_diff"] = (packed(input_ids=ids).logits - logits).abs().max().item()
