@@ -64,7 +64,8 @@ def test_empty_copy_is_built_without_zero3_init(monkeypatch):
     from hfqat.modeling import qat_layers
 
     class LiveZero3Config:
-        config = {"zero_optimization": {"stage": 3}}
+        def __init__(self):
+            self.config = {"zero_optimization": {"stage": 3}}
 
         def is_zero3(self):
             return True
@@ -101,7 +102,12 @@ def _fsdp2_part(out: Path) -> dict:
     import torch
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
 
     import hfqat
     from hfqat import distributed as hd
