@@ -264,6 +264,10 @@ class CodebookMixin(FakeQuantMixin):
             self.refit_candidates(tuple(sorted({*self._candidates, bits})))
         w = self.weight_oi().detach()
         x, centroids = _grouped(w, self.spec.group_size), self._candidates[bits]
+        if centroids.shape[0] != w.shape[0]:
+            # Fitted on this rank's rows (FSDP2 local view) but asked inside a forward, where ``w`` is the whole
+            # weight: k-means is per group and deterministic, so the whole weight's fit is the ranks' fits side by side.
+            centroids = self._kmeans(bits)
         return centroids.gather(-1, nearest_centroid(x, centroids)).reshape(w.shape)
 
     def extra_repr(self) -> str:
