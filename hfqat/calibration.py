@@ -21,12 +21,12 @@ current widths look cheap next to untrained stand-ins: an inertia that keeps tra
 Stand-ins at every width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08
 vs 15.33 perplexity).
 
-The calibration batch is `leading_batch`, the training set's first examples: the same rows at every
-re-allocation, on every rank (1 and N GPUs measure alike) and after a resume, so successive measurements differ
-only by what training changed; taking them from the dataset, not the data loader, leaves the shuffling RNG
-untouched. Datasets that cannot be indexed (streams) use the last training micro-batch instead. The same batch
-calibrates the weight-variance prior for the first allocation when the configured bits break the budget
-(before any gradient).
+The calibration batch is `leading_batch`, the training set's first examples holding `MAX_TOKENS` tokens: the
+same rows at every re-allocation, whatever the batch size, on every rank (1 and N GPUs measure alike) and after
+a resume, so successive measurements differ only by what training changed; taking them from the dataset, not
+the data loader, leaves the shuffling RNG untouched. Datasets that cannot be indexed (streams) use the last
+training micro-batch instead. The same batch calibrates the weight-variance prior for the first allocation when
+the configured bits break the budget (before any gradient).
 
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
 at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
@@ -106,18 +106,30 @@ def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any],
     return {kind: dict(zip(bit_choices, row)) for kind, row in zip(measured, values)}
 
 
-def leading_batch(dataloader: Any, device: torch.device) -> dict[str, Any] | None:
-    """The first examples of ``dataloader``'s (map-style) dataset, collated as training collates them, on ``device``;
-    None when there is no such dataset (e.g. an iterable one)."""
+def leading_batch(dataloader: Any, device: torch.device, max_tokens: int = MAX_TOKENS) -> dict[str, Any] | None:
+    """The first examples of ``dataloader``'s (map-style) dataset — as many as hold ``max_tokens`` tokens (by their
+    ``input_ids``; one batch when examples carry none) — collated as training collates them, on ``device``. The
+    same rows whatever the batch size or world size. None when there is no such dataset (e.g. an iterable one)."""
     dataset, collate = getattr(dataloader, "dataset", None), getattr(dataloader, "collate_fn", None)
+    if collate is None:
+        return None
     # accelerate's prepared loaders keep the batch size in the batch sampler (`batch_size` is None)
-    size = getattr(dataloader, "batch_size", None) or getattr(getattr(dataloader, "batch_sampler", None),
-                                                              "batch_size", None) or 1
+    batch_size = getattr(dataloader, "batch_size", None) or getattr(getattr(dataloader, "batch_sampler", None),
+                                                                    "batch_size", None) or 1
     try:
-        examples = [dataset[i] for i in range(min(len(dataset), size))]
+        count = len(dataset)
+        examples = [dataset[0]] if count else []
+        ids = examples[0].get("input_ids") if examples and isinstance(examples[0], Mapping) else None
+        if ids is None:  # length unknown before collation: one training batch
+            examples += [dataset[i] for i in range(1, min(count, batch_size))]
+        else:
+            tokens = len(ids)
+            while tokens < max_tokens and len(examples) < count:
+                examples.append(dataset[len(examples)])
+                tokens += len(examples[-1]["input_ids"])
     except (TypeError, NotImplementedError, KeyError, IndexError):
         return None
-    if not examples or collate is None:
+    if not examples:
         return None
     batch = collate(examples)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

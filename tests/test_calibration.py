@@ -116,7 +116,7 @@ def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(
                                                         quantization_config=hfqat.QATConfig(bits=4, group_size=16))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
                              save_strategy="no", use_cpu=True, learning_rate=0.0)
-    dataset = text_dataset(16)
+    dataset = text_dataset(100)  # 24 tokens each: the first 86 hold MAX_TOKENS = 2048
     model = load()
     callback = hfqat.QATCallback(teacher=None, budget_bits=3.0, reallocate_every=10)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
@@ -127,7 +127,11 @@ def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(
     reference = load()
     layers = list(qat_layers(reference))
     batch = leading_batch(trainer.get_train_dataloader(), torch.device("cpu"))
-    assert torch.equal(batch["input_ids"], torch.stack([e["input_ids"] for e in dataset[:4]]))
+    assert torch.equal(batch["input_ids"], torch.stack([e["input_ids"] for e in dataset[:86]]))
+    smaller = Trainer(model=reference, args=TrainingArguments(str(tmp_path / "b2"), per_device_train_batch_size=2,
+                                                              use_cpu=True, report_to=[]), train_dataset=dataset)
+    assert torch.equal(leading_batch(smaller.get_train_dataloader(), torch.device("cpu"))["input_ids"],
+                       batch["input_ids"])  # the same rows whatever the batch (or world) size
     assert torch.equal(callback._calibration_batch()["input_ids"], batch["input_ids"])  # later ones measure it too
     clip = {name: fit_clip_ratios(layer, CHOICES) for name, layer in layers}
     measured = measure_kinds(reference, layers, batch, CHOICES, clip, bit_allocation(reference))
@@ -139,6 +143,12 @@ def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(
     costs = calibrate({name: weight_variance_costs(layer, CHOICES) for name, layer in layers}, measured, numels)
     assert first["bits"] == allocate_bits(costs, numels, 3.0)
     assert len(set(first["bits"].values())) > 1 and first["average_bits"] <= 3.0
+
+
+def test_leading_batch_without_token_ids_is_one_training_batch():
+    loader = torch.utils.data.DataLoader([{"text": str(i)} for i in range(8)], batch_size=3,
+                                         collate_fn=lambda rows: {"text": [r["text"] for r in rows]})
+    assert leading_batch(loader, torch.device("cpu")) == {"text": ["0", "1", "2"]}
 
 
 def test_leading_batch_needs_a_map_style_dataset():
