@@ -153,6 +153,7 @@ def local_view(modules: Iterable[nn.Module], gather_zero3: bool = True) -> Itera
       (same storage, so in-place updates land in the shard; local gradients attached). Everything the
       quantizer does is per group, i.e. per row, so a re-fit on the rows is exactly the re-fit of the whole
       tensor restricted to them, without DTensor dispatch (~10x slower for many small ops) or collectives.
+      Whole buffers of the weight's shape (e.g. a codebook's k-means importance) are cut at the same rows.
       Sums over a layer become this rank's partial sums (`mean_across_ranks` then averages them).
       Other modules (e.g. GPT-2 ``Conv1D``, stored transposed) keep their DTensors (correct, slower).
     - ZeRO-3 (``gather_zero3``): the modules' partitions are gathered for the block (all at once: the whole
@@ -178,12 +179,18 @@ def local_view(modules: Iterable[nn.Module], gather_zero3: bool = True) -> Itera
             if param.grad is not None:
                 local.grad = param.grad.to_local()
             module._parameters[name] = local
-            swapped.append((module, name, param))
+            swapped.append((module._parameters, name, param))
+        # Whole per-weight buffers (a codebook's k-means importance, (out, in)) are cut at the same rows.
+        weight = own.get("weight")
+        for name, buffer in list(module._buffers.items()):
+            if weight is not None and buffer is not None and buffer.shape == weight.shape:
+                module._buffers[name] = shard_like(buffer, weight).to_local()
+                swapped.append((module._buffers, name, buffer))
     try:
         yield
     finally:
-        for module, name, param in swapped:
-            module._parameters[name] = param
+        for store, name, tensor in swapped:
+            store[name] = tensor
 
 
 @contextlib.contextmanager
@@ -279,11 +286,12 @@ def unsharded_model(model: nn.Module) -> nn.Module | None:
     copy = empty_copy(model)
     copy.to_empty(device="cpu")
     missing, unexpected = copy.load_state_dict(state, strict=False)
-    # Non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: take them from the model
-    # (FSDP2 and ZeRO-3 leave buffers whole on every rank).
+    # Non-persistent buffers (e.g. rotary inv_freq, a codebook's k-means importance, which the fresh copy may not
+    # have at all) are not in the state dict: take them from the model (FSDP2 and ZeRO-3 leave buffers whole).
     for key, buffer in model.named_buffers():
         if key not in state:
-            copy.get_buffer(key).copy_(buffer.detach().cpu())
+            owner, _, name = key.rpartition(".")
+            setattr(copy.get_submodule(owner), name, buffer.detach().cpu().clone())
     if hasattr(copy, "tie_weights"):
         copy.tie_weights()
     missing = [k for k in missing if k not in dict(model.named_buffers())]

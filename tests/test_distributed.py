@@ -95,12 +95,15 @@ def _tiny_model():
     from transformers import AutoModelForCausalLM
 
     import hfqat
-    from hfqat.modeling import quantize_model
+    from hfqat.codebook import fit_codebooks
+    from hfqat.modeling import qat_layers, quantize_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     weight_format = os.environ.get("HFQAT_TEST_FORMAT", "int")
     quantize_model(model, hfqat.QATConfig(bits=4, group_size=32, weight_format=weight_format))
+    if weight_format == "codebook":  # importance-weighted k-means (kept on the layers as whole (out, in) buffers)
+        fit_codebooks(model, {name: torch.rand_like(layer.weight) + 0.5 for name, layer in qat_layers(model)})
     return model
 
 
