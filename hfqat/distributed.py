@@ -180,7 +180,6 @@ def local_view(modules: Iterable[nn.Module], gather_zero3: bool = True) -> Itera
                 local.grad = param.grad.to_local()
             module._parameters[name] = local
             swapped.append((module._parameters, name, param))
-        # Whole per-weight buffers (a codebook's k-means importance, (out, in)) are cut at the same rows.
         weight = own.get("weight")
         for name, buffer in list(module._buffers.items()):
             if weight is not None and buffer is not None and buffer.shape == weight.shape:

@@ -46,10 +46,10 @@ def test_two_process_gloo(tmp_path, weight_format):
         assert a["average_bits"] <= BUDGET, part
         assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1, part
     fsdp = [r["fsdp2"] for r in ranks]
-    assert all(f["sharded"] for f in fsdp)
+    assert all(f["sharded"] for f in fsdp)  # the path under test really had DTensor weights and scales
     if weight_format == "int":  # codebooks: no grid scales and no clip ratios
         assert all(f["local_refit_exact"] for f in fsdp)
-        assert fsdp[0]["clip_ratios_vary"]  # the path under test really had DTensor weights and scales
+        assert fsdp[0]["clip_ratios_vary"]
     assert fsdp[0]["teacher_file"] and fsdp[0]["unsharded_max_diff"] == 0.0 and fsdp[0]["unsharded_allocation_equal"]
     assert fsdp[0]["packed_max_diff"] <= 1e-4 and fsdp[0]["packed_allocation_equal"]  # save_packed gathered
     assert fsdp[0]["clip_equal_unsharded"]  # shard-reduced clip fit = whole fit
