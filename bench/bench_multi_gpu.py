@@ -89,7 +89,7 @@ def train(args) -> None:
         args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, bf16=cuda, use_cpu=not cuda, logging_steps=1, report_to=[], seed=0,
         data_seed=0, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        disable_tqdm=True, dataloader_num_workers=0)
+        disable_tqdm=True, dataloader_num_workers=0, full_determinism=args.deterministic)
     # The same rows (steps x global batch) whatever the GPU count, so 1- and N-GPU runs see the same batches.
     data = synthetic_blocks(args.steps * args.batch * hd.world_size(), args.seq, model.config.vocab_size)
     trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[*callbacks, timer])
@@ -123,7 +123,7 @@ def train(args) -> None:
         "losses": {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
         "allocations_equal": all(a == allocations[0] for a in allocations),
         "average_bits": hfqat.average_bits(trainer.model) if callbacks else None, "allocation": allocations[0],
-        "allocation_steps": [h["step"] for h in callbacks[0].history] if callbacks else [],
+        "allocation_history": [{"step": h["step"], "bits": h["bits"]} for h in callbacks[0].history] if callbacks else [],
         "distinct_bits": sorted(set(allocations[0].values())),
         "packed": packed, "resumed_from": args.resume, "command": " ".join(sys.argv),
     }
@@ -144,6 +144,11 @@ def report(runs: list[str]) -> None:
               f"{r['tokens_per_s_per_gpu'] * r['world_size']:,.0f} | {r['peak_gib_max_rank']:.1f} | "
               f"{r['allocations_equal']} | {r['average_bits'] or float('nan'):.3f} | {r['losses'][last]:.4f} | "
               f"{r.get('allocation') == base.get('allocation')} |")
+    for run, r in zip(runs[1:], results[1:]):
+        if r.get("allocation_history"):  # which re-allocations chose the same map as the first run's
+            first = {h["step"]: h["bits"] for h in base.get("allocation_history", [])}
+            same = [f"{h['step']}:{h['bits'] == first.get(h['step'])}" for h in r["allocation_history"]]
+            print(f"\n{run}: allocation at each re-allocation step equals {runs[0]}'s: {' '.join(same)}")
     for run, r in zip(runs, results):
         if r.get("packed"):
             print(f"\n{run}: save_packed gathered on rank 0 → {r['packed']['layers']} packed layers, reloaded bits "
@@ -180,6 +185,8 @@ def main() -> None:
     tr.add_argument("--save-packed", action="store_true")
     tr.add_argument("--resume", default=None)
     tr.add_argument("--plain", action="store_true", help="bf16 fine-tune without hfqat (the scaling reference)")
+    tr.add_argument("--deterministic", action="store_true",
+                    help="Trainer's full_determinism (deterministic CUDA kernels): separates resume bugs from GPU noise")
     tr.add_argument("--sensitivity", default="fisher", help="'variance' under DeepSpeed ZeRO-3 (no gradients seen)")
     rp = sub.add_parser("report")
     rp.add_argument("runs", nargs="+")
