@@ -46,7 +46,7 @@ from .allocation import allocate_bits, weighted_average_bits
 from .calibration import calibrate, leading_batch, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks
+from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks, world_size
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,
@@ -262,7 +262,11 @@ class QATCallback(TrainerCallback, ExportableState):
             return
         steps = max(state.global_step - self._last_logged_step, 1)
         self._last_logged_step = state.global_step
-        extra = {key: value / steps for key, value in self._hook.pop_sums().items()}
+        # Every rank logs (Trainer gathers its own loss there too): report the global value, as Trainer does.
+        sums = mean_across_ranks({"logs": self._hook.pop_sums()}).get("logs", {})
+        if self._hook.saw_item_counts and args.average_tokens_across_devices:
+            sums = {key: value * world_size() for key, value in sums.items()}  # parts of one global mean
+        extra = {key: value / steps for key, value in sums.items()}
         logs.update(extra)
         # Trainer appended a copy of `logs` to the history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -214,6 +214,9 @@ class DistillationHook:
         self._handle = None
         self._busy = False
         self._sums: dict[str, torch.Tensor] = {}
+        # Trainer passed the batch's item count: losses are sums over this rank's tokens divided by that count,
+        # which Trainer takes across all ranks (`average_tokens_across_devices`), so ranks' values add up.
+        self.saw_item_counts = False
 
     def attach(self, model: nn.Module) -> None:
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
@@ -228,6 +231,7 @@ class DistillationHook:
             return None
         self.last_batch = dict(kwargs)
         num_items = kwargs.get("num_items_in_batch")
+        self.saw_item_counts = num_items is not None
         # Per-micro-batch contribution on the scale of Trainer's logged loss.
         scale = 1.0 if num_items is not None else 1.0 / self.grad_accum
         task = output.get("loss")

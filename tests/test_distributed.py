@@ -57,6 +57,7 @@ def test_two_process_gloo(tmp_path, weight_format):
     assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
     ddp = [r["ddp"] for r in ranks]
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
+    assert len(ddp[0]["logged_mix_errors"]) == 8 and max(ddp[0]["logged_mix_errors"]) < 2e-3
 
 
 def test_empty_copy_is_built_without_zero3_init(monkeypatch):
@@ -209,11 +210,16 @@ def _ddp_part(out: Path) -> dict:
     model = _tiny_model()
     folder = out / f"ddp-rank{hd.rank()}"  # separate folders: shows which rank wrote files
     args = TrainingArguments(str(folder), max_steps=8, per_device_train_batch_size=2, learning_rate=1e-3,
-                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
     callback = QATCallback(budget_bits=BUDGET, reallocate_every=2, sensitivity="hutchinson", write_plots=False)
     trainer = Trainer(model=model, args=args, train_dataset=text_dataset(32), callbacks=[callback])
     trainer.train()
+    alpha = callback.distill_weight
+    # The logged parts must mix into Trainer's (globally averaged) loss, as on one process.
+    mix_errors = [abs((1 - alpha) * e["task_loss"] + alpha * e["distill_loss"] - e["loss"]) / e["loss"]
+                  for e in trainer.state.log_history if "task_loss" in e]
     return {"allocation": hfqat.bit_allocation(model), "average_bits": hfqat.average_bits(model),
+            "logged_mix_errors": mix_errors,
             "history_steps": [h["step"] for h in callback.history],
             "history_file": (folder / HISTORY_FILE).is_file()}
 
