@@ -12,6 +12,11 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
 - ``m35-every-third``: re-allocation every steps/3.
 - ``m35-34``: bit choices (3, 4) only.
 - ``m30``: average 3.0 bits.
+- ``m35-oracle``: a bound, not a method. Each layer alone is moved 4 → 3 bits (RTN, the others at 4) and the
+  log-perplexity increase is measured *on the evaluation text*; the knapsack on these measured costs gives an
+  average-3.5 allocation (3/4 bits), which then trains statically with KD. No allocator that sees only training
+  data can beat it by choosing better layers (as far as per-layer costs add up); also printed: its RTN
+  perplexity before training and the additive prediction.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shlex
 import sys
 import tempfile
@@ -28,16 +34,20 @@ from unittest import mock
 
 import bench_qat_quality as quality
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 import hfqat
+from hfqat.allocation import allocate_bits
 from hfqat.callback import QATCallback
+from hfqat.modeling import qat_layers
 
 CHOICES = (2, 3, 4, 8)
 
 
 def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
-    """name → (config bits, QATCallback kwargs, calibrate on the last batch instead of the leading one)."""
+    """name → (config bits, QATCallback kwargs, calibrate on the last batch instead of the leading one);
+    ``m35-oracle``'s allocation is set before training (`oracle_allocation`)."""
     every, mixed = max(1, steps // 8), dict(bit_choices=CHOICES, budget_bits=3.5)
     return {
         "W4": (4, dict(reallocate_every=0), False),
@@ -48,7 +58,25 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-every-third": (4, dict(mixed, reallocate_every=max(1, steps // 3)), False),
         "m35-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
         "m30": (4, dict(mixed, budget_bits=3.0, reallocate_every=every), False),
+        "m35-oracle": (4, dict(reallocate_every=0), False),
     }
+
+
+def oracle_allocation(model, blocks: torch.Tensor, batch: int, budget: float = 3.5) -> dict[str, int]:
+    """Knapsack (3/4 bits) on each layer's measured eval log-perplexity increase at 3 bits; prints the bound."""
+    base = math.log(quality.perplexity(model, blocks, batch))
+    costs = {}
+    for name, layer in tqdm(list(qat_layers(model)), desc="oracle: one layer at 3 bits"):
+        layer.set_bits(3)
+        costs[name] = {3: math.log(quality.perplexity(model, blocks, batch)) - base, 4: 0.0}
+        layer.set_bits(4)  # the MSE init is a function of the weight: the same scales as before
+    bits = allocate_bits(costs, {name: layer.weight.numel() for name, layer in qat_layers(model)}, budget)
+    for name, layer in qat_layers(model):
+        layer.set_bits(bits[name])
+    predicted = math.exp(base + sum(costs[n][3] for n, b in bits.items() if b == 3))
+    print(f"m35-oracle: RTN W4 {math.exp(base):.3f}, RTN at the oracle allocation "
+          f"{quality.perplexity(model, blocks, batch):.3f} (additive prediction {predicted:.3f})", flush=True)
+    return bits
 
 
 def main(argv=None) -> int:
@@ -67,6 +95,8 @@ def main(argv=None) -> int:
     for name in names:
         bits, kwargs, last_batch = table[name]
         model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits), args.group_size, device)
+        if name == "m35-oracle":
+            oracle_allocation(model, eval_blocks, args.batch)
         callback = QATCallback(**kwargs)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
