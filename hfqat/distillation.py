@@ -226,6 +226,9 @@ class DistillationHook:
             self._handle.remove()
             self._handle = None
 
+    # Eager under torch.compile (Trainer's `torch_compile=True`): the teacher pass swaps the layers' forward for
+    # its duration, a side effect dynamo cannot replay; the student's forward stays compiled.
+    @torch.compiler.disable
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         if not module.training or self._busy or not torch.is_grad_enabled():
             return None

@@ -99,6 +99,27 @@ def test_trainer_with_callback_checkpointing_and_bf16(tiny_model_dir, tmp_path):
     assert hfqat.average_bits(model) <= 3.0 and len(callback.history) > 1
 
 
+def test_trainer_torch_compile_with_callback(tiny_model_dir, tmp_path):
+    """Trainer(torch_compile=True) + QATCallback: the distillation hook (which swaps the layers' forward for the
+    teacher pass) runs eagerly inside the compiled forward; the first loss equals eager's, re-allocation runs."""
+
+    def run(compiled: bool):
+        model = _model(tiny_model_dir("llama"))
+        args = TrainingArguments(str(tmp_path / f"compiled{compiled}"), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, use_cpu=True, torch_compile=compiled, report_to=[],
+                                 save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+        callback = QATCallback(budget_bits=3.0, reallocate_every=2, write_plots=False)
+        trainer = Trainer(model=model, args=args, train_dataset=text_dataset(32), callbacks=[callback])
+        trainer.train()
+        return [e for e in trainer.state.log_history if "loss" in e], callback, model
+
+    eager_logs = run(False)[0]
+    logs, callback, model = run(True)
+    assert len(logs) == 4 and all("distill_loss" in e for e in logs)
+    assert logs[0]["loss"] == pytest.approx(eager_logs[0]["loss"], rel=1e-3)
+    assert hfqat.average_bits(model) <= 3.0 and len(callback.history) > 1
+
+
 # -- CUDA: fused Triton kernels --------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_fake_quant.available()),
                           reason="needs CUDA and Triton")
