@@ -36,8 +36,10 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -118,6 +120,7 @@ class QATCallback(TrainerCallback, ExportableState):
             self.soft_anneal = (float(self.soft_anneal[0]), float(self.soft_anneal[1]))
         self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
         self._hook: DistillationHook | None = None
+        self._loss_in_trainer = False  # set by `make_compute_loss_func`
         self._model: nn.Module | None = None
         self._layers: list = []
         self._numels: dict[str, int] = {}
@@ -299,6 +302,20 @@ class QATCallback(TrainerCallback, ExportableState):
             bits = max(set(specs), key=specs.count)
         return int(bits)
 
+    def make_compute_loss_func(self) -> Callable[..., torch.Tensor]:
+        """A ``compute_loss_func`` for trainers that compute the loss from the logits themselves (trl's
+        ``SFTTrainer``, or a Trainer that needs one): ``SFTTrainer(..., compute_loss_func=callback.make_compute_loss_func(),
+        callbacks=[callback])``. The callback's forward hook then only runs the teacher; the returned function mixes
+        the task and distillation losses from the logits and the labels the trainer kept."""
+        self._loss_in_trainer = True
+
+        def compute_loss_func(outputs, labels, num_items_in_batch=None):
+            if self._hook is None:
+                raise RuntimeError("QATCallback's compute_loss_func runs during training only (after train begin)")
+            return self._hook.compute_loss(outputs, labels, num_items_in_batch)
+
+        return compute_loss_func
+
     def _attach_hook(self, args, state, saved: dict[str, Any] | None) -> None:
         if self._hook is not None:
             self._hook.detach()
@@ -307,7 +324,8 @@ class QATCallback(TrainerCallback, ExportableState):
             resumed = state.global_step > 0
             teacher = self._restored_snapshot(args, state, saved) if resumed and self.teacher == "snapshot" else None
             teacher = teacher or build_teacher(self.teacher, self._model)
-        self._hook = DistillationHook(teacher, self.distill_weight, self.temperature, args.gradient_accumulation_steps)
+        self._hook = DistillationHook(teacher, self.distill_weight, self.temperature, args.gradient_accumulation_steps,
+                                      loss_in_trainer=self._loss_in_trainer)
         self._hook.attach(self._model)
 
     def _restored_snapshot(self, args, state, saved: dict[str, Any] | None) -> SnapshotTeacher | None:

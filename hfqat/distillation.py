@@ -22,8 +22,15 @@ Normalisation (gradient accumulation)
     ``attention_mask[t] == 0``.
 
 Gradient checkpointing is unaffected: the hook runs outside the checkpointed blocks, and the teacher pass
-runs without grad. Not covered: a Trainer ``compute_loss_func`` or label smoothing (Trainer then computes
-its own loss from the logits and ignores ``outputs["loss"]``).
+runs without grad.
+
+Trainers that compute the loss themselves
+    A ``compute_loss_func`` (stock Trainer) or trl's ``SFTTrainer`` (a fused LM head that never materialises the
+    logits) ignore ``outputs["loss"]``. For them `DistillationHook.compute_loss` is the trainer's
+    ``compute_loss_func`` (`QATCallback.make_compute_loss_func`): the hook then only runs the teacher, and the
+    function mixes ``(1 - α) · CE + α · KD`` from the logits and the labels the trainer kept (the model saw none).
+    The hook refuses trl's fused-head forward otherwise, rather than silently train without distillation.
+    Label smoothing still bypasses the distillation loss.
 
 Teachers
     `SnapshotTeacher` (default): the student itself with every quantized layer computing
@@ -48,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .distributed import full_tensor, is_main_process, shard_like, zero3_gathered
 from .modeling import qat_layers
@@ -55,6 +63,7 @@ from .modeling import qat_layers
 IGNORE_INDEX = -100
 # Inputs that only concern the loss; the teacher is run without them.
 LOSS_KWARGS = ("labels", "num_items_in_batch", "shift_labels", "return_dict")
+FUSED_HEAD_KWARG = "fused_lm_head"  # trl's SFTTrainer: its loss comes from per-token log-probs, not outputs.loss
 
 
 def distillation_loss(
@@ -205,7 +214,8 @@ class DistillationHook:
     Trainer's own ``loss`` when the loss is not normalised by ``num_items_in_batch``.
     """
 
-    def __init__(self, teacher: Teacher | None, distill_weight: float, temperature: float, grad_accum: int = 1) -> None:
+    def __init__(self, teacher: Teacher | None, distill_weight: float, temperature: float, grad_accum: int = 1,
+                 loss_in_trainer: bool = False) -> None:
         self.teacher = teacher
         self.alpha = distill_weight
         self.temperature = temperature
@@ -217,6 +227,9 @@ class DistillationHook:
         # Trainer passed the batch's item count: losses are sums over this rank's tokens divided by that count,
         # which Trainer takes across all ranks (`average_tokens_across_devices`), so ranks' values add up.
         self.saw_item_counts = False
+        # The trainer computes the loss (`compute_loss`): the hook only keeps the teacher's logits for it.
+        self.loss_in_trainer = loss_in_trainer
+        self._teacher_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def attach(self, model: nn.Module) -> None:
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
@@ -232,6 +245,10 @@ class DistillationHook:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         if not module.training or self._busy or not torch.is_grad_enabled():
             return None
+        if kwargs.get(FUSED_HEAD_KWARG) and self.teacher is not None and not self.loss_in_trainer:
+            raise ValueError("this trainer computes its loss from a fused LM head (trl's SFTTrainer) and ignores the "
+                             "model's loss, so distillation would be skipped: pass "
+                             "compute_loss_func=callback.make_compute_loss_func() to the trainer")
         self.last_batch = dict(kwargs)
         num_items = kwargs.get("num_items_in_batch")
         self.saw_item_counts = num_items is not None
@@ -249,11 +266,36 @@ class DistillationHook:
             teacher_logits = self.teacher.logits(args, teacher_kwargs)
         finally:
             self._busy = False
+        if self.loss_in_trainer:
+            self._teacher_outputs = (teacher_logits, kwargs.get("attention_mask"))
+            return None
         kd = distillation_loss(output["logits"], teacher_logits, self.temperature, kwargs.get("labels"),
                                kwargs.get("attention_mask"), num_items)
         loss = kd if task is None else (1.0 - self.alpha) * task + self.alpha * kd
         self._add("distill_loss", kd.detach() * scale)
         return type(output)(**{"loss": loss, **{k: v for k, v in output.items() if k != "loss"}})
+
+    def compute_loss(self, outputs: Any, labels: torch.Tensor | None,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """A trainer's ``compute_loss_func``: ``(1 - α) · causal-LM CE + α · KD`` from ``outputs.logits`` and the
+        labels the trainer kept, normalised like Trainer's own loss (by ``num_items_in_batch`` when given)."""
+        if labels is None:
+            raise ValueError("compute_loss_func got labels=None: the dataset needs labels (for pure distillation "
+                             "without labels, do not pass compute_loss_func)")
+        logits = outputs["logits"]
+        task = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        self.saw_item_counts = num_items_in_batch is not None
+        # Trainer treats a compute_loss_func's loss as normalised over the whole accumulated batch.
+        scale = 1.0 if num_items_in_batch is not None else 1.0 / self.grad_accum
+        self._add("task_loss", task.detach() * scale)
+        loss = task
+        if self._teacher_outputs is not None:
+            teacher_logits, attention_mask = self._teacher_outputs
+            self._teacher_outputs = None
+            kd = distillation_loss(logits, teacher_logits, self.temperature, labels, attention_mask, num_items_in_batch)
+            self._add("distill_loss", kd.detach() * scale)
+            loss = (1.0 - self.alpha) * task + self.alpha * kd
+        return loss * scale
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self._sums[key] = self._sums[key] + value if key in self._sums else value

@@ -194,3 +194,60 @@ def test_eval_loss_is_the_task_loss(tiny_model_dir, tmp_path):
     eval_loss = next(e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
     ids = torch.stack([r["input_ids"] for r in rows])
     assert eval_loss == pytest.approx(float(_eval_loss(model.eval(), ids, ids)), rel=1e-5)
+
+
+# -- trainers that compute the loss themselves -------------------------------------------------------------------
+def test_compute_loss_func_gives_the_hook_path_step(tiny_model_dir, tmp_path):
+    """`make_compute_loss_func` (the trainer computes the loss from the logits) = the forward-hook path: same
+    weights after one accumulated step with ragged labels, same logged parts."""
+    path = tiny_model_dir("llama")
+    ref, ref_trainer = _one_step_weights(path, tmp_path / "hook", per_device_train_batch_size=4,
+                                         gradient_accumulation_steps=2)
+    model, callback = _model(path), QATCallback(reallocate_every=0)
+    trainer = Trainer(model=model, args=_args(tmp_path / "func", per_device_train_batch_size=4,
+                                              gradient_accumulation_steps=2),
+                      train_dataset=_ragged_dataset(), callbacks=[callback],
+                      compute_loss_func=callback.make_compute_loss_func())
+    trainer.train()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), ref[name], atol=2e-6, rtol=1e-4)
+    got, want = ([e for e in t.state.log_history if "loss" in e][0] for t in (trainer, ref_trainer))
+    for key in ("loss", "task_loss", "distill_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def test_trl_sft_trainer(tiny_model_dir, tmp_path):
+    """trl's SFTTrainer computes its loss from a fused LM head: without `make_compute_loss_func` the hook refuses
+    (it would silently skip distillation); with it, SFTTrainer optimises the mixed loss."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    rows = Dataset.from_list([{"text": " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (20,), generator=g))}
+                              for _ in range(16)])
+
+    def trainer(out, callback, **kw):
+        args = trl.SFTConfig(str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
+                             report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0)
+        return trl.SFTTrainer(model=_model(tiny_model_dir("llama")), args=args, train_dataset=rows,
+                              processing_class=_word_tokenizer(), callbacks=[callback], **kw)
+
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        trainer(tmp_path / "plain", QATCallback(reallocate_every=0)).train()
+    callback = QATCallback(reallocate_every=0)
+    sft = trainer(tmp_path / "kd", callback, compute_loss_func=callback.make_compute_loss_func())
+    sft.train()
+    logs = [e for e in sft.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(e["distill_loss"] > 0 for e in logs)
+    for e in logs:  # SFTTrainer optimised the mix, not its own cross-entropy
+        assert e["loss"] == pytest.approx(0.5 * e["task_loss"] + 0.5 * e["distill_loss"], rel=1e-4)
