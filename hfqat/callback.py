@@ -35,8 +35,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,13 @@ from .allocation import allocate_bits, weighted_average_bits
 from .calibration import calibrate, leading_batch, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks, world_size
+from .distributed import (
+    broadcast_object,
+    full_numel,
+    local_view,
+    mean_across_ranks,
+    world_size,
+)
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,

@@ -211,7 +211,7 @@ def test_compute_loss_func_gives_the_hook_path_step(tiny_model_dir, tmp_path):
     trainer.train()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), ref[name], atol=2e-6, rtol=1e-4)
-    got, want = ([e for e in t.state.log_history if "loss" in e][0] for t in (trainer, ref_trainer))
+    got, want = (next(e for e in t.state.log_history if "loss" in e) for t in (trainer, ref_trainer))
     for key in ("loss", "task_loss", "distill_loss"):
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
