@@ -1,6 +1,8 @@
 """`QATCallback`: distillation from the full-precision teacher and dynamic bit re-allocation for any Trainer.
 
-Usage: ``Trainer(..., callbacks=[hfqat.QATCallback()])`` on a model loaded with an `hfqat.QATConfig`.
+Usage: ``Trainer(..., callbacks=[hfqat.QATCallback()])`` on a model loaded with an `hfqat.QATConfig`; trainers
+that compute the loss from the logits themselves (trl's ``SFTTrainer``) also take
+``compute_loss_func=callback.make_compute_loss_func()``.
 
 Per training run:
 
