@@ -284,6 +284,8 @@ class DistillationHook:
                              "without labels, do not pass compute_loss_func)")
         logits = outputs["logits"]
         task = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        if not torch.is_grad_enabled():  # evaluation (Trainer's prediction step): the task loss, not recorded
+            return task
         self.saw_item_counts = num_items_in_batch is not None
         # Trainer treats a compute_loss_func's loss as normalised over the whole accumulated batch.
         scale = 1.0 if num_items_in_batch is not None else 1.0 / self.grad_accum

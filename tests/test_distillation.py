@@ -216,6 +216,23 @@ def test_compute_loss_func_gives_the_hook_path_step(tiny_model_dir, tmp_path):
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
+def test_compute_loss_func_eval_loss_is_the_task_loss(tiny_model_dir, tmp_path):
+    model, rows = _model(tiny_model_dir("llama")), text_dataset(4, seed=5)
+    callback = QATCallback(reallocate_every=0)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2, per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=2, per_device_eval_batch_size=4,
+                                              eval_strategy="steps", eval_steps=1),
+                      train_dataset=text_dataset(8), eval_dataset=rows, callbacks=[callback],
+                      compute_loss_func=callback.make_compute_loss_func())
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    for e in logs:  # the evaluation after step 1 added nothing to step 2's logged parts
+        assert e["loss"] == pytest.approx(0.5 * e["task_loss"] + 0.5 * e["distill_loss"], rel=1e-4)
+    eval_loss = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e][-1]  # the final model's
+    ids = torch.stack([r["input_ids"] for r in rows])
+    assert eval_loss == pytest.approx(float(_eval_loss(model.eval(), ids, ids)), rel=1e-5)
+
+
 def _word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
