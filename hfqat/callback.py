@@ -50,13 +50,7 @@ from .allocation import allocate_bits, weighted_average_bits
 from .calibration import calibrate, leading_batch, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import (
-    broadcast_object,
-    full_numel,
-    local_view,
-    mean_across_ranks,
-    world_size,
-)
+from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks
 from .modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,
@@ -275,8 +269,9 @@ class QATCallback(TrainerCallback, ExportableState):
         self._last_logged_step = state.global_step
         # Every rank logs (Trainer gathers its own loss there too): report the global value, as Trainer does.
         sums = mean_across_ranks({"logs": self._hook.pop_sums()}).get("logs", {})
-        if self._hook.saw_item_counts and args.average_tokens_across_devices:
-            sums = {key: value * world_size() for key, value in sums.items()}  # parts of one global mean
+        # Trainer's own rule for a global item count (then each rank's value is a part of one global mean).
+        if self._hook.saw_item_counts and args.average_tokens_across_devices and args.world_size > 1:
+            sums = {key: value * args.world_size for key, value in sums.items()}
         extra = {key: value / steps for key, value in sums.items()}
         logs.update(extra)
         # Trainer appended a copy of `logs` to the history before calling the callbacks.
