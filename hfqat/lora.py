@@ -82,6 +82,9 @@ class _LinearRecomputedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, build_weight, *params):
+        device = x.device.type
+        # The backward rebuilds the weight under the forward's autocast state (its B·A matmul runs in that dtype).
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.build_weight = build_weight
         ctx.params = params
         ctx.save_for_backward(x)
@@ -91,14 +94,17 @@ class _LinearRecomputedWeight(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with torch.enable_grad():
+        device, autocast_dtype, autocast_enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):
             weight = ctx.build_weight()
-        grad_x = grad_out @ weight.detach() if needs[0] else None
+        # Under autocast the forward's matmul ran in the autocast dtype, which grad_out carries: so does the backward.
+        dtype = grad_out.dtype
+        grad_x = grad_out @ weight.detach().to(dtype) if needs[0] else None
         grad_bias = grad_out.flatten(0, -2).sum(0) if needs[1] else None
         trainable = [p for p, need in zip(ctx.params, needs[3:]) if need]
         grads = iter(())
         if trainable:
-            grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2)
+            grad_weight = grad_out.flatten(0, -2).t() @ x.flatten(0, -2).to(dtype)
             grads = iter(torch.autograd.grad(weight, trainable, grad_weight.to(weight.dtype), allow_unused=True))
         return (grad_x, grad_bias, None, *(next(grads) if need else None for need in needs[3:]))
 

@@ -101,6 +101,29 @@ def test_recomputed_backward_matches_autograd(tiny_model_dir, symmetric):
     assert base.weight.grad is None and base.weight_scale.grad is None
 
 
+def test_recomputed_backward_under_bf16_autocast(tiny_model_dir):
+    """Trainer(bf16=True) (trl's SFTConfig default) runs the forward under autocast: the recomputed backward must
+    take the bf16 gradient against the fp32 weights, and give plain autograd's gradients under the same autocast."""
+    model = get_peft_model(qat_model(tiny_model_dir("llama")), LoraConfig(r=4, target_modules=["gate_proj"]))
+    randomize_adapters(model, seed=2)
+    layer = lora_layers(model)[0]
+    layer.train()
+    x = torch.randn(2, 7, layer.in_features, requires_grad=True)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    (out.float() ** 2).sum().backward()
+    ours = [x.grad.clone()] + [p.grad.clone() for p in trainable]
+    for t in [x] + trainable:
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.linear(x, layer._quantized_weight(["default"], float("inf")))
+    (reference.float() ** 2).sum().backward()
+    for got, want in zip(ours, [x.grad] + [p.grad for p in trainable]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 # -- acceptance: train, merge, export, adapter round trip ----------------------------------------------------
 def test_acceptance_trainer_merge_export_and_adapter_roundtrip(tiny_model_dir, input_ids, tmp_path):
     path = tiny_model_dir("llama")
