@@ -78,8 +78,11 @@ def test_forward_is_quantized_merged_weight(tiny_model_dir, rounding):
         assert max_diff(naive, layer(x)) > 1e-3
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_recomputed_backward_matches_autograd(tiny_model_dir, symmetric):
+def test_recomputed_backward_matches_autograd(tiny_model_dir, symmetric, autocast):
+    """The recomputed backward = plain autograd; also under bf16 autocast (Trainer(bf16=True), trl's SFTConfig
+    default), where the bf16 gradient meets the fp32 weights rebuilt under the forward's autocast state."""
     model = get_peft_model(qat_model(tiny_model_dir("llama"), symmetric=symmetric),
                            LoraConfig(r=4, target_modules=["gate_proj"], lora_bias=False))
     randomize_adapters(model, seed=1)
@@ -89,39 +92,21 @@ def test_recomputed_backward_matches_autograd(tiny_model_dir, symmetric):
     trainable = [p for p in layer.parameters() if p.requires_grad]
     assert len(trainable) == (3 if symmetric else 4)  # A, B, scale factor (+ zero-point offset)
 
-    (layer(x) ** 2).sum().backward()
-    ours = [x.grad.clone()] + [p.grad.clone() for p in trainable]
-    for t in [x] + trainable:
-        t.grad = None
-    reference = F.linear(x, layer._quantized_weight(["default"], float("inf")))  # plain autograd, no recompute
-    (reference ** 2).sum().backward()
-    for got, want in zip(ours, [x.grad] + [p.grad for p in trainable]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    base = layer.get_base_layer()
-    assert base.weight.grad is None and base.weight_scale.grad is None
-
-
-def test_recomputed_backward_under_bf16_autocast(tiny_model_dir):
-    """Trainer(bf16=True) (trl's SFTConfig default) runs the forward under autocast: the recomputed backward must
-    take the bf16 gradient against the fp32 weights, and give plain autograd's gradients under the same autocast."""
-    model = get_peft_model(qat_model(tiny_model_dir("llama")), LoraConfig(r=4, target_modules=["gate_proj"]))
-    randomize_adapters(model, seed=2)
-    layer = lora_layers(model)[0]
-    layer.train()
-    x = torch.randn(2, 7, layer.in_features, requires_grad=True)
-    trainable = [p for p in layer.parameters() if p.requires_grad]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
     (out.float() ** 2).sum().backward()
     ours = [x.grad.clone()] + [p.grad.clone() for p in trainable]
     for t in [x] + trainable:
         t.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = F.linear(x, layer._quantized_weight(["default"], float("inf")))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        reference = F.linear(x, layer._quantized_weight(["default"], float("inf")))  # plain autograd, no recompute
     (reference.float() ** 2).sum().backward()
+    rtol = 1e-4 if autocast else 1e-5
     for got, want in zip(ours, [x.grad] + [p.grad for p in trainable]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
+    base = layer.get_base_layer()
+    assert base.weight.grad is None and base.weight_scale.grad is None
 
 
 # -- acceptance: train, merge, export, adapter round trip ----------------------------------------------------
