@@ -222,7 +222,12 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             get_model_state_dict,
         )
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Only rank 0 copies the gathered tensors to CPU, i.e. waits for them: the other ranks return with their
+        # NCCL all-gathers still queued, and one that exits right away can leave rank 0 waiting forever (seen on
+        # 2 GPUs after `hfqat train`). The barrier completes only after every earlier collective has.
+        barrier()
+        return state
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         state: dict[str, torch.Tensor] = {}
         for prefix, module in model.named_modules():
