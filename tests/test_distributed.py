@@ -55,6 +55,9 @@ def test_two_process_gloo(tmp_path, weight_format):
     assert fsdp[0]["clip_equal_unsharded"]  # shard-reduced clip fit = whole fit
     assert fsdp[1]["unsharded_is_none"]
     assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
+    for teacher in (r["sharded_teacher"] for r in ranks):
+        assert teacher["teacher_sharded"] and teacher["distill_part"] > 1e-3  # the KD term is really in the loss
+        assert teacher["loss_diff"] < 1e-5
     ddp = [r["ddp"] for r in ranks]
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
     assert len(ddp[0]["logged_mix_errors"]) == 8 and max(ddp[0]["logged_mix_errors"]) < 2e-3
@@ -199,6 +202,45 @@ def _fsdp2_part(out: Path) -> dict:
     return result
 
 
+def _sharded_teacher_part() -> dict:
+    """A separate teacher model stays where the user puts it: here sharded with ``fully_shard`` like the student.
+    Its distillation term must be the one the whole (unsharded) teacher gives."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from conftest import tiny_config
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+    from hfqat import distributed as hd
+    from hfqat.callback import QATCallback
+    from hfqat.distillation import distillation_loss
+
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    whole_teacher = copy.deepcopy(teacher).eval()
+    student = _tiny_model()
+    for model in (teacher, student):
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    callback = QATCallback(teacher=teacher, budget_bits=None, reallocate_every=0, write_plots=False)
+    args = TrainingArguments("unused", max_steps=1, use_cpu=True, report_to=[])
+    state = TrainerState(max_steps=1, is_world_process_zero=hd.is_main_process())
+    callback.on_train_begin(args, state, TrainerControl(), model=student)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7 + hd.rank()))
+    out = student(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        teacher_logits = whole_teacher(input_ids=ids).logits
+    task = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    alpha = callback.distill_weight
+    expected = (1 - alpha) * task + alpha * distillation_loss(out.logits, teacher_logits, callback.temperature, ids)
+    callback.on_train_end(args, state, TrainerControl())
+    return {"teacher_sharded": hd.is_sharded(teacher), "loss_diff": abs(out.loss - expected).item(),
+            "distill_part": alpha * distillation_loss(out.logits, teacher_logits, callback.temperature, ids).item()}
+
+
 def _ddp_part(out: Path) -> dict:
     from conftest import text_dataset
     from transformers import Trainer, TrainingArguments
@@ -233,7 +275,7 @@ def _worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(os.environ["HFQAT_TEST_OUT"])
-    result = {"fsdp2": _fsdp2_part(out), "ddp": _ddp_part(out)}
+    result = {"fsdp2": _fsdp2_part(out), "sharded_teacher": _sharded_teacher_part(), "ddp": _ddp_part(out)}
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
