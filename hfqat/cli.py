@@ -97,13 +97,12 @@ def _evaluate(model, tokenizer, data, eval_args) -> dict:
     return results
 
 
-def _save_and_evaluate(model, tokenizer, out: Path, data, eval_args, save: bool = True) -> dict:
+def _save_and_evaluate(model, tokenizer, out: Path, data, eval_args) -> dict:
     """Save the (fake-quant) model + tokenizer to `out`, evaluate, write `out/eval_results.json`."""
-    if save:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     results = _evaluate(model, tokenizer, data, eval_args)
-    _report(results, out / "eval_results.json" if save else None)
+    _report(results, out / "eval_results.json")
     return results
 
 
@@ -134,13 +133,13 @@ def cmd_train(argv: list[str]) -> dict:
     if lora.use_lora:
         model = model.merge_and_unload()
     if is_sharded(model):
-        # FSDP2 / ZeRO-3: gather a whole copy on the main process, which saves and evaluates it alone.
+        # FSDP2 / ZeRO-3: gather a whole copy on the main process (a collective: every rank takes part).
         model = unsharded_model(model)
-        if model is None:
-            return {}
-        model.to(training.device)
-    final = Path(training.output_dir) / "final"
-    return _save_and_evaluate(model, tokenizer, final, data, a["eval"], save=trainer.is_world_process_zero())
+        if model is not None:
+            model.to(training.device)
+    if not trainer.is_world_process_zero():
+        return {}  # the main process saves and evaluates the one final model
+    return _save_and_evaluate(model, tokenizer, Path(training.output_dir) / "final", data, a["eval"])
 
 
 def cmd_ptq(argv: list[str]) -> dict:

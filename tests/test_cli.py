@@ -1,6 +1,9 @@
 """The `hfqat` command line: recipes with overrides, bad keys, train / ptq / eval / export in process."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +74,25 @@ def test_train_with_overrides_then_export(tiny_dir, tmp_path):
     assert main(["export", "--checkpoint", str(final), "--export_dir", str(tmp_path / "packed")]) == 0
     assert (tmp_path / "packed" / "model.safetensors").exists()
     assert not list(qat_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "packed")))
+
+
+def test_train_on_two_processes_saves_and_evaluates_once(tiny_dir, tmp_path):
+    """DDP (2 CPU processes, gloo): both ranks train, the main process alone saves and evaluates the final model."""
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "model": str(tiny_dir), "quant": {"bits": 4, "group_size": 32},
+        "data": {"block_size": 32, "max_train_blocks": 16}, "eval": {"max_eval_tokens": 128},
+        "qat": {"reallocate": True, "budget_bits": 3.5, "reallocate_every": 1},
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2,
+                     "report_to": "none", "save_strategy": "no", "use_cpu": True, "disable_tqdm": True},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hfqat.cli",
+           "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count('"ppl": {') == 1  # one evaluation, not one per rank
+    assert json.loads((tmp_path / "run" / "final" / "eval_results.json").read_text())["ppl"]["ppl"] > 1
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
