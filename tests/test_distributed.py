@@ -211,7 +211,12 @@ def _sharded_teacher_part() -> dict:
     import torch.nn.functional as F
     from conftest import tiny_config
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
 
     from hfqat import distributed as hd
     from hfqat.callback import QATCallback
