@@ -1,7 +1,5 @@
 """QATConfig validation and serialization contracts."""
 
-import warnings
-
 import pytest
 
 from hfqat import QATConfig
