@@ -79,6 +79,9 @@ class QATCallback(TrainerCallback, ExportableState):
         teacher: "snapshot" (frozen copy of the quantized layers' float weights taken at train start, sharing
             everything else with the student), a model, a path/hub id loadable by `AutoModelForCausalLM`,
             or None (no distillation).
+        replicate_teacher: under FSDP2, keep a whole copy of the snapshot teacher on every rank instead of
+            sharding it like the weights (the teacher pass then gathers nothing; costs the quantized layers'
+            full float weights per rank). Other engines keep it whole anyway.
         distill_weight: α in ``(1-α)·task + α·T²·KL(teacher‖student)``, in [0, 1].
         temperature: T > 0.
         budget_bits: parameter-weighted average bits the allocation must not exceed; None = the config's bits.
@@ -100,6 +103,7 @@ class QATCallback(TrainerCallback, ExportableState):
     """
 
     teacher: Any = "snapshot"
+    replicate_teacher: bool = False
     distill_weight: float = 0.5
     temperature: float = 2.0
     budget_bits: float | None = None
@@ -139,6 +143,8 @@ class QATCallback(TrainerCallback, ExportableState):
         t = self.teacher
         if not (t is None or t == "snapshot" or isinstance(t, (str, os.PathLike, nn.Module))):
             raise _invalid("teacher", t, '"snapshot", a model, a path, or None')
+        if not isinstance(self.replicate_teacher, bool):
+            raise _invalid("replicate_teacher", self.replicate_teacher, "True or False")
         if isinstance(self.distill_weight, bool) or not 0.0 <= self.distill_weight <= 1.0:
             raise _invalid("distill_weight", self.distill_weight, "a number in [0, 1]")
         if not self.temperature > 0:
@@ -180,7 +186,7 @@ class QATCallback(TrainerCallback, ExportableState):
     # -- ExportableState ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         args = {name: getattr(self, name) for name in (
-            "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "calibrate", "ema",
+            "replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "calibrate", "ema",
             "hysteresis", "freeze_after", "seed", "write_plots")}
         args["bit_choices"] = list(self.bit_choices)
         args["soft_anneal"] = list(self.soft_anneal) if self.soft_anneal is not None else None
@@ -326,7 +332,7 @@ class QATCallback(TrainerCallback, ExportableState):
         if self.teacher is not None:
             resumed = state.global_step > 0
             teacher = self._restored_snapshot(args, state, saved) if resumed and self.teacher == "snapshot" else None
-            teacher = teacher or build_teacher(self.teacher, self._model)
+            teacher = teacher or build_teacher(self.teacher, self._model, self.replicate_teacher)
         self._hook = DistillationHook(teacher, self.distill_weight, self.temperature, args.gradient_accumulation_steps,
                                       loss_in_trainer=self._loss_in_trainer)
         self._hook.attach(self._model)
@@ -341,7 +347,7 @@ class QATCallback(TrainerCallback, ExportableState):
         for folder in candidates:
             path = os.path.join(folder, TEACHER_FILE)
             if os.path.isfile(path):
-                return SnapshotTeacher.load(self._model, path)
+                return SnapshotTeacher.load(self._model, path, self.replicate_teacher)
         logger.warning("QATCallback: %s not found in %s; the resumed run distills from a snapshot of the "
                        "resumed (already trained) weights instead of the original ones.", TEACHER_FILE, candidates)
         return None

@@ -40,6 +40,10 @@ Teachers
     them, so the distillation signal isolates the quantization error of the linear layers). For a fully
     independent frozen teacher pass a model or a path (`ModelTeacher`), which may live on another device
     or in another dtype.
+
+    Under FSDP2 the snapshot is sharded like the weights it copies and the teacher pass gathers it one layer at a
+    time; ``replicate=True`` gathers it once instead and keeps a whole copy on every rank (no gathers per step,
+    at the cost of the quantized layers' full weights per rank). Under ZeRO-3 and DDP it is always whole.
 """
 
 from __future__ import annotations
@@ -129,9 +133,11 @@ def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class SnapshotTeacher(Teacher):
     """The student with its quantized layers swapped, for the teacher pass only, to their train-start floats."""
 
-    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
+                 replicate: bool = False) -> None:
         self.model = model
         self.layers = dict(qat_layers(model))
+        self.replicate = replicate
         if tensors is None:
             tensors = {}
             for name, layer in self.layers.items():
@@ -145,9 +151,11 @@ class SnapshotTeacher(Teacher):
         self.tensors = {k: self._placed(k, v) for k, v in tensors.items()}
 
     def _placed(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        # On the layer's device; a full (loaded) tensor is sharded like the layer's own tensor under FSDP2.
+        # On the layer's device; under FSDP2 sharded like the layer's own tensor, or whole if replicated.
         layer = self.layers[key.rsplit(".", 1)[0]]
         like = layer.weight_oi() if key.endswith(".weight") else layer.bias
+        if self.replicate:
+            return full_tensor(tensor).to(like.device)  # a collective for a sharded copy
         return shard_like(tensor.to(like.device), like)
 
     @contextmanager
@@ -186,16 +194,17 @@ class SnapshotTeacher(Teacher):
             os.replace(tmp, path)
 
     @classmethod
-    def load(cls, model: nn.Module, path: str | os.PathLike) -> SnapshotTeacher:
-        return cls(model, load_file(str(path)))
+    def load(cls, model: nn.Module, path: str | os.PathLike, replicate: bool = False) -> SnapshotTeacher:
+        return cls(model, load_file(str(path)), replicate)
 
 
-def build_teacher(teacher: Any, student: nn.Module) -> Teacher | None:
-    """"snapshot" → `SnapshotTeacher`; a model → `ModelTeacher`; a path → loaded like the student; None → None."""
+def build_teacher(teacher: Any, student: nn.Module, replicate: bool = False) -> Teacher | None:
+    """"snapshot" → `SnapshotTeacher` (``replicate``: whole on every rank under FSDP2); a model → `ModelTeacher`;
+    a path → loaded like the student; None → None."""
     if teacher is None:
         return None
     if isinstance(teacher, str) and teacher == "snapshot":
-        return SnapshotTeacher(student)
+        return SnapshotTeacher(student, replicate=replicate)
     if isinstance(teacher, nn.Module):
         return ModelTeacher(teacher)
     from transformers import AutoModelForCausalLM

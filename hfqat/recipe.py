@@ -140,6 +140,7 @@ class QATArguments:
     Args:
         distill: distil from a full-precision teacher.
         teacher: teacher checkpoint path; None = frozen snapshot of the model's own float weights at train start.
+        replicate_teacher: under FSDP2, a whole snapshot teacher on every rank instead of one sharded like the weights.
         distill_weight: α in (1-α)·task loss + α·T²·KL.
         temperature: T.
         reallocate: re-choose per-layer bits from `bit_choices` every `reallocate_every` steps.
@@ -152,6 +153,8 @@ class QATArguments:
     use_callback: bool = field(default=True, metadata={"help": "Attach hfqat.QATCallback."})
     distill: bool = field(default=True, metadata={"help": "Distil from the full-precision teacher."})
     teacher: str | None = field(default=None, metadata={"help": "Teacher path; default FP snapshot of the model."})
+    replicate_teacher: bool = field(default=False, metadata={
+        "help": "FSDP2: a whole snapshot teacher per rank (no per-layer gathers) instead of a sharded one."})
     distill_weight: float | None = field(default=None, metadata={"help": "α (callback default if unset)."})
     temperature: float | None = field(default=None, metadata={"help": "Distillation temperature (callback default)."})
     reallocate: bool = field(default=False, metadata={"help": "Sensitivity-aware bit re-allocation."})
@@ -170,6 +173,7 @@ class QATArguments:
         kwargs: dict[str, Any] = {"teacher": self.teacher if self.distill else None}
         if self.teacher is None and self.distill:
             kwargs.pop("teacher")  # the callback's default: snapshot of the float weights
+            kwargs["replicate_teacher"] = self.replicate_teacher
         for name in ("distill_weight", "temperature"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

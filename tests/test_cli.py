@@ -41,6 +41,15 @@ def test_shipped_recipes_parse(recipe):
     assert sections["model"]["model"] == "embedded:smollm2"
 
 
+def test_qat_section_builds_the_callback():
+    from hfqat import QATCallback
+    from hfqat.recipe import QATArguments
+
+    callback = QATCallback(**QATArguments(replicate_teacher=True, reallocate=True, budget_bits=3.5).callback_kwargs())
+    assert callback.replicate_teacher and callback.teacher == "snapshot" and callback.budget_bits == 3.5
+    assert QATCallback(**QATArguments(distill=False).callback_kwargs()).teacher is None
+
+
 def test_bad_recipe_key_names_the_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("quant: {bits: 4, group_sise: 64}\n")

@@ -55,9 +55,11 @@ def test_two_process_gloo(tmp_path, weight_format):
     assert fsdp[0]["clip_equal_unsharded"]  # shard-reduced clip fit = whole fit
     assert fsdp[1]["unsharded_is_none"]
     assert all(math.isfinite(v) for f in fsdp for v in f["losses"])
-    for teacher in (r["sharded_teacher"] for r in ranks):
+    for teacher in (r["teacher_placement"] for r in ranks):
         assert teacher["teacher_sharded"] and teacher["distill_part"] > 1e-3  # the KD term is really in the loss
         assert teacher["loss_diff"] < 1e-5
+        assert teacher["snapshot_sharded"] and teacher["replicated_snapshot_whole"]
+        assert teacher["snapshot_mixes_kd"] and teacher["snapshot_loss_diff"] < 1e-6
     ddp = [r["ddp"] for r in ranks]
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
     assert len(ddp[0]["logged_mix_errors"]) == 8 and max(ddp[0]["logged_mix_errors"]) < 2e-3
@@ -202,15 +204,21 @@ def _fsdp2_part(out: Path) -> dict:
     return result
 
 
-def _sharded_teacher_part() -> dict:
-    """A separate teacher model stays where the user puts it: here sharded with ``fully_shard`` like the student.
-    Its distillation term must be the one the whole (unsharded) teacher gives."""
+def _teacher_placement_part() -> dict:
+    """Where the teacher lives under FSDP2, and that it does not change the loss.
+
+    - A separate teacher model stays where the user puts it, here sharded with ``fully_shard`` like the student:
+      its distillation term must be the one the whole (unsharded) teacher gives.
+    - The snapshot teacher, sharded like the weights (default) or whole on every rank (``replicate_teacher``):
+      the same loss either way.
+    """
     import copy
 
     import torch
     import torch.nn.functional as F
     from conftest import tiny_config
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from transformers import (
         AutoModelForCausalLM,
         TrainerControl,
@@ -230,21 +238,30 @@ def _sharded_teacher_part() -> dict:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    callback = QATCallback(teacher=teacher, budget_bits=None, reallocate_every=0, write_plots=False)
     args = TrainingArguments("unused", max_steps=1, use_cpu=True, report_to=[])
     state = TrainerState(max_steps=1, is_world_process_zero=hd.is_main_process())
-    callback.on_train_begin(args, state, TrainerControl(), model=student)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7 + hd.rank()))
-    out = student(input_ids=ids, labels=ids)
+
+    def training_loss(**kwargs):
+        callback = QATCallback(**kwargs, budget_bits=None, reallocate_every=0, write_plots=False)
+        callback.on_train_begin(args, state, TrainerControl(), model=student)
+        out = student(input_ids=ids, labels=ids)
+        snapshot = getattr(callback._hook.teacher, "tensors", {})
+        callback.on_train_end(args, state, TrainerControl())
+        return out, callback, [isinstance(t, DTensor) for t in snapshot.values()]
+
+    out, callback, _ = training_loss(teacher=teacher)
     with torch.no_grad():
         teacher_logits = whole_teacher(input_ids=ids).logits
     task = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    alpha = callback.distill_weight
-    expected = (1 - alpha) * task + alpha * distillation_loss(out.logits, teacher_logits, callback.temperature, ids)
-    callback.on_train_end(args, state, TrainerControl())
-    return {"teacher_sharded": hd.is_sharded(teacher), "loss_diff": abs(out.loss - expected).item(),
-            "distill_part": alpha * distillation_loss(out.logits, teacher_logits, callback.temperature, ids).item()}
-
+    alpha, kd = callback.distill_weight, distillation_loss(out.logits, teacher_logits, callback.temperature, ids)
+    sharded_snapshot, _, sharded_kinds = training_loss()
+    replicated_snapshot, _, replicated_kinds = training_loss(replicate_teacher=True)
+    return {"teacher_sharded": hd.is_sharded(teacher), "loss_diff": abs(out.loss - (task + alpha * (kd - task))).item(),
+            "distill_part": alpha * kd.item(), "snapshot_sharded": all(sharded_kinds),
+            "replicated_snapshot_whole": not any(replicated_kinds),
+            "snapshot_loss_diff": abs(sharded_snapshot.loss - replicated_snapshot.loss).item(),
+            "snapshot_mixes_kd": abs(sharded_snapshot.loss.item() - task.item()) > 1e-3}
 
 def _ddp_part(out: Path) -> dict:
     from conftest import text_dataset
@@ -280,7 +297,7 @@ def _worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(os.environ["HFQAT_TEST_OUT"])
-    result = {"fsdp2": _fsdp2_part(out), "sharded_teacher": _sharded_teacher_part(), "ddp": _ddp_part(out)}
+    result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(), "ddp": _ddp_part(out)}
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
