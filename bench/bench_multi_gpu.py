@@ -10,6 +10,9 @@ Three sub-commands (a stock `transformers.Trainer`; nothing here shards anything
     accelerate launch ... train --model /tmp/llama1b --out /tmp/run2r --batch 4 --resume /tmp/run2/checkpoint-20
     python bench/bench_multi_gpu.py report /tmp/run1 /tmp/run2 /tmp/run2r
 
+``--replicate-teacher`` compares the snapshot teacher whole on every GPU with the default sharded one (per-layer
+gathers in every teacher pass): the suspect for the per-GPU scaling gap to the plain bf16 fine-tune (``--plain``).
+
 Same global batch on 1 and N GPUs (``--batch`` is per GPU), same data order, so the loss curves should agree.
 Data: a synthetic, learnable stream (Zipf-distributed tokens whose second half repeats the first), offline.
 `train` writes ``result.json`` (rank 0): per-step loss, tokens/s per GPU (mean step interval after 2 warm-up steps: re-allocation
@@ -83,7 +86,8 @@ def train(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quantization, dtype=torch.float32,
                                                  device_map={"": local_rank} if cuda else None)
     callbacks = [] if args.plain else [
-        QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every, sensitivity=args.sensitivity)]
+        QATCallback(budget_bits=args.budget, reallocate_every=args.reallocate_every, sensitivity=args.sensitivity,
+                    replicate_teacher=args.replicate_teacher)]
     timer = StepTimer()
     training_args = TrainingArguments(
         args.out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
@@ -187,6 +191,8 @@ def main() -> None:
     tr.add_argument("--plain", action="store_true", help="bf16 fine-tune without hfqat (the scaling reference)")
     tr.add_argument("--deterministic", action="store_true",
                     help="Trainer's full_determinism (deterministic CUDA kernels): separates resume bugs from GPU noise")
+    tr.add_argument("--replicate-teacher", action="store_true",
+                    help="a whole snapshot teacher per GPU instead of one sharded like the weights (FSDP2)")
     tr.add_argument("--sensitivity", default="fisher", help="'variance' under DeepSpeed ZeRO-3 (no gradients seen)")
     rp = sub.add_parser("report")
     rp.add_argument("runs", nargs="+")
