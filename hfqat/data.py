@@ -16,25 +16,55 @@ EVAL_MODULES = ("argparse", "logging/__init__", "typing", "dataclasses", "functo
                 "json/__init__", "unittest/case", "collections/__init__")
 
 
-def stdlib_train_text() -> str:
-    """English prose of Python's language reference (pydoc topics), ~460k characters."""
+def stdlib_train_text(corpus: str = "reference") -> str:
+    """Training prose from the standard library, disjoint from `stdlib_eval_text`.
+
+    ``corpus="reference"``: the language reference (pydoc topics), ~460k characters. ``"reference+docstrings"``:
+    that plus the long docstrings of every other stdlib module (not the evaluation modules, not tests), several
+    times larger, for runs long enough to repeat the reference many times over.
+    """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    if corpus not in TRAIN_CORPORA:
+        raise ValueError(f"corpus={corpus!r} is invalid; allowed values: {list(TRAIN_CORPORA)}")
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    if corpus == "reference+docstrings":
+        lib = _stdlib_dir()
+        # Whole packages of the evaluation modules stay out (json/decoder.py repeats json/__init__'s paragraphs).
+        excluded = {(lib / module).parent if "/" in module else lib / f"{module}.py" for module in EVAL_MODULES}
+        paths = [path for path in sorted(lib.rglob("*.py"))
+                 if not excluded & {path, *path.parents}
+                 and not {"test", "tests", "site-packages", "idle_test"} & set(path.parts)]
+        text += "\n\n" + "\n\n".join(_long_docstrings(paths))
+    return text
 
 
 def stdlib_eval_text() -> str:
-    """Docstrings of several stdlib modules (disjoint from the training text), ~200k characters."""
-    lib = Path(importlib.util.find_spec("json").origin).parent.parent
+    """Docstrings of several stdlib modules (disjoint from the training text), ~100k characters."""
+    lib = _stdlib_dir()
+    return "\n\n".join(_long_docstrings([lib / f"{module}.py" for module in EVAL_MODULES]))
+
+
+TRAIN_CORPORA = ("reference", "reference+docstrings")
+
+
+def _stdlib_dir() -> Path:
+    return Path(importlib.util.find_spec("json").origin).parent.parent
+
+
+def _long_docstrings(paths: Sequence[Path], min_chars: int = 200) -> list[str]:
     parts = []
-    for module in EVAL_MODULES:
-        tree = ast.parse((lib / f"{module}.py").read_text(encoding="utf-8"))
+    for path in paths:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):  # e.g. lib2to3 test data written in Python 2
+            continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
+                if doc and len(doc) > min_chars:
                     parts.append(doc)
-    return "\n\n".join(parts)
+    return parts
 
 
 def pack_tokens(tokenizer, text: str, block_size: int, max_blocks: int | None = None) -> list[list[int]]:
