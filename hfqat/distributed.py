@@ -165,7 +165,8 @@ def local_view(modules: Iterable[nn.Module], gather_zero3: bool = True) -> Itera
     modules = list(modules)
     params = [p for m in modules for p in m.parameters(recurse=False)]
     if gather_zero3 and any(hasattr(p, "ds_id") for p in params):
-        with zero3_gathered(params, modify=True):
+        quantizer_params = [p for m in modules if hasattr(m, "quant_parameters") for p in m.quant_parameters()]
+        with zero3_gathered(params, modify=True, masters=quantizer_params):
             yield
         return
     swapped = []
@@ -193,11 +194,16 @@ def local_view(modules: Iterable[nn.Module], gather_zero3: bool = True) -> Itera
 
 
 @contextlib.contextmanager
-def zero3_gathered(params: Iterable[torch.Tensor | None], modify: bool = False) -> Iterator[None]:
+def zero3_gathered(params: Iterable[torch.Tensor | None], modify: bool = False,
+                   masters: Iterable[torch.Tensor] = ()) -> Iterator[None]:
     """Gather DeepSpeed ZeRO-3 partitions of ``params`` for the block (a collective); no-op for other tensors.
 
     ``modify=True`` writes rank 0's values back into every rank's partition on exit (use it around in-place
     updates such as ``layer.set_bits``; every rank computes the same values anyway, rank 0's win).
+    ``masters``: those of ``params`` the block may change that the optimizer must see too. ZeRO-3's optimizer
+    keeps its own fp32 copy of each partition and copies it over the parameter after every step, so an in-place
+    update that does not reach it is undone by the next step (and checkpoints keep the old values); the ones
+    that changed (on rank 0) are written there.
     """
     partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
     if not partitioned:
@@ -205,8 +211,17 @@ def zero3_gathered(params: Iterable[torch.Tensor | None], modify: bool = False) 
         return
     import deepspeed
 
+    masters = [p for p in masters if hasattr(p, "ds_id")] if modify else []
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        before = [p.detach().clone() for p in masters]
         yield
+        changed = broadcast_object([i for i, (p, b) in enumerate(zip(masters, before)) if not torch.equal(p, b)])
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    for i in changed:
+        param = masters[i]
+        if getattr(param, "_z3_optimizer", None) is not None and param.requires_grad:
+            safe_set_local_fp32_param(param, param.ds_tensor)
 
 
 @torch.no_grad()

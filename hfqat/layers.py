@@ -92,6 +92,10 @@ class FakeQuantMixin:
             x = fake_quantize_activations(x, self.spec.activation_bits)
         return F.linear(x, self.quantized_weight(), self.bias)
 
+    def quant_parameters(self) -> list[nn.Parameter]:
+        """The quantizer's own trainable parameters (scales, zero points, codebook): what a bit change re-fits."""
+        return [p for name, p in self.named_parameters(recurse=False) if name not in ("weight", "bias")]
+
     # -- state changes --------------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_quant_params(self) -> None:
