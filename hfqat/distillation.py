@@ -61,7 +61,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from .distributed import full_tensor, is_main_process, shard_like, zero3_gathered
+from .distributed import (
+    full_tensor,
+    is_main_process,
+    local_tensor,
+    shard_like,
+    zero3_gathered,
+)
 from .modeling import qat_layers
 
 IGNORE_INDEX = -100
@@ -179,7 +185,8 @@ class SnapshotTeacher(Teacher):
             return self.model(*args, **kwargs).logits
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        """Bytes this rank holds (its shards of a sharded snapshot)."""
+        return sum(local_tensor(t).numel() * t.element_size() for t in self.tensors.values())
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the snapshot as safetensors, atomically; under FSDP2 every rank calls it and rank 0 writes."""

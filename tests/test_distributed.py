@@ -60,6 +60,9 @@ def test_two_process_gloo(tmp_path, weight_format):
         assert teacher["loss_diff"] < 1e-5
         assert teacher["snapshot_sharded"] and teacher["replicated_snapshot_whole"]
         assert teacher["snapshot_mixes_kd"] and teacher["snapshot_loss_diff"] < 1e-6
+    # a sharded snapshot holds this rank's rows only: the ranks' shares add up to one whole copy
+    assert sum(r["teacher_placement"]["snapshot_bytes"] for r in ranks) == ranks[0]["teacher_placement"][
+        "replicated_snapshot_bytes"]
     ddp = [r["ddp"] for r in ranks]
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
     assert len(ddp[0]["logged_mix_errors"]) == 8 and max(ddp[0]["logged_mix_errors"]) < 2e-3
@@ -242,26 +245,33 @@ def _teacher_placement_part() -> dict:
     state = TrainerState(max_steps=1, is_world_process_zero=hd.is_main_process())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7 + hd.rank()))
 
-    def training_loss(**kwargs):
-        callback = QATCallback(**kwargs, budget_bits=None, reallocate_every=0, write_plots=False)
+    alpha, temperature = 0.5, 2.0
+
+    def training_step(**teacher_kwargs) -> dict:
+        """The student's training loss under a QATCallback, and where its snapshot teacher (if any) lives."""
+        callback = QATCallback(**teacher_kwargs, distill_weight=alpha, temperature=temperature, budget_bits=None,
+                               reallocate_every=0, write_plots=False)
         callback.on_train_begin(args, state, TrainerControl(), model=student)
         out = student(input_ids=ids, labels=ids)
-        snapshot = getattr(callback._hook.teacher, "tensors", {})
+        snapshot = getattr(callback._hook.teacher, "tensors", None)
+        step = {"out": out, "bytes": callback._hook.teacher.nbytes() if snapshot else None,
+                "sharded": [isinstance(t, DTensor) for t in (snapshot or {}).values()]}
         callback.on_train_end(args, state, TrainerControl())
-        return out, callback, [isinstance(t, DTensor) for t in snapshot.values()]
+        return step
 
-    out, callback, _ = training_loss(teacher=teacher)
+    out = training_step(teacher=teacher)["out"]
     with torch.no_grad():
         teacher_logits = whole_teacher(input_ids=ids).logits
     task = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    alpha, kd = callback.distill_weight, distillation_loss(out.logits, teacher_logits, callback.temperature, ids)
-    sharded_snapshot, _, sharded_kinds = training_loss()
-    replicated_snapshot, _, replicated_kinds = training_loss(replicate_teacher=True)
+    kd = distillation_loss(out.logits, teacher_logits, temperature, ids)
+    sharded, replicated = training_step(), training_step(replicate_teacher=True)
     return {"teacher_sharded": hd.is_sharded(teacher), "loss_diff": abs(out.loss - (task + alpha * (kd - task))).item(),
-            "distill_part": alpha * kd.item(), "snapshot_sharded": all(sharded_kinds),
-            "replicated_snapshot_whole": not any(replicated_kinds),
-            "snapshot_loss_diff": abs(sharded_snapshot.loss - replicated_snapshot.loss).item(),
-            "snapshot_mixes_kd": abs(sharded_snapshot.loss.item() - task.item()) > 1e-3}
+            "distill_part": alpha * kd.item(), "snapshot_sharded": all(sharded["sharded"]),
+            "replicated_snapshot_whole": not any(replicated["sharded"]), "snapshot_bytes": sharded["bytes"],
+            "replicated_snapshot_bytes": replicated["bytes"],
+            "snapshot_loss_diff": abs(sharded["out"].loss - replicated["out"].loss).item(),
+            "snapshot_mixes_kd": abs(sharded["out"].loss.item() - task.item()) > 1e-3}
+
 
 def _ddp_part(out: Path) -> dict:
     from conftest import text_dataset
