@@ -186,8 +186,8 @@ class QATCallback(TrainerCallback, ExportableState):
     # -- ExportableState ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         args = {name: getattr(self, name) for name in (
-            "replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity", "calibrate", "ema",
-            "hysteresis", "freeze_after", "seed", "write_plots")}
+            "replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity",
+            "calibrate", "ema", "hysteresis", "freeze_after", "seed", "write_plots")}
         args["bit_choices"] = list(self.bit_choices)
         args["soft_anneal"] = list(self.soft_anneal) if self.soft_anneal is not None else None
         if self.teacher is None or isinstance(self.teacher, (str, os.PathLike)):

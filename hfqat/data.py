@@ -14,6 +14,7 @@ from pathlib import Path
 
 EVAL_MODULES = ("argparse", "logging/__init__", "typing", "dataclasses", "functools", "subprocess", "pathlib",
                 "json/__init__", "unittest/case", "collections/__init__")
+TRAIN_CORPORA = ("reference", "reference+docstrings")
 
 
 def stdlib_train_text(corpus: str = "reference") -> str:
@@ -43,9 +44,6 @@ def stdlib_eval_text() -> str:
     """Docstrings of several stdlib modules (disjoint from the training text), ~100k characters."""
     lib = _stdlib_dir()
     return "\n\n".join(_long_docstrings([lib / f"{module}.py" for module in EVAL_MODULES]))
-
-
-TRAIN_CORPORA = ("reference", "reference+docstrings")
 
 
 def _stdlib_dir() -> Path:

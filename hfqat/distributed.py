@@ -215,7 +215,8 @@ def zero3_gathered(params: Iterable[torch.Tensor | None], modify: bool = False,
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
         before = [p.detach().clone() for p in masters]
         yield
-        changed = broadcast_object([i for i, (p, b) in enumerate(zip(masters, before)) if not torch.equal(p, b)])
+        changed = [i for i, (p, b) in enumerate(zip(masters, before)) if not torch.equal(p, b)]
+        changed = broadcast_object(changed) if masters else []
     from deepspeed.utils import safe_set_local_fp32_param
 
     for i in changed:

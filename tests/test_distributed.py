@@ -207,7 +207,7 @@ def _fsdp2_part(out: Path) -> dict:
     return result
 
 
-def _teacher_placement_part() -> dict:
+def _teacher_placement_part(out: Path) -> dict:
     """Where the teacher lives under FSDP2, and that it does not change the loss.
 
     - A separate teacher model stays where the user puts it, here sharded with ``fully_shard`` like the student:
@@ -241,7 +241,7 @@ def _teacher_placement_part() -> dict:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    args = TrainingArguments("unused", max_steps=1, use_cpu=True, report_to=[])
+    args = TrainingArguments(str(out / "teacher-placement"), max_steps=1, use_cpu=True, report_to=[])
     state = TrainerState(max_steps=1, is_world_process_zero=hd.is_main_process())
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7 + hd.rank()))
 
@@ -307,7 +307,7 @@ def _worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(os.environ["HFQAT_TEST_OUT"])
-    result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(), "ddp": _ddp_part(out)}
+    result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(out), "ddp": _ddp_part(out)}
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
