@@ -9,6 +9,8 @@ parts share one launch). Each rank writes what it saw to JSON; the test compares
   allocation under the budget; the snapshot teacher checkpoint is written once; `unsharded_model` rebuilds the
   full model on rank 0 with the sharded model's logits, and `save_packed` (called on every rank) writes a packed
   checkpoint that reloads with those logits and bits.
+- Teacher placement under FSDP2: a separate teacher sharded with ``fully_shard`` gives the whole teacher's loss;
+  the snapshot teacher sharded (default) or whole on every rank (``replicate_teacher``) gives the same loss.
 - DDP through a stock Trainer (accelerate's MULTI_CPU) with Hutchinson sensitivity, which measures each rank's
   own batch: without the cross-rank reduction the ranks would pick different bits.
 """
