@@ -3,7 +3,8 @@
 ZeRO-3's optimizer keeps its own fp32 copy of every parameter partition and copies it over the parameter after each
 step, so the scales a re-allocation re-fits in place must reach that copy too. Checked end to end: a run resumed
 from its mid-run checkpoint repeats the uninterrupted run exactly (losses and every allocation), and after
-training the optimizer's fp32 copy of every quantizer parameter equals the parameter.
+training the optimizer's fp32 copy of every quantizer parameter equals the parameter. `save_packed`, called on
+every rank, gathers the partitions on rank 0 into a packed checkpoint with the trained bits and the model's logits.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_zero3_two_processes_resume_exactly(tmp_path):
     assert resumed["history"] == full["history"]
     assert resumed["losses"] == {step: full["losses"][step] for step in resumed["losses"]}  # steps 5..8
     assert full["masters_equal"] and resumed["masters_equal"]
+    assert full["packed_bits_equal"] and full["packed_max_diff"] <= 1e-4
 
 
 def _worker(out: Path, resume: str | None) -> None:
@@ -51,6 +53,7 @@ def _worker(out: Path, resume: str | None) -> None:
     import hfqat
     from hfqat.callback import QATCallback
     from hfqat.distributed import is_sharded
+    from hfqat.export import save_packed
     from hfqat.modeling import qat_layers, quantize_model
 
     torch.manual_seed(0)
@@ -73,10 +76,20 @@ def _worker(out: Path, resume: str | None) -> None:
             master = safe_get_full_fp32_param(param)  # a collective
             with deepspeed.zero.GatheredParameters([param]):
                 masters_equal &= torch.equal(master.reshape(param.shape), param.detach().float())
+    ids = torch.arange(24).reshape(1, 24)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # every rank: ZeRO-3 gathers each layer for the forward
+    save_packed(model, out / "packed")  # every rank; rank 0 writes
     if trainer.is_world_process_zero():
+        packed = AutoModelForCausalLM.from_pretrained(out / "packed")
+        with torch.no_grad():
+            packed_max_diff = (packed(input_ids=ids).logits - logits).abs().max().item()
+        packed_bits = {name: spec["bits"] for name, spec in packed.config.quantization_config.packed_layers.items()}
         losses = {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
         result = {"zero3": is_sharded(model), "losses": losses, "history": callback.history,
-                  "masters_equal": bool(masters_equal)}
+                  "masters_equal": bool(masters_equal), "packed_max_diff": packed_max_diff,
+                  "packed_bits_equal": packed_bits == callback.history[-1]["bits"]}
         (out / "result.json").write_text(json.dumps(result))
 
 
