@@ -1,12 +1,10 @@
 """The `hfqat` command line: recipes with overrides, bad keys, train / ptq / eval / export in process."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_two_processes
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from hfqat.cli import main
@@ -95,11 +93,7 @@ def test_train_on_two_processes_saves_and_evaluates_once(tiny_dir, tmp_path):
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2,
                      "report_to": "none", "save_strategy": "no", "use_cpu": True, "disable_tqdm": True},
     }))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "hfqat.cli",
-           "train", str(recipe)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_two_processes("-m", "hfqat.cli", "train", str(recipe))
     assert proc.stdout.count('"ppl": {') == 1  # one evaluation, not one per rank
     assert json.loads((tmp_path / "run" / "final" / "eval_results.json").read_text())["ppl"]["ppl"] > 1
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_two_processes
 
 WORLD = 2
 BUDGET = 3.0
@@ -32,13 +32,8 @@ BUDGET = 3.0
 
 @pytest.mark.parametrize("weight_format", ["int", "codebook"])
 def test_two_process_gloo(tmp_path, weight_format):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HFQAT_TEST_OUT": str(tmp_path),
-           "HFQAT_TEST_FORMAT": weight_format}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    run_two_processes(__file__, env={"HFQAT_TEST_OUT": str(tmp_path), "HFQAT_TEST_FORMAT": weight_format},
+                      timeout=180)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
     for part in ("fsdp2", "ddp"):

@@ -10,26 +10,20 @@ every rank, gathers the partitions on rank 0 into a packed checkpoint with the t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_two_processes
 
 STEPS, SAVE_AT = 8, 4
 
 
 def test_zero3_two_processes_resume_exactly(tmp_path):
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
     def launch(out: Path, *extra: str) -> dict:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               str(out), *extra]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-        if proc.returncode != 0:
-            pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        run_two_processes(__file__, str(out), *extra, env={"DS_ACCELERATOR": "cpu"})
         return json.loads((out / "result.json").read_text())
 
     full = launch(tmp_path / "full")
