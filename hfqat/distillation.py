@@ -267,9 +267,7 @@ class DistillationHook:
                              "compute_loss_func=callback.make_compute_loss_func() to the trainer")
         self.last_batch = dict(kwargs)
         num_items = kwargs.get("num_items_in_batch")
-        self.saw_item_counts = num_items is not None
-        # Per-micro-batch contribution on the scale of Trainer's logged loss.
-        scale = 1.0 if num_items is not None else 1.0 / self.grad_accum
+        scale = self._micro_batch_scale(num_items)
         task = output.get("loss")
         if task is not None:
             self._add("task_loss", task.detach() * scale)
@@ -287,8 +285,7 @@ class DistillationHook:
             return None
         kd = distillation_loss(output["logits"], teacher_logits, self.temperature, kwargs.get("labels"),
                                kwargs.get("attention_mask"), num_items)
-        loss = kd if task is None else (1.0 - self.alpha) * task + self.alpha * kd
-        self._add("distill_loss", kd.detach() * scale)
+        loss = self._mixed(task, kd, scale)
         return type(output)(**{"loss": loss, **{k: v for k, v in output.items() if k != "loss"}})
 
     def compute_loss(self, outputs: Any, labels: torch.Tensor | None,
@@ -302,18 +299,27 @@ class DistillationHook:
         task = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
         if not torch.is_grad_enabled():  # evaluation (Trainer's prediction step): the task loss, not recorded
             return task
-        self.saw_item_counts = num_items_in_batch is not None
         # Trainer treats a compute_loss_func's loss as normalised over the whole accumulated batch.
-        scale = 1.0 if num_items_in_batch is not None else 1.0 / self.grad_accum
+        scale = self._micro_batch_scale(num_items_in_batch)
         self._add("task_loss", task.detach() * scale)
         loss = task
         if self._teacher_outputs is not None:
             teacher_logits, attention_mask = self._teacher_outputs
             self._teacher_outputs = None
             kd = distillation_loss(logits, teacher_logits, self.temperature, labels, attention_mask, num_items_in_batch)
-            self._add("distill_loss", kd.detach() * scale)
-            loss = (1.0 - self.alpha) * task + self.alpha * kd
+            loss = self._mixed(task, kd, scale)
         return loss * scale
+
+    def _micro_batch_scale(self, num_items: torch.Tensor | int | None) -> float:
+        """A micro-batch's weight on the scale of Trainer's logged loss: 1 when its losses are already divided by the
+        global item count, else 1 / accumulation steps."""
+        self.saw_item_counts = num_items is not None
+        return 1.0 if num_items is not None else 1.0 / self.grad_accum
+
+    def _mixed(self, task: torch.Tensor | None, kd: torch.Tensor, scale: float) -> torch.Tensor:
+        """``(1 - α) · task + α · kd`` (``kd`` alone without a task loss); records the distillation part."""
+        self._add("distill_loss", kd.detach() * scale)
+        return kd if task is None else (1.0 - self.alpha) * task + self.alpha * kd
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self._sums[key] = self._sums[key] + value if key in self._sums else value
