@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"hfqat {argv[0]}: {err}", file=sys.stderr)
         return 2
+    from .distributed import end_process_group
+
+    end_process_group()  # under accelerate launch: a clean end on every rank
     return 0
 
 

@@ -13,6 +13,7 @@ DDP (replicated) do. What they leave to hfqat:
   updates such as ``set_bits``. Plain tensors pass through both unchanged.
 - **one writer.** `is_main_process` gates files (plots, histories); `gather_full_state_dict` and
   `unsharded_model` collect a sharded model's full weights on rank 0 (to CPU) for ``save_packed``.
+- **a clean end.** `end_process_group` destroys the process group before the interpreter shuts down.
 
 All collectives must be called by every rank in the same order; every function here is a no-op (or the
 identity) when ``torch.distributed`` is not initialised, so single-process code paths stay unchanged.
@@ -56,6 +57,13 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def end_process_group() -> None:
+    """Destroy the process group at the end of a distributed run, as PyTorch asks: a process that leaves it to
+    interpreter shutdown can abort there ("terminate called without an active exception", pytorch#190489)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _collective_device() -> torch.device:

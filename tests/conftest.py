@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_two_processes(*args: str, env: dict[str, str] | None = None,
                       timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 <args>`` on CPU, one thread per process; a non-zero exit fails
@@ -80,6 +84,11 @@ def run_two_processes(*args: str, env: dict[str, str] | None = None,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stderr:
+        # Seen once in CI (a DDP run had finished training), not reproduced here in 20 runs: gloo aborted a process.
+        # Repeated once, visibly; any other failure, or the same one twice, fails the test.
+        warnings.warn(f"torchrun: {GLOO_TEARDOWN_ABORT!r}; running it again", stacklevel=2)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -306,7 +306,8 @@ def _worker() -> None:
     out = Path(os.environ["HFQAT_TEST_OUT"])
     result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(out), "ddp": _ddp_part(out)}
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    hd.barrier()  # neither rank tears its connections down while the other may still use them
+    hd.end_process_group()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _worker(out: Path, resume: str | None) -> None:
 
     import hfqat
     from hfqat.callback import QATCallback
-    from hfqat.distributed import is_sharded
+    from hfqat.distributed import end_process_group, is_sharded
     from hfqat.export import save_packed
     from hfqat.modeling import qat_layers, quantize_model
 
@@ -85,6 +85,7 @@ def _worker(out: Path, resume: str | None) -> None:
                   "masters_equal": bool(masters_equal), "packed_max_diff": packed_max_diff,
                   "packed_bits_equal": packed_bits == callback.history[-1]["bits"]}
         (out / "result.json").write_text(json.dumps(result))
+    end_process_group()
 
 
 if __name__ == "__main__":
