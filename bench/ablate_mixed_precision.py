@@ -17,6 +17,11 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   average-3.5 allocation (3/4 bits), which then trains statically with KD. No allocator that sees only training
   data can beat it by choosing better layers (as far as per-layer costs add up); also printed: its RTN
   perplexity before training and the additive prediction.
+- ``m35-groups``: a probe, not a shipped method: one width (3 or 4) per quantization *group* instead of per layer,
+  chosen once before training from Fisher-weighted quantization noise on the training set's first
+  ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training this granularity halves the
+  per-layer gap or better), then trained statically with KD. Says whether sub-layer mixed precision is worth
+  building into the callback.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import shlex
 import sys
@@ -32,6 +38,7 @@ import tempfile
 import time
 from unittest import mock
 
+import ablate_allocation_granularity as granularity
 import bench_qat_quality as quality
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +48,7 @@ import hfqat
 from hfqat.allocation import allocate_bits
 from hfqat.callback import QATCallback
 from hfqat.modeling import qat_layers
+from hfqat.primitives import fake_quantize
 
 CHOICES = (2, 3, 4, 8)
 
@@ -59,6 +67,7 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
         "m30": (4, dict(mixed, budget_bits=3.0, reallocate_every=every), False),
         "m35-oracle": (4, dict(reallocate_every=0), False),
+        "m35-groups": (4, dict(reallocate_every=0), False),
     }
 
 
@@ -79,10 +88,47 @@ def oracle_allocation(model, blocks: torch.Tensor, batch: int, budget: float = 3
     return bits
 
 
+def group_allocation(model, dataset, calib_blocks: int, budget: float = 3.5, low: int = 3, high: int = 4) -> float:
+    """Give every quantization group of every layer ``low`` or ``high`` bits (average ``budget``), re-fit its scale
+    for that width, and make the layer quantize each group at its own width; returns the average bits."""
+    layers = dict(qat_layers(model))
+    squares = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
+    for i in range(0, calib_blocks, 4):
+        ids = torch.stack([b["input_ids"] for b in dataset[i:i + 4]]).to(model.device)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, layer in layers.items():
+            squares[name] += layer.weight.grad.float().pow(2)
+    model.zero_grad()
+    fitted, costs = {}, {}
+    for name, layer in layers.items():
+        w, g = layer.weight.detach().float(), layer.spec.group_size
+        fitted[name] = {b: granularity.rtn(w, b, g) for b in (low, high)}
+        costs[name] = squares[name] * ((fitted[name][low][1] - w).pow(2) - (fitted[name][high][1] - w).pow(2))
+    chosen = granularity.allocate(costs, "group", layers[next(iter(layers))].spec.group_size,
+                                  (budget - low) / (high - low))
+    total = at_high = 0
+    for name, layer in layers.items():
+        high_groups = chosen[name].reshape(layer.weight_scale.shape)
+        with torch.no_grad():
+            layer.weight_scale.copy_(torch.where(high_groups, fitted[name][high][0], fitted[name][low][0]))
+        bits = torch.where(high_groups, high, low).unsqueeze(-1).to(layer.weight.device)
+        layer.fake_quantize_weight = functools.partial(_fake_quantize_per_group, layer.spec, bits)
+        total, at_high = total + layer.weight.numel(), at_high + high_groups.sum().item() * layer.spec.group_size
+    return low + (high - low) * at_high / total
+
+
+def _fake_quantize_per_group(spec, bits, w, scale, zero_point, sharpness=math.inf, out_dtype=torch.float32):
+    # FakeQuantMixin.fake_quantize_weight with a width per group instead of the layer's one
+    return fake_quantize(w, scale, zero_point, bits, spec.group_size, spec.rounding, spec.clamping, sharpness,
+                         out_dtype=out_dtype)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="W4,m35,m35-last-batch,m35-static,m35-every-third,m35-34,m30,W3")
     quality.add_run_arguments(p)
+    p.add_argument("--calib-blocks", type=int, default=16, help="m35-groups: training blocks for its allocation")
     args = p.parse_args(argv)
     table = variants(args.steps)
     names = args.variants.split(",")
@@ -97,6 +143,7 @@ def main(argv=None) -> int:
         model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits), args.group_size, device)
         if name == "m35-oracle":
             oracle_allocation(model, eval_blocks, args.batch)
+        group_bits = group_allocation(model, dataset, args.calib_blocks) if name == "m35-groups" else None
         callback = QATCallback(**kwargs)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
@@ -107,7 +154,7 @@ def main(argv=None) -> int:
         ppl = quality.perplexity(model, eval_blocks, args.batch)
         h = callback.history
         changes = [sum(h[i]["bits"][k] != h[i - 1]["bits"][k] for k in h[i]["bits"]) for i in range(1, len(h))]
-        print(f"{name}: ppl {ppl:.3f} avg bits {hfqat.average_bits(model):.3f} ({seconds:.0f} s) "
+        print(f"{name}: ppl {ppl:.3f} avg bits {group_bits or hfqat.average_bits(model):.3f} ({seconds:.0f} s) "
               f"layers changed per re-allocation {changes}", flush=True)
         model = callback = None
         quality.free()

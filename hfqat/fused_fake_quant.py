@@ -41,12 +41,15 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def supports(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int) -> bool:
-    """Whether the fused kernels apply: plain (non-subclass) contiguous CUDA tensors, a group that fits."""
+def supports(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: torch.Tensor,
+             group_size: int) -> bool:
+    """Whether the fused kernels apply: plain (non-subclass) contiguous CUDA tensors, one bit width for the whole
+    weight (not one per group), a group that fits."""
     tensors = (w, scale) if zero_point is None else (w, scale, zero_point)
     return (
         ENABLED
         and w.is_cuda
+        and bits.numel() == 1
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
         and group_size <= MAX_GROUP
         and available()

@@ -119,7 +119,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, w, scale, zero_point, bits, group_size, out_dtype):
         ctx.save_for_backward(w, scale, zero_point, bits)
         ctx.group_size = group_size
-        ctx.fused = fused_fake_quant.supports(w, scale, zero_point, group_size)
+        ctx.fused = fused_fake_quant.supports(w, scale, zero_point, bits, group_size)
         if ctx.fused:
             return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
         wq = dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
@@ -168,6 +168,8 @@ def fake_quantize(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Differentiable quantize→dequantize of ``w`` (out, in); returns ``out_dtype`` (float32) of the same shape.
+
+    ``bits``: one width, or one per group as an (out, in // group_size, 1) tensor.
 
     With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly (computed
     in float32, then rounded once to ``out_dtype``). On CUDA that path runs as fused Triton kernels
