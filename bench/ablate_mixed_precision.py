@@ -19,8 +19,8 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   perplexity before training and the additive prediction.
 - ``m35-groups``: a probe, not a shipped method: one width (3 or 4) per quantization *group* instead of per layer,
   chosen once before training from Fisher-weighted quantization noise on the training set's first
-  ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training this granularity halves the
-  per-layer gap or better), then trained statically with KD. Says whether sub-layer mixed precision is worth
+  ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training it cuts the per-layer
+  allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says whether sub-layer mixed precision is worth
   building into the callback.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
