@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     print("| allocation | avg bits | eval ppl | ppl / uniform high |\n|---|---|---|---|")
     for name, (ppl, average) in results.items():
         print(f"| {name} | {average:.3f} | {ppl:.3f} | {ppl / reference:.3f} |")
-    print(f"\nReproduce: python bench/ablate_allocation_granularity.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    given = sys.argv[1:] if argv is None else argv
+    print(f"\nReproduce: python bench/ablate_allocation_granularity.py {shlex.join(given)}")
     return 0
 
 

@@ -20,8 +20,8 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
 - ``m35-groups``: a probe, not a shipped method: one width (3 or 4) per quantization *group* instead of per layer,
   chosen once before training from Fisher-weighted quantization noise on the training set's first
   ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training it cuts the per-layer
-  allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says whether sub-layer mixed precision is worth
-  building into the callback.
+  allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says
+  whether sub-layer mixed precision is worth building into the callback.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -92,14 +92,7 @@ def group_allocation(model, dataset, calib_blocks: int, budget: float = 3.5, low
     """Give every quantization group of every layer ``low`` or ``high`` bits (average ``budget``), re-fit its scale
     for that width, and make the layer quantize each group at its own width; returns the average bits."""
     layers = dict(qat_layers(model))
-    squares = {name: torch.zeros_like(layer.weight, dtype=torch.float32) for name, layer in layers.items()}
-    for i in range(0, calib_blocks, 4):
-        ids = torch.stack([b["input_ids"] for b in dataset[i:i + 4]]).to(model.device)
-        model.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        for name, layer in layers.items():
-            squares[name] += layer.weight.grad.float().pow(2)
-    model.zero_grad()
+    squares = granularity.fisher(model, [b["input_ids"].tolist() for b in dataset[:calib_blocks]], layers)
     fitted, costs = {}, {}
     for name, layer in layers.items():
         w, g = layer.weight.detach().float(), layer.spec.group_size
