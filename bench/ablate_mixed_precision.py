@@ -21,7 +21,8 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   chosen once before training from Fisher-weighted quantization noise on the training set's first
   ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training it cuts the per-layer
   allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says
-  whether sub-layer mixed precision is worth building into the callback.
+  whether sub-layer mixed precision is worth building into the callback. ``m35-rows``: the same with one width
+  per output row (simpler to pack: rows of one width form one matrix).
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -68,6 +69,7 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m30": (4, dict(mixed, budget_bits=3.0, reallocate_every=every), False),
         "m35-oracle": (4, dict(reallocate_every=0), False),
         "m35-groups": (4, dict(reallocate_every=0), False),
+        "m35-rows": (4, dict(reallocate_every=0), False),
     }
 
 
@@ -88,9 +90,11 @@ def oracle_allocation(model, blocks: torch.Tensor, batch: int, budget: float = 3
     return bits
 
 
-def group_allocation(model, dataset, calib_blocks: int, budget: float = 3.5, low: int = 3, high: int = 4) -> float:
-    """Give every quantization group of every layer ``low`` or ``high`` bits (average ``budget``), re-fit its scale
-    for that width, and make the layer quantize each group at its own width; returns the average bits."""
+def group_allocation(model, dataset, calib_blocks: int, unit: str = "group", budget: float = 3.5, low: int = 3,
+                     high: int = 4) -> float:
+    """Give every ``unit`` (``group`` or ``row``, see `ablate_allocation_granularity.py`) of every layer ``low`` or
+    ``high`` bits (average ``budget``), re-fit its groups' scales for that width, and make the layer quantize each
+    group at its own width; returns the average bits."""
     layers = dict(qat_layers(model))
     squares = granularity.fisher(model, [b["input_ids"].tolist() for b in dataset[:calib_blocks]], layers)
     fitted, costs = {}, {}
@@ -98,11 +102,12 @@ def group_allocation(model, dataset, calib_blocks: int, budget: float = 3.5, low
         w, g = layer.weight.detach().float(), layer.spec.group_size
         fitted[name] = {b: granularity.rtn(w, b, g) for b in (low, high)}
         costs[name] = squares[name] * ((fitted[name][low][1] - w).pow(2) - (fitted[name][high][1] - w).pow(2))
-    chosen = granularity.allocate(costs, "group", layers[next(iter(layers))].spec.group_size,
-                                  (budget - low) / (high - low))
+    g = layers[next(iter(layers))].spec.group_size
+    chosen = granularity.allocate(costs, unit, g, (budget - low) / (high - low))
     total = at_high = 0
     for name, layer in layers.items():
-        high_groups = chosen[name].reshape(layer.weight_scale.shape)
+        mask = granularity.expand(unit, chosen[name], layer.weight.shape, g)
+        high_groups = mask.reshape(*layer.weight_scale.shape, g)[..., 0]  # one width per group either way
         with torch.no_grad():
             layer.weight_scale.copy_(torch.where(high_groups, fitted[name][high][0], fitted[name][low][0]))
         bits = torch.where(high_groups, high, low).unsqueeze(-1).to(layer.weight.device)
@@ -136,7 +141,8 @@ def main(argv=None) -> int:
         model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits), args.group_size, device)
         if name == "m35-oracle":
             oracle_allocation(model, eval_blocks, args.batch)
-        group_bits = group_allocation(model, dataset, args.calib_blocks) if name == "m35-groups" else None
+        units = {"m35-groups": "group", "m35-rows": "row"}
+        group_bits = group_allocation(model, dataset, args.calib_blocks, units[name]) if name in units else None
         callback = QATCallback(**kwargs)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
