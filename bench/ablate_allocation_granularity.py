@@ -70,6 +70,16 @@ def rtn(w: torch.Tensor, bits: int, g: int) -> tuple[torch.Tensor, torch.Tensor]
     return scale, dequantize(quantize(w, scale, None, bits, g), scale, None, g)
 
 
+def candidates(weights: dict[str, torch.Tensor], squares: dict[str, torch.Tensor], low: int, high: int,
+               g: int) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Per layer: ``{bits: rtn(w, bits)}`` at both widths, and the element-wise Fisher-weighted noise the lower
+    width adds (``squares`` are the squared gradients)."""
+    fitted = {n: {b: rtn(w, b, g) for b in (low, high)} for n, w in weights.items()}
+    costs = {n: squares[n] * ((fitted[n][low][1] - w).pow(2) - (fitted[n][high][1] - w).pow(2))
+             for n, w in weights.items()}
+    return fitted, costs
+
+
 def allocate(costs: dict[str, torch.Tensor], granularity: str, g: int, share_high: float) -> dict[str, torch.Tensor]:
     """Per layer, the (units,) mask of units at the higher width: by cost saved per parameter, until
     ``share_high`` of all parameters are at the higher width."""
@@ -104,15 +114,13 @@ def main(argv=None) -> int:
     start = time.time()
     calib = pack_tokens(tokenizer, stdlib_train_text(args.train_text), args.seq_len, args.calib_blocks)
     squares = fisher(model, calib, layers)
-    quantized = {n: {b: rtn(w, b, g)[1] for b in (low, high)} for n, w in original.items()}
-    costs = {n: squares[n] * ((quantized[n][low] - w).pow(2) - (quantized[n][high] - w).pow(2))
-             for n, w in original.items()}
+    fitted, costs = candidates(original, squares, low, high, g)
     print(f"squared gradients on {len(calib)} x {args.seq_len} tokens and RTN at {low}/{high} bits: "
           f"{time.time() - start:.0f} s", flush=True)
 
     def evaluate(masks: dict[str, torch.Tensor]) -> tuple[float, float]:
         for name, layer in layers.items():
-            layer.weight.data = torch.where(masks[name], quantized[name][high], quantized[name][low])
+            layer.weight.data = torch.where(masks[name], fitted[name][high][1], fitted[name][low][1])
         numel = sum(w.numel() for w in original.values())
         average = sum(low * w.numel() + (high - low) * masks[n].sum().item() for n, w in original.items()) / numel
         return quality.perplexity(model, eval_blocks, 4), average

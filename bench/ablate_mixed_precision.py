@@ -97,12 +97,9 @@ def group_allocation(model, dataset, calib_blocks: int, unit: str = "group", bud
     group at its own width; returns the average bits."""
     layers = dict(qat_layers(model))
     squares = granularity.fisher(model, [b["input_ids"].tolist() for b in dataset[:calib_blocks]], layers)
-    fitted, costs = {}, {}
-    for name, layer in layers.items():
-        w, g = layer.weight.detach().float(), layer.spec.group_size
-        fitted[name] = {b: granularity.rtn(w, b, g) for b in (low, high)}
-        costs[name] = squares[name] * ((fitted[name][low][1] - w).pow(2) - (fitted[name][high][1] - w).pow(2))
     g = layers[next(iter(layers))].spec.group_size
+    weights = {name: layer.weight.detach().float() for name, layer in layers.items()}
+    fitted, costs = granularity.candidates(weights, squares, low, high, g)
     chosen = granularity.allocate(costs, unit, g, (budget - low) / (high - low))
     total = at_high = 0
     for name, layer in layers.items():
