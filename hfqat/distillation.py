@@ -312,7 +312,8 @@ class DistillationHook:
 
     def _micro_batch_scale(self, num_items: torch.Tensor | int | None) -> float:
         """A micro-batch's weight on the scale of Trainer's logged loss: 1 when its losses are already divided by the
-        global item count, else 1 / accumulation steps."""
+        global item count, else 1 / accumulation steps. Records which case it saw (`saw_item_counts`, read when
+        the logged parts are reduced across ranks)."""
         self.saw_item_counts = num_items is not None
         return 1.0 if num_items is not None else 1.0 / self.grad_accum
 
