@@ -90,27 +90,27 @@ def oracle_allocation(model, blocks: torch.Tensor, batch: int, budget: float = 3
     return bits
 
 
-def group_allocation(model, dataset, calib_blocks: int, unit: str = "group", budget: float = 3.5, low: int = 3,
-                     high: int = 4) -> float:
-    """Give every ``unit`` (``group`` or ``row``, see `ablate_allocation_granularity.py`) of every layer ``low`` or
-    ``high`` bits (average ``budget``), re-fit its groups' scales for that width, and make the layer quantize each
+def group_allocation(model, dataset, calib_blocks: int, unit: str = "group", budget: float = 3.5,
+                     widths: tuple[int, ...] = (3, 4)) -> float:
+    """Give every ``unit`` (``group`` or ``row``, see `ablate_allocation_granularity.py`) of every layer one of
+    ``widths`` (average ``budget``), re-fit its groups' scales for that width, and make the layer quantize each
     group at its own width; returns the average bits."""
     layers = dict(qat_layers(model))
     squares = granularity.fisher(model, [b["input_ids"].tolist() for b in dataset[:calib_blocks]], layers)
     g = layers[next(iter(layers))].spec.group_size
     weights = {name: layer.weight.detach().float() for name, layer in layers.items()}
-    fitted, costs = granularity.candidates(weights, squares, low, high, g)
-    chosen = granularity.allocate(costs, unit, g, (budget - low) / (high - low))
-    total = at_high = 0
+    fitted, costs = granularity.candidates(weights, squares, widths, g)
+    chosen = granularity.allocate(costs, unit, g, widths, budget)
+    total = used = 0
     for name, layer in layers.items():
-        mask = granularity.expand(unit, chosen[name], layer.weight.shape, g)
-        high_groups = mask.reshape(*layer.weight_scale.shape, g)[..., 0]  # one width per group either way
+        per_weight = granularity.expand(unit, chosen[name], layer.weight.shape, g)
+        group_bits = per_weight.reshape(*layer.weight_scale.shape, g)[..., 0]  # one width per group either way
         with torch.no_grad():
-            layer.weight_scale.copy_(torch.where(high_groups, fitted[name][high][0], fitted[name][low][0]))
-        bits = torch.where(high_groups, high, low).unsqueeze(-1).to(layer.weight.device)
-        layer.fake_quantize_weight = functools.partial(_fake_quantize_per_group, layer.spec, bits)
-        total, at_high = total + layer.weight.numel(), at_high + high_groups.sum().item() * layer.spec.group_size
-    return low + (high - low) * at_high / total
+            layer.weight_scale.copy_(sum(torch.where(group_bits == b, fitted[name][b][0], 0.0) for b in widths))
+        layer.fake_quantize_weight = functools.partial(_fake_quantize_per_group, layer.spec,
+                                                       group_bits.unsqueeze(-1).to(layer.weight.device))
+        total, used = total + layer.weight.numel(), used + per_weight.sum().item()
+    return used / total
 
 
 def _fake_quantize_per_group(spec, bits, w, scale, zero_point, sharpness=math.inf, out_dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Exact bit allocation: choose one bit width per layer under a parameter-weighted average-bits budget.
+"""Bit allocation under a parameter-weighted average-bits budget: one width per layer (exact) or per unit.
 
 Problem (a multiple-choice knapsack)::
 
@@ -15,6 +15,12 @@ Ties (e.g. layers whose cost is 0 at every width) go to the wider choice: budget
 
 Hysteresis: ``switch_cost`` is added to every choice that differs from the layer's current bits, so the
 allocation only moves when the predicted total gain exceeds the summed margins of the layers that change.
+
+`allocate_unit_bits` solves the same problem for many small units (e.g. the output rows of every layer, ~10⁵
+and more), where a DP table is too large: by Lagrangian relaxation. For a price ``λ`` per bit, every unit
+independently picks ``argmin_b cost(b) + λ·n·b``; the bits used fall as ``λ`` rises, and bisection finds the
+smallest ``λ`` that fits the budget. The result never exceeds the budget and is optimal for the budget it
+uses (it lies on every unit's lower convex hull); with many units that is the given budget to within a unit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from fractions import Fraction
 from functools import reduce
 
 import numpy as np
+import torch
 
 MAX_CAPACITY_UNITS = 20_000  # DP table width; the table is (layers × units) int8 for the backtrack
 
@@ -102,6 +109,62 @@ def allocate_bits(
     if sum(bits[n] * c for n, c in zip(names, counts)) > Fraction(budget_bits) * sum(counts):
         raise RuntimeError("allocate_bits: internal error, the solution exceeds the budget")
     return bits
+
+
+def allocate_unit_bits(
+    costs: torch.Tensor,
+    numels: torch.Tensor,
+    bit_choices: tuple[int, ...],
+    budget_bits: float,
+    current: torch.Tensor | None = None,
+    switch_cost: torch.Tensor | float = 0.0,
+    iterations: int = 64,
+) -> torch.Tensor:
+    """(units,) bits minimising ``Σ costs`` with ``Σ numels·bits ≤ budget_bits · Σ numels`` (Lagrangian).
+
+    Args:
+        costs: (units, len(bit_choices)) predicted loss increase of each unit at each width.
+        numels: (units,) weights per unit.
+        bit_choices: the widths, ascending.
+        budget_bits: the average-bits budget, ≥ the smallest choice.
+        current: (units,) current bits, for hysteresis; ``switch_cost`` (a number or a (units,) tensor) is
+            added to every choice that differs from it.
+    """
+    if list(bit_choices) != sorted(set(bit_choices)):
+        raise ValueError(f"allocate_unit_bits: bit_choices={bit_choices} must be distinct and ascending")
+    if budget_bits < bit_choices[0]:
+        raise ValueError(f"budget_bits={budget_bits} is below the smallest bit choice {bit_choices[0]}; "
+                         f"allowed: budget_bits >= {bit_choices[0]}")
+    costs = costs.double()
+    numels = numels.double().to(costs.device)
+    bits = torch.tensor(bit_choices, dtype=torch.float64, device=costs.device)
+    # Tie-break towards more bits, far below any real cost difference.
+    costs = costs - 1e-9 * costs.abs().max().clamp_min(1e-30) * bits / bits[-1]
+    if current is not None:
+        switch = torch.as_tensor(switch_cost, dtype=torch.float64, device=costs.device).reshape(-1, 1)
+        costs = costs + switch * (bits != current.to(costs.device).double().unsqueeze(1))
+    capacity = budget_bits * float(numels.sum())
+
+    def pick(price: float) -> tuple[torch.Tensor, float]:
+        chosen = (costs + price * numels.unsqueeze(1) * bits).argmin(1)
+        return chosen, float((numels * bits[chosen]).sum())
+
+    chosen, used = pick(0.0)
+    if used <= capacity:
+        return bits[chosen].to(torch.int64)
+    # A price at which every unit takes the smallest width: its cost gaps per bit, at most.
+    steps = (costs[:, :1] - costs[:, 1:]) / ((bits[1:] - bits[0]) * numels.unsqueeze(1))
+    high = max(float(steps.max()), 0.0) * 2 + 1e-30
+    low = 0.0
+    best = pick(high)[0]
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        candidate, used = pick(middle)
+        if used <= capacity:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return bits[best].to(torch.int64)
 
 
 def weighted_average_bits(bits: Mapping[str, int], numels: Mapping[str, int]) -> float:

@@ -24,6 +24,7 @@ SCALE_INITS = ("mse", "minmax")
 RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
 WEIGHT_FORMATS = ("int", "codebook")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
+BITS_GRANULARITIES = ("layer", "row")
 ACTIVATION_BITS = (None, 8)
 
 
@@ -54,6 +55,7 @@ class LayerQuantSpec:
     scale_init: str
     weight_format: str = "int"  # "int" grid or "codebook" (hfqat.codebook)
     codebook_max_bits: int = 8  # codebook layers: centroid slots allocated = 2**codebook_max_bits
+    row_bits: bool = False  # one bit width per output row (``weight_row_bits``) instead of one per layer
 
 
 @dataclass
@@ -82,6 +84,10 @@ class QATConfig(QuantizationConfigMixin):
             included); every layer allocates 2^codebook_max_bits centroid slots up front so that bit changes keep
             parameter shapes. Memory: (out, in/group_size, 2^codebook_max_bits) fp32 per layer (at 8 bits and
             per-channel codebooks 256/in_features of the weight's size); lower it for group-wise codebooks.
+        bits_granularity: "layer" (one bit width per layer) or "row" (one per output row: every layer holds a
+            ``weight_row_bits`` buffer and `QATCallback` allocates bits row by row; int weights only). Row-wise
+            mixed precision keeps most of what finer units gain (see bench/README.md) in a format that packs as
+            one plain matrix per width.
         checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
             `hfqat.save_packed`, real low-bit integers for inference).
         packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.
@@ -100,6 +106,7 @@ class QATConfig(QuantizationConfigMixin):
     ragged_groups: str = "error"
     weight_format: str = "int"
     codebook_max_bits: int = 8
+    bits_granularity: str = "layer"
     checkpoint_format: str = "fake_quant"
     packed_layers: dict[str, dict[str, int]] | None = None
     quant_method: str = field(default=QUANT_METHOD, repr=False)
@@ -125,6 +132,10 @@ class QATConfig(QuantizationConfigMixin):
         _check_choice("ragged_groups", self.ragged_groups, RAGGED_GROUP_POLICIES)
         _check_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
         _check_bits("codebook_max_bits", self.codebook_max_bits)
+        _check_choice("bits_granularity", self.bits_granularity, BITS_GRANULARITIES)
+        if self.bits_granularity == "row" and self.weight_format != "int":
+            raise ValueError("QATConfig.bits_granularity='row' needs weight_format='int'; allowed with "
+                             f"weight_format={self.weight_format!r}: ['layer']")
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if self.modules_to_not_convert is not None:
             if isinstance(self.modules_to_not_convert, str) or not all(
@@ -206,6 +217,7 @@ class QATConfig(QuantizationConfigMixin):
             scale_init=self.scale_init,
             weight_format=self.weight_format,
             codebook_max_bits=self.codebook_max_bits,
+            row_bits=self.bits_granularity == "row",
         )
 
     # -- serialization --------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ class PackedLinear(PackedLayer):
     def from_qat(cls, layer: FakeQuantMixin) -> PackedLinear:
         """Pack a fake-quantized layer: same codes, same effective scales, same zero points."""
         w = layer.weight_oi()
-        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.weight_bits, layer.spec.group_size)
+        # Per-row widths pack at the widest (narrower rows' codes lie on its grid: exact, not smaller).
+        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.quantizer_bits, layer.spec.group_size)
         return cls._from_codes(codes, effective_scale(layer.weight_scale), layer.weight_zero_point, layer.bias,
                                layer.bits, layer.spec.group_size, layer.spec.activation_bits, w.dtype)
 
@@ -307,7 +308,8 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
     owned = {f"{name}.{suffix}" for name, _ in layers
-             for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_codebook", "bias")}
+             for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_row_bits",
+                              "weight_codebook", "bias")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
@@ -334,6 +336,8 @@ def _ct_check(name: str, layer: FakeQuantMixin) -> None:
         reasons.append("it is a GPT-2 Conv1D layer (only nn.Linear layers are exported)")
     if layer.bits not in CT_BITS:
         reasons.append(f"it has {layer.bits}-bit weights")
+    if layer.weight_row_bits is not None and bool((layer.weight_row_bits != layer.bits).any()):
+        reasons.append("its rows have different bit widths")
     if layer.weight_zero_point is not None:
         reasons.append("it is asymmetric (has a zero point)")
     if layer.spec.activation_bits is not None:
@@ -396,7 +400,7 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokeniz
         _ct_check(name, layer)
     names = {name for name, _ in layers}
     owned = {f"{name}.{suffix}" for name in names for suffix in ("weight", "weight_scale", "weight_zero_point",
-                                                                  "weight_bits")}
+                                                                  "weight_bits", "weight_row_bits")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     for name, layer in layers:
         w = layer.weight_oi()

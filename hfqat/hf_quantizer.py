@@ -21,7 +21,8 @@ from .modeling import init_quant_params, qat_layers, replace_with_qat_layers
 logger = logging.getLogger(__name__)
 
 # Quant params a plain checkpoint does not have; they are fitted after loading, so no "missing keys" noise.
-QUANT_PARAM_PATTERNS = (r"\.weight_scale$", r"\.weight_zero_point$", r"\.weight_bits$", r"\.weight_codebook$")
+QUANT_PARAM_PATTERNS = (r"\.weight_scale$", r"\.weight_zero_point$", r"\.weight_bits$", r"\.weight_codebook$",
+                        r"\.weight_row_bits$")
 
 
 class QATHfQuantizer(HfQuantizer):

@@ -3,7 +3,9 @@
 Each keeps its float weight (the trainable master copy) and quantizes it on the fly in `forward`.
 Quantization state lives in the state dict so it saves, reloads, shards and resumes like any weight:
 
-- ``weight_bits``        int32 buffer, the layer's current bit width (re-allocation changes it in place)
+- ``weight_bits``        int32 buffer, the layer's current bit width (re-allocation changes it in place); with
+                         per-row widths, the widest row's
+- ``weight_row_bits``    (out,) int8 buffer, one width per output row; only with ``bits_granularity="row"``
 - ``weight_scale``       (out, in // group_size) parameter, trainable when ``learn_scales``
 - ``weight_zero_point``  same shape, only for asymmetric grids
 
@@ -38,6 +40,8 @@ class FakeQuantMixin:
         # Annealed by hfqat.set_soft_sharpness; inf = exact quantizer. Only read when rounding/clamping is soft.
         self.soft_sharpness = math.inf if spec.rounding == spec.clamping == "hard" else 1.0
         self.register_buffer("weight_bits", torch.tensor(spec.bits, dtype=torch.int32, device=device))
+        row_bits = torch.full((out_features,), spec.bits, dtype=torch.int8, device=device) if spec.row_bits else None
+        self.register_buffer("weight_row_bits", row_bits)
         shape = (out_features, in_features // spec.group_size)
         self.weight_scale = nn.Parameter(
             torch.ones(shape, dtype=torch.float32, device=device), requires_grad=spec.learn_scales
@@ -55,7 +59,13 @@ class FakeQuantMixin:
 
     @property
     def bits(self) -> int:
+        """The layer's bit width (with per-row widths: the widest row's)."""
         return int(self.weight_bits)
+
+    @property
+    def quantizer_bits(self) -> torch.Tensor:
+        """The widths the quantizer applies: ``weight_bits``, or (out, 1, 1) per-row widths."""
+        return self.weight_bits if self.weight_row_bits is None else self.weight_row_bits.view(-1, 1, 1)
 
     def quantized_weight(self, exact: bool = False) -> torch.Tensor:
         """The fake-quantized weight in (out, in) layout and the weight's dtype.
@@ -70,7 +80,7 @@ class FakeQuantMixin:
                              sharpness: float = math.inf, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This layer's quantizer (format, bits, group size, its other quantizer state) applied to any (out, in)
         weight with the given scale / zero point; differentiable. LoRA uses it for ``Q(W + B·A)``."""
-        return fake_quantize(w, scale, zero_point, self.weight_bits, self.spec.group_size, self.spec.rounding,
+        return fake_quantize(w, scale, zero_point, self.quantizer_bits, self.spec.group_size, self.spec.rounding,
                              self.spec.clamping, sharpness, out_dtype=out_dtype)
 
     # -- candidate bit widths (hooks for hfqat.sensitivity) ------------------------------------------------
@@ -98,25 +108,61 @@ class FakeQuantMixin:
 
     # -- state changes --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_quant_params(self) -> None:
-        """(Re)initialise scales/zero points from the current float weight for the current bits."""
-        scale, zero = init_scales(self.weight_oi(), self.bits, self.spec.group_size, self.spec.symmetric,
-                                  self.spec.scale_init)
-        self.weight_scale.copy_(scale)
-        if self.weight_zero_point is not None:
-            self.weight_zero_point.copy_(zero)
+    def reset_quant_params(self, rows: torch.Tensor | None = None) -> None:
+        """(Re)initialise scales/zero points from the current float weight for the current bits (of ``rows``, a
+        boolean (out,) mask, only; default all)."""
+        w, spec = self.weight_oi(), self.spec
+        if self.weight_row_bits is None:
+            widths = [(self.bits, None)]
+        else:
+            row_bits = self.weight_row_bits.long()
+            widths = [(b, row_bits == b) for b in row_bits.unique().tolist()]
+        for bits, at_width in widths:
+            chosen = at_width if rows is None else (rows if at_width is None else rows & at_width)
+            if chosen is None:
+                scale, zero = init_scales(w, bits, spec.group_size, spec.symmetric, spec.scale_init)
+                self.weight_scale.copy_(scale)
+                if self.weight_zero_point is not None:
+                    self.weight_zero_point.copy_(zero)
+                continue
+            index = chosen.nonzero().squeeze(1)
+            if index.numel():
+                scale, zero = init_scales(w[index], bits, spec.group_size, spec.symmetric, spec.scale_init)
+                self.weight_scale[index] = scale.to(self.weight_scale.dtype)
+                if self.weight_zero_point is not None:
+                    self.weight_zero_point[index] = zero.to(self.weight_zero_point.dtype)
 
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:
-        """Move the layer to a new bit width; scales are re-fit in place for the new grid."""
-        if bits == self.bits:
+        """Move the layer (every row) to a new bit width; scales are re-fit in place for the new grid."""
+        if bits == self.bits and (self.weight_row_bits is None or bool((self.weight_row_bits == bits).all())):
             return
         self.weight_bits.fill_(bits)
+        if self.weight_row_bits is not None:
+            self.weight_row_bits.fill_(bits)
         self.reset_quant_params()
+
+    @torch.no_grad()
+    def set_row_bits(self, row_bits: torch.Tensor) -> None:
+        """One width per output row (``bits_granularity="row"`` layers); re-fits the scales of the rows that change,
+        in place (parameters keep shape and identity)."""
+        if self.weight_row_bits is None:
+            raise ValueError("set_row_bits needs a layer with per-row widths; load the model with "
+                             "QATConfig(bits_granularity='row')")
+        row_bits = row_bits.to(self.weight_row_bits.device, torch.int8)
+        if row_bits.shape != self.weight_row_bits.shape:
+            raise ValueError(f"set_row_bits: row_bits has shape {tuple(row_bits.shape)}; allowed: "
+                             f"{tuple(self.weight_row_bits.shape)} (one width per output row)")
+        changed = row_bits != self.weight_row_bits
+        self.weight_row_bits.copy_(row_bits)
+        self.weight_bits.fill_(int(row_bits.max()))
+        self.reset_quant_params(changed)
 
     def extra_repr(self) -> str:
         s = self.spec
         bits = "meta" if self.weight_bits.is_meta else self.bits
+        if self.weight_row_bits is not None:
+            bits = f"{bits} (per row)"
         return (f"{super().extra_repr()}, bits={bits}, group_size={s.group_size}, symmetric={s.symmetric}, "
                 f"rounding={s.rounding}, clamping={s.clamping}, activation_bits={s.activation_bits}")
 

@@ -68,16 +68,24 @@ def qat_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantMixin]]:
             yield name, module
 
 
-def bit_allocation(model: nn.Module) -> dict[str, int]:
-    """Module name → current weight bits of every fake-quantized layer."""
-    return {name: layer.bits for name, layer in qat_layers(model)}
+def bit_allocation(model: nn.Module) -> dict[str, int | float]:
+    """Module name → current weight bits of every fake-quantized layer (with per-row widths,
+    ``bits_granularity="row"``: the mean over the layer's rows; ``layer.weight_row_bits`` has each row's)."""
+    return {name: layer_average_bits(layer) for name, layer in qat_layers(model)}
+
+
+def layer_average_bits(layer: FakeQuantMixin) -> int | float:
+    """The layer's bits, or its rows' mean width for per-row layers."""
+    if layer.weight_row_bits is None:
+        return layer.bits
+    return float(layer.weight_row_bits.float().mean())
 
 
 def average_bits(model: nn.Module) -> float:
     """Parameter-weighted average weight bits over the fake-quantized layers."""
     layers = [layer for _, layer in qat_layers(model)]
     numel = sum(full_numel(layer.weight) for layer in layers)
-    return sum(layer.bits * full_numel(layer.weight) for layer in layers) / max(numel, 1)
+    return sum(layer_average_bits(layer) * full_numel(layer.weight) for layer in layers) / max(numel, 1)
 
 
 @torch.no_grad()
@@ -85,6 +93,8 @@ def init_quant_params(model: nn.Module) -> None:
     """Fit every layer's scales/zero points to its (loaded) float weight; bits reset to the spec's."""
     for _, layer in qat_layers(model):
         layer.weight_bits.fill_(layer.spec.bits)
+        if layer.weight_row_bits is not None:
+            layer.weight_row_bits.fill_(layer.spec.bits)
         layer.reset_quant_params()
 
 

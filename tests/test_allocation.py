@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import hfqat
 from hfqat import allocation
-from hfqat.allocation import allocate_bits, weighted_average_bits
+from hfqat.allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
 from hfqat.modeling import qat_layers
 from hfqat.primitives import dequantize, init_scales, quantize
 from hfqat.sensitivity import (
@@ -95,6 +95,46 @@ def test_budget_below_smallest_choice_is_rejected():
     costs, numels = _problem(0, 3)
     with pytest.raises(ValueError, match="budget_bits"):
         allocate_bits(costs, numels, 1.5)
+
+
+def _unit_problem(seed: int, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    costs, numels = _problem(seed, units)
+    return (torch.tensor([[c[b] for b in CHOICES] for c in costs.values()], dtype=torch.float64),
+            torch.tensor(list(numels.values())))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("budget", [2.0, 2.7, 3.0, 3.5, 5.0])
+def test_unit_allocation_is_optimal_for_the_bits_it_uses(seed, budget):
+    costs, numels = _unit_problem(seed, 6)
+    bits = allocate_unit_bits(costs, numels, CHOICES, budget)
+    used = float((bits * numels).sum())
+    assert used <= budget * float(numels.sum())
+    # Lagrangian optimality: no assignment using at most as many bits costs less.
+    names = {f"l{i}": int(n) for i, n in enumerate(numels)}
+    table = {f"l{i}": dict(zip(CHOICES, row.tolist())) for i, row in enumerate(costs)}
+    best, _ = _brute_force(table, names, used / float(numels.sum()))
+    total = float(costs.gather(1, torch.tensor([CHOICES.index(int(b)) for b in bits]).unsqueeze(1)).sum())
+    assert total == pytest.approx(best, rel=1e-9)
+
+
+def test_unit_allocation_fills_the_budget_with_many_units():
+    costs, numels = _unit_problem(0, 2000)
+    for budget in (2.5, 3.5, 6.0):
+        used = float((allocate_unit_bits(costs, numels, CHOICES, budget) * numels).sum()) / float(numels.sum())
+        assert budget - 0.01 < used <= budget
+
+
+def test_unit_allocation_hysteresis_and_validation():
+    costs = torch.tensor([[1.0, 0.10], [1.0, 0.11]])
+    numels, current = torch.tensor([100, 100]), torch.tensor([2, 4])
+    assert allocate_unit_bits(costs, numels, (2, 4), 3.0).tolist() == [4, 2]  # gain 0.01
+    assert allocate_unit_bits(costs, numels, (2, 4), 3.0, current, switch_cost=0.05).tolist() == [2, 4]
+    assert allocate_unit_bits(costs, numels, (2, 4), 3.0, current, switch_cost=0.001).tolist() == [4, 2]
+    with pytest.raises(ValueError, match="budget_bits"):
+        allocate_unit_bits(costs, numels, (2, 4), 1.5)
+    with pytest.raises(ValueError, match="bit_choices"):
+        allocate_unit_bits(costs, numels, (4, 2), 3.0)
 
 
 # -- sensitivity ------------------------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Per-row bit widths (``QATConfig(bits_granularity="row")``): the layer numerics, state round trips and export."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfqat
+from hfqat.export import export_compressed_tensors, save_packed
+from hfqat.modeling import qat_layers
+from hfqat.primitives import fake_quantize, init_scales
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _row_model(path, **config):
+    config = {"bits": 4, "group_size": 32, "bits_granularity": "row", **config}
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=hfqat.QATConfig(**config)).eval()
+
+
+def _mixed_rows(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in qat_layers(model):
+        layer.set_row_bits(torch.tensor((2, 3, 4, 8))[torch.randint(0, 4, (layer.out_features,), generator=g)])
+
+
+def test_config_validates_the_granularity():
+    with pytest.raises(ValueError, match="bits_granularity.*allowed values"):
+        hfqat.QATConfig(bits_granularity="group")
+    with pytest.raises(ValueError, match="bits_granularity='row' needs weight_format='int'"):
+        hfqat.QATConfig(bits_granularity="row", weight_format="codebook")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_each_row_is_quantized_at_its_own_width(tiny_model_dir, symmetric):
+    model = _row_model(tiny_model_dir("llama"), symmetric=symmetric)
+    name, layer = next(iter(qat_layers(model)))
+    assert layer.weight_row_bits.shape == (layer.out_features,) and layer.bits == 4
+    scale_before = layer.weight_scale.detach().clone()
+    row_bits = torch.full((layer.out_features,), 4)
+    row_bits[::3] = 2
+    row_bits[1::3] = 8
+    layer.set_row_bits(row_bits)
+    assert layer.bits == 8 and torch.equal(layer.weight_row_bits.long(), row_bits)
+    # rows that kept 4 bits keep their scales (parameter identity too); the others are re-fit for their width
+    assert torch.equal(layer.weight_scale[2::3], scale_before[2::3])
+    w, g = layer.weight.detach(), layer.spec.group_size
+    for bits in (2, 8):
+        rows = (row_bits == bits).nonzero().squeeze(1)
+        scale, zero = init_scales(w[rows], bits, g, symmetric, "mse")
+        torch.testing.assert_close(layer.weight_scale[rows], scale)
+        expected = fake_quantize(w[rows], layer.weight_scale[rows],
+                                 None if symmetric else layer.weight_zero_point[rows], bits, g)
+        torch.testing.assert_close(layer.quantized_weight()[rows], expected, rtol=0, atol=0)
+    assert hfqat.bit_allocation(model)[name] == pytest.approx(row_bits.float().mean().item())
+    layer.set_bits(3)
+    assert layer.bits == 3 and bool((layer.weight_row_bits == 3).all())
+    with pytest.raises(ValueError, match="one width per output row"):
+        layer.set_row_bits(torch.full((3,), 4))
+
+
+def test_average_bits_counts_rows(tiny_model_dir):
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    layers = [layer for _, layer in qat_layers(model)]
+    expected = sum(float(layer.weight_row_bits.sum()) * layer.in_features for layer in layers) / sum(
+        layer.weight.numel() for layer in layers)
+    assert hfqat.average_bits(model) == pytest.approx(expected)
+
+
+def test_row_widths_survive_save_and_reload(tiny_model_dir, tmp_path, input_ids):
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    model.save_pretrained(tmp_path / "ft")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()
+    for (_, a), (_, b) in zip(qat_layers(model), qat_layers(reloaded)):
+        assert torch.equal(a.weight_row_bits, b.weight_row_bits) and a.bits == b.bits
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, reloaded(input_ids).logits)
+
+
+def test_plain_checkpoint_starts_every_row_at_the_config_bits(tiny_model_dir):
+    model = _row_model(tiny_model_dir("qwen2"), bits=3)
+    for _, layer in qat_layers(model):
+        assert bool((layer.weight_row_bits == 3).all()) and layer.bits == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_export_is_exact(tiny_model_dir, tmp_path, input_ids, arch):
+    model = _row_model(tiny_model_dir(arch), group_size=16)
+    _mixed_rows(model)
+    save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids).logits, model(input_ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_tensors_export_names_mixed_rows(tiny_model_dir, tmp_path):
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    with pytest.raises(ValueError, match="its rows have different bit widths"):
+        export_compressed_tensors(model, tmp_path / "ct")
