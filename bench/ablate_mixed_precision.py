@@ -22,7 +22,10 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   ``--calib-blocks`` blocks (`ablate_allocation_granularity.py`: before training it cuts the per-layer
   allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says
   whether sub-layer mixed precision is worth building into the callback. ``m35-rows``: the same with one width
-  per output row (simpler to pack: rows of one width form one matrix).
+  per output row (simpler to pack: rows of one width form one matrix). ``m35-groups-wide`` / ``m35-rows-wide``:
+  the same with widths 2..6.
+- ``m35-rows-cb``: the callback as shipped on a model with per-row widths (``QATConfig(bits_granularity="row")``):
+  dynamic per-row re-allocation among (2, 3, 4, 8); ``m35-rows-cb-wide`` among 2..6, ``m35-rows-cb-34`` among 3/4.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -52,6 +55,10 @@ from hfqat.modeling import qat_layers
 from hfqat.primitives import fake_quantize
 
 CHOICES = (2, 3, 4, 8)
+WIDE = (2, 3, 4, 5, 6)
+# probes with a static sub-layer allocation chosen before training: unit and widths
+STATIC_UNITS = {"m35-groups": ("group", (3, 4)), "m35-rows": ("row", (3, 4)), "m35-groups-wide": ("group", WIDE),
+                "m35-rows-wide": ("row", WIDE)}
 
 
 def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
@@ -70,6 +77,11 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-oracle": (4, dict(reallocate_every=0), False),
         "m35-groups": (4, dict(reallocate_every=0), False),
         "m35-rows": (4, dict(reallocate_every=0), False),
+        "m35-groups-wide": (4, dict(reallocate_every=0), False),
+        "m35-rows-wide": (4, dict(reallocate_every=0), False),
+        "m35-rows-cb": (4, dict(mixed, reallocate_every=every), False),
+        "m35-rows-cb-wide": (4, dict(mixed, bit_choices=WIDE, reallocate_every=every), False),
+        "m35-rows-cb-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
     }
 
 
@@ -135,11 +147,15 @@ def main(argv=None) -> int:
     dataset, eval_blocks = quality.load_blocks(AutoTokenizer.from_pretrained(path), args)
     for name in names:
         bits, kwargs, last_batch = table[name]
-        model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits), args.group_size, device)
+        granularity = "row" if name.startswith("m35-rows-cb") else "layer"
+        model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits, bits_granularity=granularity),
+                                    args.group_size, device)
         if name == "m35-oracle":
             oracle_allocation(model, eval_blocks, args.batch)
-        units = {"m35-groups": "group", "m35-rows": "row"}
-        group_bits = group_allocation(model, dataset, args.calib_blocks, units[name]) if name in units else None
+        group_bits = None
+        if name in STATIC_UNITS:
+            unit, widths = STATIC_UNITS[name]
+            group_bits = group_allocation(model, dataset, args.calib_blocks, unit, widths=widths)
         callback = QATCallback(**kwargs)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()

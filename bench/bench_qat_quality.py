@@ -52,6 +52,7 @@ class Row:
     scale_init: str = "mse"
     soft: bool = False
     activation_bits: int | None = None
+    bits_granularity: str = "layer"
     callback: dict = field(default_factory=dict)
     fast: bool = False  # part of the quick subset (--only fast)
 
@@ -109,7 +110,7 @@ def perplexity(model, blocks: torch.Tensor, batch: int) -> float:
 def hfqat_model(path, row: Row, group_size: int, device):
     config = hfqat.QATConfig(bits=row.bits, group_size=group_size, symmetric=True, scale_init=row.scale_init,
                              rounding="soft" if row.soft else "ste", clamping="soft" if row.soft else "hard",
-                             activation_bits=row.activation_bits)
+                             activation_bits=row.activation_bits, bits_granularity=row.bits_granularity)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).to(device)
 
 

@@ -22,6 +22,15 @@ Per training run:
 - train end: writes ``bit_allocation.png``, ``loss_curves.png`` and ``bit_allocation_history.json`` to
   ``args.output_dir``; ``callback.history`` holds the same history.
 
+Per-row widths: on a model loaded with ``QATConfig(bits_granularity="row")`` every step above works on output rows
+instead of layers: the estimators predict each row's loss increase at each width (the calibration still
+measures whole kinds of layers and rescales each layer's rows by the same factor), `allocate_unit_bits` chooses
+every row's width under the budget (Lagrangian; hysteresis per row), ``layer.set_row_bits`` re-fits the rows
+that change, and the history records each layer's mean width. The per-row sensitivity EMAs are saved as
+``hfqat_sensitivity.safetensors`` in each checkpoint (too large for ``trainer_state.json``); the row widths
+themselves are the layers' ``weight_row_bits`` buffers, in the model checkpoint. Single process and DDP; not
+FSDP2 / ZeRO-3 (their shards cut the rows).
+
 Resume: the callback is an `ExportableState`, so Trainer stores its state (allocation history, sensitivity
 EMAs, clip ratios) in each checkpoint's ``trainer_state.json``; on ``train(resume_from_checkpoint=...)``
 the callback reads it back itself (``restore_callback_states_from_checkpoint`` is not needed; with it set,
@@ -42,26 +51,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .allocation import allocate_bits, weighted_average_bits
+from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
 from .calibration import calibrate, leading_batch, measure_kinds
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .distributed import broadcast_object, full_numel, local_view, mean_across_ranks
-from .modeling import bit_allocation, qat_layers, set_soft_sharpness
+from .distributed import (
+    all_reduce_mean_,
+    broadcast_object,
+    full_numel,
+    is_main_process,
+    is_sharded,
+    local_view,
+    mean_across_ranks,
+)
+from .modeling import average_bits, bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,
     SensitivityContext,
     make_estimator,
     weight_variance_costs,
+    weight_variance_row_costs,
 )
 
 logger = logging.getLogger(__name__)
 
 TEACHER_FILE = "hfqat_teacher.safetensors"
+ROW_SCORES_FILE = "hfqat_sensitivity.safetensors"
 HISTORY_FILE = "bit_allocation_history.json"
 STATE_VERSION = 1
 MEASURED_FRACTION = 0.25  # of each re-allocation interval, at its end, in which per-step sensitivities are observed
@@ -138,6 +158,7 @@ class QATCallback(TrainerCallback, ExportableState):
         self._checkpoint_root = ""  # where this run's checkpoints go (recorded in the state, for resume)
         self._leading_batch: dict[str, Any] | None = None
         self._step = 0
+        self._rows = False  # the layers hold per-row widths: allocate rows, not layers
 
     def _validate(self) -> None:
         t = self.teacher
@@ -212,6 +233,11 @@ class QATCallback(TrainerCallback, ExportableState):
             raise ValueError("QATCallback: the model has no hfqat fake-quantized layers; load it with "
                              "from_pretrained(..., quantization_config=hfqat.QATConfig(...))")
         self._numels = {name: full_numel(layer.weight) for name, layer in self._layers}
+        self._rows = any(layer.weight_row_bits is not None for _, layer in self._layers)
+        if self._rows and is_sharded(model):
+            raise ValueError("QATCallback: per-row bit widths (QATConfig(bits_granularity='row')) need whole weights "
+                             "on every rank; allowed there: single process or DDP, not FSDP2 / ZeRO-3 (use "
+                             "bits_granularity='layer')")
         self._soft = any(layer.spec.rounding == "soft" or layer.spec.clamping == "soft" for _, layer in self._layers)
         self._freeze_step = math.floor(self.freeze_after * state.max_steps)
         self._last_logged_step = self._step = state.global_step
@@ -231,12 +257,14 @@ class QATCallback(TrainerCallback, ExportableState):
         if self.calibrate and self._budget is not None:
             self._leading_batch = leading_batch(kwargs.get("train_dataloader"), next(model.parameters()).device)
         self._estimator.detach()
-        self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema)
+        self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema, per_row=self._rows)
         if self._budget is not None and state.global_step < self._freeze_step:
             self._estimator.attach(self._layers)
         if saved is not None:
             self.history = list(saved["history"])
             self._estimator.load_state_dict(saved["estimator"])
+            if self._rows:
+                self._restore_row_scores(args, state, saved)
         else:
             self.history = []
             if self._budget is not None:
@@ -288,8 +316,14 @@ class QATCallback(TrainerCallback, ExportableState):
         teacher = self._hook.teacher if self._hook is not None else None
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         # Every rank calls save (it gathers a sharded snapshot); rank 0 decides whether the folder exists.
-        if isinstance(teacher, SnapshotTeacher) and broadcast_object(os.path.isdir(checkpoint)):
+        exists = broadcast_object(os.path.isdir(checkpoint))
+        if isinstance(teacher, SnapshotTeacher) and exists:
             teacher.save(os.path.join(checkpoint, TEACHER_FILE))
+        row_scores = self._estimator.row_scores if self._rows else {}
+        if row_scores and exists and is_main_process():
+            path = os.path.join(checkpoint, ROW_SCORES_FILE)
+            save_file({name: t.contiguous() for name, t in row_scores.items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._estimator.detach()
@@ -337,20 +371,34 @@ class QATCallback(TrainerCallback, ExportableState):
                                       loss_in_trainer=self._loss_in_trainer)
         self._hook.attach(self._model)
 
-    def _restored_snapshot(self, args, state, saved: dict[str, Any] | None) -> SnapshotTeacher | None:
+    @staticmethod
+    def _checkpoint_file(args, state, saved: dict[str, Any] | None, filename: str) -> tuple[str | None, list[str]]:
+        """(path of ``filename`` in the checkpoint being resumed, or None; the folders tried)."""
         # Trainer does not tell callbacks the resume path: try the one recorded at save time, then the usual ones.
         candidates = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.insert(0, args.resume_from_checkpoint)
         if saved and saved.get("checkpoint"):
             candidates.insert(0, saved["checkpoint"])
-        for folder in candidates:
-            path = os.path.join(folder, TEACHER_FILE)
-            if os.path.isfile(path):
-                return SnapshotTeacher.load(self._model, path, self.replicate_teacher)
+        found = [os.path.join(f, filename) for f in candidates if os.path.isfile(os.path.join(f, filename))]
+        return (found[0] if found else None), candidates
+
+    def _restored_snapshot(self, args, state, saved: dict[str, Any] | None) -> SnapshotTeacher | None:
+        path, tried = self._checkpoint_file(args, state, saved, TEACHER_FILE)
+        if path is not None:
+            return SnapshotTeacher.load(self._model, path, self.replicate_teacher)
         logger.warning("QATCallback: %s not found in %s; the resumed run distills from a snapshot of the "
-                       "resumed (already trained) weights instead of the original ones.", TEACHER_FILE, candidates)
+                       "resumed (already trained) weights instead of the original ones.", TEACHER_FILE, tried)
         return None
+
+    def _restore_row_scores(self, args, state, saved: dict[str, Any]) -> None:
+        path, tried = self._checkpoint_file(args, state, saved, ROW_SCORES_FILE)
+        if path is None:
+            logger.warning("QATCallback: %s not found in %s; per-row sensitivities start afresh.", ROW_SCORES_FILE,
+                           tried)
+            self._estimator.scores = {}  # the per-layer sums in the saved state cannot stand in for rows
+            return
+        self._estimator.row_scores = load_file(path)
 
     def _measures(self, step: int) -> bool:
         """Whether per-step sensitivities are observed at ``step``: only in the last `MEASURED_FRACTION` of each
@@ -370,6 +418,9 @@ class QATCallback(TrainerCallback, ExportableState):
         set_soft_sharpness(self._model, math.inf if progress >= 1.0 else start * (end / start) ** progress)
 
     def _initial_allocation(self, step: int) -> None:
+        if self._rows:
+            self._initial_row_allocation(step)
+            return
         current = bit_allocation(self._model)
         measured = None
         if weighted_average_bits(current, self._numels) > self._budget or \
@@ -382,6 +433,50 @@ class QATCallback(TrainerCallback, ExportableState):
                     costs = calibrate(costs, measured, self._numels)
                 self._apply(allocate_bits(costs, self._numels, self._budget))
         self._record(step, None, measured)
+
+    def _initial_row_allocation(self, step: int) -> None:
+        measured = None
+        off_choices = any(bool(torch.isin(layer.weight_row_bits, torch.tensor(self.bit_choices, dtype=torch.int8,
+                                                                               device=layer.weight_row_bits.device),
+                                          invert=True).any()) for _, layer in self._layers)
+        if average_bits(self._model) > self._budget or off_choices:
+            measured = self._measure_kinds(self._calibration_batch())
+            prior = {name: weight_variance_row_costs(layer, self.bit_choices) for name, layer in self._layers}
+            self._apply_rows(self._allocate_rows(prior, measured))
+        self._record(step, None, measured)
+
+    def _allocate_rows(self, row_costs: dict[str, torch.Tensor], measured: dict[str, dict[int, float]] | None,
+                       hysteresis: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+        """Every row's width (``allocate_unit_bits``) from (bits, out) predicted costs per layer; with measured kind
+        losses, each layer's rows are rescaled by the factor `calibrate` gives the layer's sum. Returns the widths
+        and the predicted total cost."""
+        names = [name for name, _ in self._layers]
+        costs = {n: row_costs[n].double().cpu() for n in names}
+        if measured:
+            sums = {n: dict(zip(self.bit_choices, c.sum(1).tolist())) for n, c in costs.items()}
+            target = calibrate(sums, measured, self._numels)
+            for n, c in costs.items():
+                for i, b in enumerate(self.bit_choices):
+                    # a layer whose rows predict 0 takes its calibrated share evenly over its rows
+                    c[i] = c[i] * (target[n][b] / sums[n][b]) if sums[n][b] > 0 else target[n][b] / c.shape[1]
+        table = torch.cat([costs[n].t() for n in names])
+        sizes = torch.cat([torch.full((costs[n].shape[1],), self._numels[n] // costs[n].shape[1]) for n in names])
+        current = switch = None
+        if hysteresis:
+            current = torch.cat([layer.weight_row_bits.long().cpu() for _, layer in self._layers])
+            index = torch.tensor([self.bit_choices.index(b) if b in self.bit_choices else 0 for b in current.tolist()])
+            switch = self.hysteresis * float(table.gather(1, index.unsqueeze(1)).mean())
+        bits = allocate_unit_bits(table, sizes, self.bit_choices, self._budget, current, switch or 0.0)
+        chosen = torch.tensor([self.bit_choices.index(b) for b in bits.tolist()])
+        predicted = float(table.gather(1, chosen.unsqueeze(1)).sum())
+        return dict(zip(names, bits.split([costs[n].shape[1] for n in names]))), predicted
+
+    def _apply_rows(self, allocation: tuple[dict[str, torch.Tensor], float]) -> float:
+        row_bits, predicted = broadcast_object(allocation)  # rank 0's choice everywhere
+        for name, layer in self._layers:
+            layer.set_row_bits(row_bits[name])
+        self._estimator.note_bits(bit_allocation(self._model))
+        return predicted
 
     def _calibration_batch(self) -> dict[str, Any] | None:
         # Fixed rows (the training set's first examples) where the dataset allows: the same at every
@@ -398,6 +493,9 @@ class QATCallback(TrainerCallback, ExportableState):
         return mean_across_ranks(measured)  # ranks saw different batches
 
     def _reallocate(self, state, measured: dict[str, dict[int, float]] | None = None) -> None:
+        if self._rows:
+            self._reallocate_rows(state, measured)
+            return
         # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
         self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
         if any(name not in scores for name in self._numels):
@@ -416,6 +514,21 @@ class QATCallback(TrainerCallback, ExportableState):
         self._apply(bits)
         self._estimator.refit_clip(self._layers)
         self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()), measured)
+
+    def _reallocate_rows(self, state, measured: dict[str, dict[int, float]] | None) -> None:
+        row_scores = self._estimator.row_scores
+        if not broadcast_object(all(name in row_scores for name in self._numels)):
+            if not self._warned_no_scores:
+                logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
+                               "keeping the current allocation.", self.sensitivity)
+                self._warned_no_scores = True
+            return
+        # DDP ranks measured different batches: average (the same layers on every rank, in the same order).
+        all_reduce_mean_(row_scores[name] for name in self._numels)
+        self._estimator.row_scores = row_scores
+        predicted = self._apply_rows(self._allocate_rows(row_scores, measured, hysteresis=True))
+        self._estimator.refit_clip(self._layers)
+        self._record(state.global_step, predicted, measured)
 
     def _local(self, gather_zero3: bool = True):
         # FSDP2: statistics and re-fits on this rank's rows; ZeRO-3: gathered partitions; else a no-op.

@@ -132,6 +132,11 @@ def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip:
     errors = layer.candidate_errors(choices)  # the layer's own stand-ins (codebooks), else the clipped grid
     if errors is None:
         errors = _grid_errors(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size, spec.symmetric)
+    if layer.weight_row_bits is not None:  # each row's current width uses its actual quantizer
+        actual = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
+        for i, bits in enumerate(choices):
+            errors[i] = torch.where((layer.weight_row_bits == bits).unsqueeze(1), actual, errors[i])
+        return errors
     current = layer.bits if current_bits is None else current_bits
     if current in choices:
         errors[choices.index(current)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
@@ -143,11 +148,13 @@ def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float]
     """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at its
     current bits, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
     w = layer.weight_oi()
-    if bits == current_bits:
+    if bits == current_bits and layer.weight_row_bits is None:
         return layer.quantized_weight(exact=True)
     own = layer.candidate_weight(bits)
     if own is None:
         own = _grid_weights(w, (bits,), (clip.get(bits, 1.0),), layer.spec.group_size, layer.spec.symmetric)[0]
+    if layer.weight_row_bits is not None:  # rows at that width already: their actual quantizer
+        own = torch.where((layer.weight_row_bits == bits).unsqueeze(1), layer.quantized_weight(exact=True), own)
     return own.to(w.dtype)
 
 
@@ -176,7 +183,8 @@ class SensitivityEstimator(ABC):
     """Template method: `update` keeps the EMAs and clip ratios; subclasses implement `_measure`.
 
     ``per_step``: measured at every optimizer step (needs that step's gradients) rather than only at
-    re-allocation time. ``runs_model``: the measurement runs the model's forward (it must then see the model as
+    re-allocation time. ``per_row``: predictions per output row, (bits, out) per layer, for layers with per-row
+    widths (``bits_granularity="row"``); `scores` then sums them per layer and `row_scores` has them. ``runs_model``: the measurement runs the model's forward (it must then see the model as
     sharded training sees it, not per-layer local views).
     """
 
@@ -184,9 +192,10 @@ class SensitivityEstimator(ABC):
     per_step: ClassVar[bool] = False
     runs_model: ClassVar[bool] = False
 
-    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9) -> None:
+    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9, per_row: bool = False) -> None:
         self.bit_choices = tuple(sorted(bit_choices))
         self.ema = ema
+        self.per_row = per_row
         # EMA of the predicted loss increase per bit choice, kept as float64 tensors on the layers' device so
         # that per-step updates never wait for the GPU; `scores` reads them out (one sync) when needed.
         self._ema: dict[str, torch.Tensor] = {}
@@ -198,13 +207,22 @@ class SensitivityEstimator(ABC):
         """layer name → {bits: EMA of the predicted loss increase} (plain floats)."""
         if not self._ema:
             return {}
-        values = torch.stack([v.cpu() for v in self._ema.values()]).tolist()
+        values = torch.stack([v.reshape(len(self.bit_choices), -1).sum(1).cpu() for v in self._ema.values()]).tolist()
         return {name: dict(zip(self.bit_choices, row)) for name, row in zip(self._ema, values)}
 
     @scores.setter
     def scores(self, scores: Mapping[str, Mapping[int, float]]) -> None:
         self._ema = {name: torch.tensor([float(per_bits[b]) for b in self.bit_choices], dtype=torch.float64)
                      for name, per_bits in scores.items()}
+
+    @property
+    def row_scores(self) -> dict[str, torch.Tensor]:
+        """layer name → (bits, out) float64 EMAs of the per-row predictions (``per_row`` estimators)."""
+        return {name: v.detach().cpu() for name, v in self._ema.items() if v.dim() == 2}
+
+    @row_scores.setter
+    def row_scores(self, scores: Mapping[str, torch.Tensor]) -> None:
+        self._ema.update({name: v.to(torch.float64) for name, v in scores.items()})
 
     def refit_clip(self, layers: LayerList) -> None:
         """Refit the clip ratios; called at start and after every re-allocation (also notes the layers' bits)."""
@@ -245,7 +263,8 @@ class SensitivityEstimator(ABC):
         """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
     def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
-        return 0.5 * (self._errors(name, layer) * curvature).sum((1, 2), dtype=torch.float64)
+        dims = (2,) if self.per_row else (1, 2)
+        return 0.5 * (self._errors(name, layer) * curvature).sum(dims, dtype=torch.float64)
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -271,10 +290,10 @@ def register_estimator(cls: type[SensitivityEstimator]) -> type[SensitivityEstim
     return cls
 
 
-def make_estimator(name: str, bit_choices: Iterable[int], ema: float) -> SensitivityEstimator:
+def make_estimator(name: str, bit_choices: Iterable[int], ema: float, per_row: bool = False) -> SensitivityEstimator:
     if name not in ESTIMATORS:
         raise ValueError(f"sensitivity={name!r} is invalid; allowed values: {sorted(ESTIMATORS)}")
-    return ESTIMATORS[name](bit_choices, ema)
+    return ESTIMATORS[name](bit_choices, ema, per_row)
 
 
 @register_estimator
@@ -308,8 +327,8 @@ class KFACEstimator(SensitivityEstimator):
     name = "kfac"
     per_step = True
 
-    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9) -> None:
-        super().__init__(bit_choices, ema)
+    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9, per_row: bool = False) -> None:
+        super().__init__(bit_choices, ema, per_row)
         self._handles: list = []
         self._out_sq: dict[str, torch.Tensor] = {}  # Σ_t g_t² per output feature
         self._in_sq: dict[str, torch.Tensor] = {}  # Σ_t x_t² per input feature
@@ -348,7 +367,8 @@ class KFACEstimator(SensitivityEstimator):
                 raise ValueError("sensitivity='kfac' does not support sharded (FSDP2) weights; allowed there: "
                                  "'fisher', 'hutchinson', 'variance'")
             in_mean = self._in_sq[name] / self._tokens[name]
-            out[name] = 0.5 * torch.einsum("o,boi,i->b", self._out_sq[name], errors, in_mean).double()
+            equation = "o,boi,i->bo" if self.per_row else "o,boi,i->b"
+            out[name] = 0.5 * torch.einsum(equation, self._out_sq[name], errors, in_mean).double()
         self._out_sq, self._in_sq, self._tokens = {}, {}, {}
         return out
 
@@ -397,17 +417,20 @@ class VarianceEstimator(SensitivityEstimator):
 
     @torch.no_grad()
     def _measure(self, layers, context):
-        out = {}
-        for name, layer in layers:
-            costs = weight_variance_costs(layer, self.bit_choices)
-            out[name] = torch.tensor([costs[b] for b in self.bit_choices], dtype=torch.float64)
-        return out
+        costs = {name: weight_variance_row_costs(layer, self.bit_choices) for name, layer in layers}
+        return {name: c if self.per_row else c.sum(1) for name, c in costs.items()}
 
 
 @torch.no_grad()
-def weight_variance_costs(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
-    """{bits: n σ² 2^{-2b}} with σ² the mean within-group variance of the layer's weight."""
+def weight_variance_row_costs(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor:
+    """(bits, out) float64 ``n_r σ_r² 2^{-2b}`` per output row ``r``, with ``σ_r²`` the row's mean within-group
+    weight variance and ``n_r`` its weight count."""
     w = layer.weight_oi().detach().float()
-    groups = w.reshape(w.shape[0], -1, layer.spec.group_size)
-    variance = float(groups.var(-1, unbiased=False).mean())
-    return {b: w.numel() * variance * math.pow(2.0, -2 * b) for b in bit_choices}
+    variance = w.reshape(w.shape[0], -1, layer.spec.group_size).var(-1, unbiased=False).mean(-1).double()
+    powers = torch.tensor([math.pow(2.0, -2 * b) for b in bit_choices], dtype=torch.float64, device=w.device)
+    return w.shape[1] * powers.unsqueeze(1) * variance.unsqueeze(0)
+
+
+def weight_variance_costs(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
+    """{bits: n σ² 2^{-2b}} with σ² the mean within-group variance of the layer's weight (the sum of its rows')."""
+    return dict(zip(bit_choices, weight_variance_row_costs(layer, bit_choices).sum(1).tolist()))

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from conftest import text_dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
+from hfqat.callback import ROW_SCORES_FILE, QATCallback
 from hfqat.export import export_compressed_tensors, save_packed
 from hfqat.modeling import qat_layers
 from hfqat.primitives import fake_quantize, init_scales
@@ -99,3 +101,44 @@ def test_compressed_tensors_export_names_mixed_rows(tiny_model_dir, tmp_path):
     _mixed_rows(model)
     with pytest.raises(ValueError, match="its rows have different bit widths"):
         export_compressed_tensors(model, tmp_path / "ct")
+
+
+def _train(path, out, callback, resume=None, **kw):
+    args = dict(max_steps=30, per_device_train_batch_size=4, logging_steps=5, save_strategy="steps", save_steps=15,
+                report_to=[], learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, **kw)
+    model = _row_model(path).train()
+    trainer = Trainer(model=model, args=TrainingArguments(str(out), **args), train_dataset=text_dataset(64),
+                      callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return model
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "kfac", "variance"])
+def test_callback_allocates_rows_under_the_budget_and_resumes_exactly(tiny_model_dir, tmp_path, sensitivity):
+    path, out = tiny_model_dir("llama"), tmp_path / "run"
+    make = lambda: QATCallback(budget_bits=3.0, bit_choices=(2, 3, 4, 8), reallocate_every=5, sensitivity=sensitivity)
+    callback = make()
+    model = _train(path, out, callback)
+    layers = [layer for _, layer in qat_layers(model)]
+    # one width per row, several widths inside single layers, the budget counted row by row
+    assert any(len(layer.weight_row_bits.unique()) > 1 for layer in layers)
+    used = sum(int(layer.weight_row_bits.long().sum()) * layer.in_features for layer in layers)
+    assert used <= 3.0 * sum(layer.weight.numel() for layer in layers)
+    assert [h["step"] for h in callback.history] == [0, 5, 10, 15, 20]
+    assert all(h["average_bits"] <= 3.0 for h in callback.history)
+    assert len({tuple(h["bits"].values()) for h in callback.history}) > 2  # rows keep moving while training
+    assert (out / "bit_allocation.png").stat().st_size > 0
+    assert (out / "checkpoint-15" / ROW_SCORES_FILE).is_file()
+
+    resumed_callback = make()
+    resumed = _train(path, out, resumed_callback, resume=str(out / "checkpoint-15"))
+    assert resumed_callback.history == callback.history
+    for a, (_, b) in zip(layers, qat_layers(resumed)):
+        assert torch.equal(a.weight_row_bits, b.weight_row_bits)
+        torch.testing.assert_close(a.weight_scale, b.weight_scale)
+
+
+def test_callback_refuses_rows_on_sharded_models(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("hfqat.callback.is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match="bits_granularity='row'.*not FSDP2 / ZeRO-3"):
+        _train(tiny_model_dir("llama"), tmp_path / "run", QATCallback(budget_bits=3.0, reallocate_every=5))
