@@ -12,6 +12,11 @@ Packed checkpoint, per quantized layer ``<name>`` (layout `hfqat.packing.LAYOUT`
 - ``<name>.zeros``    int16, same shape, the integer zero points (asymmetric grids only)
 - ``<name>.bias``     as in the float model
 
+Layers with per-row widths (``bits_granularity="row"``) whose rows differ are written as `PackedRowsLinear`: one such
+set per width under ``<name>.parts.<i>.`` (widths ascending, no bias), ``<name>.output_order`` (int32, (out,): each
+output row's position in the parts' concatenated outputs) and ``<name>.bias``; their entry adds ``row_bits`` =
+{bits: rows}.
+
 Codebook layers (``weight_format="codebook"``, `hfqat.codebook`) are written as `PackedCodebookLinear`:
 ``<name>.qweight`` (the centroid indices, same layout) and ``<name>.codebook`` (fp32 (out_features,
 in_features/group_size, 2^bits) tables), bias as above; their ``packed_layers`` entry has ``weight_format: "codebook"``.
@@ -56,6 +61,7 @@ from .packed_layer import PackedLayer, float_weight_oi
 from .packing import LAYOUT, code_offset, pack, unpack_kn
 from .primitives import (
     effective_scale,
+    fake_quantize_activations,
     init_scales,
     quantize,
 )
@@ -90,8 +96,7 @@ class PackedLinear(PackedLayer):
     def from_qat(cls, layer: FakeQuantMixin) -> PackedLinear:
         """Pack a fake-quantized layer: same codes, same effective scales, same zero points."""
         w = layer.weight_oi()
-        # Per-row widths pack at the widest (narrower rows' codes lie on its grid: exact, not smaller).
-        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.quantizer_bits, layer.spec.group_size)
+        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.weight_bits, layer.spec.group_size)
         return cls._from_codes(codes, effective_scale(layer.weight_scale), layer.weight_zero_point, layer.bias,
                                layer.bits, layer.spec.group_size, layer.spec.activation_bits, w.dtype)
 
@@ -137,6 +142,99 @@ class PackedLinear(PackedLayer):
     @classmethod
     def entry_kwargs(cls, entry: dict[str, Any], config: QATConfig) -> dict[str, Any]:
         return {"symmetric": bool(entry.get("symmetric", config.symmetric))}
+
+
+class PackedRowsLinear(nn.Module):
+    """A layer with per-row widths (``bits_granularity="row"``), packed: one bias-free `PackedLinear` per width
+    holding that width's rows (``parts``, widths ascending), and ``output_order`` (int32, (out,)): where each output
+    row lies in the parts' concatenated outputs. Stored size: Σ_b rows_b · in · b bits plus scales; every part is a
+    plain packed matrix, so the kernels run it as any other."""
+
+    weight_format = "int"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, row_counts: dict[int, int], group_size: int,
+                 symmetric: bool, activation_bits: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if sum(row_counts.values()) != out_features:
+            raise ValueError(f"row_bits {row_counts} must count out_features={out_features} rows")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric, self.activation_bits = group_size, symmetric, activation_bits
+        self.parts = nn.ModuleList(PackedLinear(in_features, n, False, b, group_size, symmetric, device=device,
+                                                dtype=dtype) for b, n in sorted(row_counts.items()))
+        self.register_buffer("output_order", torch.empty(out_features, dtype=torch.int32, device=device))
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @property
+    def bits(self) -> int:
+        return max(part.bits for part in self.parts)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first part's packed words, for code that probes ``.weight`` (see `PackedLayer.weight`)."""
+        return self.parts[0].qweight
+
+    @classmethod
+    @torch.no_grad()
+    def from_qat(cls, layer: FakeQuantMixin) -> PackedRowsLinear:
+        w, row_bits = layer.weight_oi(), layer.weight_row_bits.long()
+        codes = quantize(w, layer.weight_scale, layer.weight_zero_point, layer.quantizer_bits, layer.spec.group_size)
+        scale, zero = effective_scale(layer.weight_scale), layer.weight_zero_point
+        widths = row_bits.unique().tolist()
+        rows = {b: (row_bits == b).nonzero().squeeze(1) for b in widths}
+        packed = cls(layer.in_features, layer.out_features, layer.bias is not None,
+                     {b: len(r) for b, r in rows.items()}, layer.spec.group_size, zero is None,
+                     layer.spec.activation_bits, device=w.device, dtype=layer.bias.dtype if layer.bias is not None
+                     else w.dtype)
+        for part, b in zip(packed.parts, widths):
+            r = rows[b]
+            part.load_state_dict(PackedLinear._from_codes(codes[r], scale[r], None if zero is None else zero[r],
+                                                          None, b, layer.spec.group_size, None, w.dtype).state_dict())
+        packed.output_order.copy_(torch.argsort(torch.cat([rows[b] for b in widths])).to(torch.int32))
+        if layer.bias is not None:
+            packed.bias.copy_(layer.bias)
+        return packed
+
+    @classmethod
+    def from_entry(cls, in_features: int, out_features: int, bias: bool, entry: dict[str, Any],
+                   config: QATConfig, device=None, dtype=None) -> PackedRowsLinear:
+        return cls(in_features, out_features, bias, {int(b): int(n) for b, n in entry["row_bits"].items()},
+                   int(entry["group_size"]), bool(entry.get("symmetric", config.symmetric)), config.activation_bits,
+                   device=device, dtype=dtype)
+
+    def config_entry(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "layout": LAYOUT,
+                "row_bits": {str(part.bits): part.out_features for part in self.parts}}
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([part.dequantized_weight(dtype) for part in self.parts])[self.output_order.long()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_bits is not None:
+            x = fake_quantize_activations(x, self.activation_bits)
+        y = torch.cat([part(x) for part in self.parts], -1).index_select(-1, self.output_order)
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Linear:
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.output_order.device, dtype=dtype)
+        linear.weight.copy_(self.dequantized_weight(dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        rows = ", ".join(f"{part.bits}-bit: {part.out_features}" for part in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, rows=({rows})"
+
+
+def packed_class(layer: FakeQuantMixin) -> type[PackedLayer] | type[PackedRowsLinear]:
+    """The packed class a fake-quantized layer exports to (per-row widths that differ: `PackedRowsLinear`)."""
+    if layer.weight_row_bits is not None and bool((layer.weight_row_bits != layer.bits).any()):
+        return PackedRowsLinear
+    return PACKED_CLASSES[layer.spec.weight_format]
 
 
 # weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
@@ -196,7 +294,8 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
         if weight_format not in PACKED_CLASSES:
             raise ValueError(f"packed layer {name!r} has weight_format {weight_format!r}; this hfqat reads "
                              f"{list(PACKED_CLASSES)}")
-        packed = PACKED_CLASSES[weight_format].from_entry(in_features, out_features, module.bias is not None, entry,
+        cls = PackedRowsLinear if "row_bits" in entry else PACKED_CLASSES[weight_format]
+        packed = cls.from_entry(in_features, out_features, module.bias is not None, entry,
                                                           config, device=module.weight.device,
                                                           dtype=module.weight.dtype)
         model.set_submodule(name, packed)
@@ -313,7 +412,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        packed = PACKED_CLASSES[layer.spec.weight_format].from_qat(layer)
+        packed = packed_class(layer).from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
         packed_layers[name] = packed.config_entry()
     qconfig = _base_qat_config(model, layers)

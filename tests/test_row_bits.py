@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.callback import ROW_SCORES_FILE, QATCallback
-from hfqat.export import export_compressed_tensors, save_packed
+from hfqat.export import PackedLinear, PackedRowsLinear, export_compressed_tensors, save_packed
 from hfqat.modeling import qat_layers
+from hfqat.packing import packed_rows
 from hfqat.primitives import fake_quantize, init_scales
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,14 +87,26 @@ def test_plain_checkpoint_starts_every_row_at_the_config_bits(tiny_model_dir):
         assert bool((layer.weight_row_bits == 3).all()) and layer.bits == 3
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_packed_export_is_exact(tiny_model_dir, tmp_path, input_ids, arch):
-    model = _row_model(tiny_model_dir(arch), group_size=16)
+@pytest.mark.parametrize("arch,symmetric", [("llama", True), ("llama", False), ("gpt2", True)])
+def test_packed_export_stores_each_width_and_is_exact(tiny_model_dir, tmp_path, input_ids, arch, symmetric):
+    model = _row_model(tiny_model_dir(arch), group_size=16, symmetric=symmetric)
     _mixed_rows(model)
+    name, layer = next(iter(qat_layers(model)))
+    layer.set_bits(3)  # a layer whose rows agree packs as a plain PackedLinear
     save_packed(model, tmp_path / "packed")
     packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
     with torch.no_grad():
         torch.testing.assert_close(packed(input_ids).logits, model(input_ids).logits, rtol=1e-4, atol=1e-4)
+    assert isinstance(packed.get_submodule(name), PackedLinear) and packed.get_submodule(name).bits == 3
+    for layer_name, qat in list(qat_layers(model))[1:]:
+        rows = packed.get_submodule(layer_name)
+        assert isinstance(rows, PackedRowsLinear)
+        # every width's rows packed at that width: the stored words count Σ rows_b · in · b bits
+        widths = {int(b): int((qat.weight_row_bits == b).sum()) for b in qat.weight_row_bits.unique()}
+        assert {part.bits: part.out_features for part in rows.parts} == widths
+        words = sum(part.qweight.numel() for part in rows.parts)
+        assert words == sum(packed_rows(qat.in_features, b) * n for b, n in widths.items())
+        torch.testing.assert_close(rows.dequantized_weight(), qat.quantized_weight(exact=True).float(), rtol=0, atol=0)
 
 
 def test_compressed_tensors_export_names_mixed_rows(tiny_model_dir, tmp_path):
