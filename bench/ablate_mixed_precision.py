@@ -23,9 +23,10 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   allocation's log-perplexity gap to uniform 4 by three quarters), then trained statically with KD. Says
   whether sub-layer mixed precision is worth building into the callback. ``m35-rows``: the same with one width
   per output row (simpler to pack: rows of one width form one matrix). ``m35-groups-wide`` / ``m35-rows-wide``:
-  the same with widths 2..6.
+  the same with widths 2..6; ``m35-groups-36`` / ``m35-rows-36`` with widths 3..6.
 - ``m35-rows-cb``: the callback as shipped on a model with per-row widths (``QATConfig(bits_granularity="row")``):
-  dynamic per-row re-allocation among (2, 3, 4, 8); ``m35-rows-cb-wide`` among 2..6, ``m35-rows-cb-34`` among 3/4.
+  dynamic per-row re-allocation among (2, 3, 4, 8); ``m35-rows-cb-wide`` among 2..6, ``m35-rows-cb-34`` among 3/4;
+  ``-calm``: re-allocation every steps/3 with ``hysteresis=1.0`` (rows move less).
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -58,13 +59,14 @@ CHOICES = (2, 3, 4, 8)
 WIDE = (2, 3, 4, 5, 6)
 # probes with a static sub-layer allocation chosen before training: unit and widths
 STATIC_UNITS = {"m35-groups": ("group", (3, 4)), "m35-rows": ("row", (3, 4)), "m35-groups-wide": ("group", WIDE),
-                "m35-rows-wide": ("row", WIDE)}
+                "m35-rows-wide": ("row", WIDE), "m35-groups-36": ("group", (3, 4, 5, 6)), "m35-rows-36": ("row", (3, 4, 5, 6))}
 
 
 def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
     """name → (config bits, QATCallback kwargs, calibrate on the last batch instead of the leading one);
     ``m35-oracle``'s allocation is set before training (`oracle_allocation`)."""
     every, mixed = max(1, steps // 8), dict(bit_choices=CHOICES, budget_bits=3.5)
+    calm = dict(reallocate_every=max(1, steps // 3), hysteresis=1.0)
     return {
         "W4": (4, dict(reallocate_every=0), False),
         "W3": (3, dict(reallocate_every=0), False),
@@ -82,6 +84,10 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-rows-cb": (4, dict(mixed, reallocate_every=every), False),
         "m35-rows-cb-wide": (4, dict(mixed, bit_choices=WIDE, reallocate_every=every), False),
         "m35-rows-cb-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
+        "m35-rows-cb-34-calm": (4, dict(mixed, bit_choices=(3, 4), **calm), False),
+        "m35-rows-cb-wide-calm": (4, dict(mixed, bit_choices=WIDE, **calm), False),
+        "m35-rows-36": (4, dict(reallocate_every=0), False),
+        "m35-groups-36": (4, dict(reallocate_every=0), False),
     }
 
 

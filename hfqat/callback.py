@@ -23,7 +23,8 @@ Per training run:
   ``args.output_dir``; ``callback.history`` holds the same history.
 
 Per-row widths: on a model loaded with ``QATConfig(bits_granularity="row")`` every step above works on output rows
-instead of layers: the estimators predict each row's loss increase at each width (the calibration still
+instead of layers: the first allocation comes from squared gradients on the calibration batch (not the
+weight-variance prior), the estimators predict each row's loss increase at each width (the calibration still
 measures whole kinds of layers and rescales each layer's rows by the same factor), `allocate_unit_bits` chooses
 every row's width under the budget (Lagrangian; hysteresis per row), ``layer.set_row_bits`` re-fits the rows
 that change, and the history records each layer's mean width. The per-row sensitivity EMAs are saved as
@@ -73,6 +74,7 @@ from .modeling import average_bits, bit_allocation, qat_layers, set_soft_sharpne
 from .sensitivity import (
     ESTIMATORS,
     SensitivityContext,
+    gradient_row_costs,
     make_estimator,
     weight_variance_costs,
     weight_variance_row_costs,
@@ -440,8 +442,13 @@ class QATCallback(TrainerCallback, ExportableState):
                                                                                device=layer.weight_row_bits.device),
                                           invert=True).any()) for _, layer in self._layers)
         if average_bits(self._model) > self._budget or off_choices:
-            measured = self._measure_kinds(self._calibration_batch())
-            prior = {name: weight_variance_row_costs(layer, self.bit_choices) for name, layer in self._layers}
+            batch = self._calibration_batch()
+            measured = self._measure_kinds(batch)
+            # Squared gradients on the calibration batch where there is one (measured: far better first rows
+            # than the weight-variance prior, bench/README.md), else the prior.
+            prior = gradient_row_costs(self._model, self._layers, batch, self.bit_choices, self._estimator.clip)
+            if prior is None:
+                prior = {name: weight_variance_row_costs(layer, self.bit_choices) for name, layer in self._layers}
             self._apply_rows(self._allocate_rows(prior, measured))
         self._record(step, None, measured)
 

@@ -182,10 +182,15 @@ def _read_export_config(out_dir: Path) -> dict[str, Any]:
 
 
 def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """[{name, bits, group_size, params}] from the model's QAT layers, else from the packed layer map."""
+    """[{name, bits, group_size, params}] from the model's QAT layers, else from the packed layer map; a layer with
+    per-row widths gives one entry per width (its rows at that width)."""
     if model is not None:
-        rows = [{"name": name, "bits": layer.bits, "group_size": layer.spec.group_size,
-                 "params": layer.weight.numel()} for name, layer in qat_layers(model)]
+        rows = []
+        for name, layer in qat_layers(model):
+            counts = ({layer.bits: layer.out_features} if layer.weight_row_bits is None else
+                      dict(zip(*(t.tolist() for t in layer.weight_row_bits.unique(return_counts=True)))))
+            rows += [{"name": name, "bits": int(b), "group_size": layer.spec.group_size,
+                      "params": n * layer.in_features} for b, n in counts.items()]
         if rows:
             return rows
     packed = export_config.get("packed_layers") or _config_value(model, "packed_layers") or {}
@@ -195,9 +200,10 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
     for name in sorted(packed, key=lambda n: (order.get(n, len(order)), _natural_key(n))):
         entry = packed[name]
         module = _submodule(model, name)
-        params = (module.in_features * module.out_features
-                  if hasattr(module, "in_features") and hasattr(module, "out_features") else None)
-        rows.append({"name": name, "bits": int(entry["bits"]), "group_size": entry.get("group_size"), "params": params})
+        in_features = getattr(module, "in_features", None)
+        counts = entry.get("row_bits") or {entry["bits"]: getattr(module, "out_features", None)}
+        rows += [{"name": name, "bits": int(b), "group_size": entry.get("group_size"),
+                  "params": in_features * n if in_features and n else None} for b, n in counts.items()]
     return rows
 
 

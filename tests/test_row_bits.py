@@ -1,5 +1,7 @@
 """Per-row bit widths (``QATConfig(bits_granularity="row")``): the layer numerics, state round trips and export."""
 
+import re
+
 import pytest
 import torch
 from conftest import text_dataset
@@ -11,6 +13,7 @@ from hfqat.export import PackedLinear, PackedRowsLinear, export_compressed_tenso
 from hfqat.modeling import qat_layers
 from hfqat.packing import packed_rows
 from hfqat.primitives import fake_quantize, init_scales
+from hfqat.sensitivity import gradient_row_costs, quantization_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,3 +158,38 @@ def test_callback_refuses_rows_on_sharded_models(tiny_model_dir, tmp_path, monke
     monkeypatch.setattr("hfqat.callback.is_sharded", lambda model: True)
     with pytest.raises(ValueError, match="bits_granularity='row'.*not FSDP2 / ZeRO-3"):
         _train(tiny_model_dir("llama"), tmp_path / "run", QATCallback(budget_bits=3.0, reallocate_every=5))
+
+
+def test_gradient_row_costs_are_fisher_weighted_noise_per_row(tiny_model_dir):
+    model = _row_model(tiny_model_dir("llama")).train()
+    layers = list(qat_layers(model))
+    batch = text_dataset(2)
+    batch = {k: torch.stack([e[k] for e in batch]) for k in batch[0]}
+    choices = (2, 3, 4)
+    costs = gradient_row_costs(model, layers, batch, choices, {})
+    assert model.training and all(layer.weight.grad is None for _, layer in layers)  # nothing left behind
+    model.eval()
+    model(**batch).loss.backward()
+    for name, layer in layers:
+        errors = quantization_errors(layer, choices, {})
+        expected = 0.5 * (errors * layer.weight.grad.pow(2)).sum(2, dtype=torch.float64)
+        assert costs[name].shape == (len(choices), layer.out_features)
+        torch.testing.assert_close(costs[name], expected, rtol=1e-4, atol=1e-12)
+    assert bool((costs[layers[0][0]][0] > costs[layers[0][0]][2]).any())  # 2-bit rows cost more than 4-bit ones
+    layers[0][1].weight.requires_grad_(False)
+    assert gradient_row_costs(model, layers, batch, choices, {}) is None
+
+
+def test_model_card_counts_each_rows_width(tiny_model_dir, tmp_path):
+    from hfqat.hub import write_model_card
+
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    expected = f"{hfqat.average_bits(model):.2f} bits per"
+    assert expected in write_model_card(model, tmp_path / "card").read_text()
+    save_packed(model, tmp_path / "export")
+    # from the export's config.json alone (no weight counts there: the table, not the average)
+    card = write_model_card(None, tmp_path / "export").read_text()
+    name, layer = next(iter(qat_layers(model)))
+    rows = re.findall(rf"^\| `{re.escape(name)}` \| (\d+) \|", card, re.M)
+    assert sorted(map(int, rows)) == sorted(layer.weight_row_bits.unique().tolist())
