@@ -56,11 +56,17 @@ class QATHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """Plain float layers holding exactly the quantized weights (fake-quant or packed)."""
-        from .export import packed_modules
+        from .export import PackedRowsLinear, packed_modules
 
-        for name, layer in list(qat_layers(model)) + list(packed_modules(model)):
-            float_layer = layer.to_float()
-            model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
+        def replace(layers) -> None:
+            for name, layer in list(layers):
+                float_layer = layer.to_float()
+                model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
+
+        replace(qat_layers(model))
+        # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
+        replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
+        replace(packed_modules(model))
         return model
 
     def is_serializable(self) -> bool:

@@ -76,7 +76,9 @@ def _column_grid(layer: FakeQuantMixin) -> Callable[[torch.Tensor, int], torch.T
 
         return nearest
     zero = torch.round(layer.weight_zero_point.float()) if layer.weight_zero_point is not None else None
-    qmin, qmax = (float(v) for v in int_range(layer.bits, zero is None))
+    # one width per layer, or per row (then (out,) bounds, as `col` is a column over the rows)
+    bits = layer.bits if layer.weight_row_bits is None else layer.weight_row_bits.float()
+    qmin, qmax = (v.to(scale.device) for v in int_range(bits, zero is None))
 
     def rounded(col: torch.Tensor, j: int) -> torch.Tensor:
         s = scale[:, j // group]

@@ -32,6 +32,7 @@ from transformers import TrainingArguments
 
 from .config import (
     ACTIVATION_BITS,
+    BITS_GRANULARITIES,
     CLAMPING_MODES,
     RAGGED_GROUP_POLICIES,
     ROUNDING_MODES,
@@ -91,6 +92,8 @@ class QuantArguments:
     activation_bits: int | None = field(default=None, metadata={"help": "None or 8 (per-token input fake quant)."})
     scale_init: str = field(default="mse", metadata={"help": f"One of {list(SCALE_INITS)}."})
     ragged_groups: str = field(default="error", metadata={"help": f"One of {list(RAGGED_GROUP_POLICIES)}."})
+    bits_granularity: str = field(default="layer", metadata={
+        "help": f"One of {list(BITS_GRANULARITIES)}: one bit width per layer or per output row."})
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "Kept in full precision."})
     layer_bits: dict | str | None = field(
         default=None, metadata={"help": 'Per-layer bits, e.g. \'{"down_proj": 8}\' (regex or name -> bits).'})

@@ -193,3 +193,35 @@ def test_model_card_counts_each_rows_width(tiny_model_dir, tmp_path):
     name, layer = next(iter(qat_layers(model)))
     rows = re.findall(rf"^\| `{re.escape(name)}` \| (\d+) \|", card, re.M)
     assert sorted(map(int, rows)) == sorted(layer.weight_row_bits.unique().tolist())
+
+
+def test_packed_rows_dequantize_to_plain_linear(tiny_model_dir, tmp_path, input_ids):
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    with torch.no_grad():
+        expected = packed(input_ids).logits
+    packed.dequantize(dtype=torch.float32)
+    assert not any(isinstance(m, (PackedLinear, PackedRowsLinear)) for m in packed.modules())
+    with torch.no_grad():
+        assert (packed(input_ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_gptq_rounds_each_row_onto_its_own_grid(tiny_model_dir):
+    from hfqat.ptq import gptq
+
+    model = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(model)
+    g = torch.Generator().manual_seed(0)
+    gptq(model, [torch.randint(0, 256, (2, 32), generator=g) for _ in range(2)])
+    for _, layer in qat_layers(model):  # the weights sit on each row's grid: fake quant leaves them unchanged
+        torch.testing.assert_close(layer.quantized_weight(exact=True), layer.weight, rtol=0, atol=1e-6)
+
+
+def test_recipe_passes_the_granularity():
+    from hfqat.recipe import QuantArguments, RecipeError
+
+    assert QuantArguments(bits_granularity="row").to_qat_config().bits_granularity == "row"
+    with pytest.raises((ValueError, RecipeError), match="bits_granularity"):
+        QuantArguments(bits_granularity="rows")
