@@ -12,7 +12,8 @@ parts share one launch). Each rank writes what it saw to JSON; the test compares
 - Teacher placement under FSDP2: a separate teacher sharded with ``fully_shard`` gives the whole teacher's loss;
   the snapshot teacher sharded (default) or whole on every rank (``replicate_teacher``) gives the same loss.
 - DDP through a stock Trainer (accelerate's MULTI_CPU) with Hutchinson sensitivity, which measures each rank's
-  own batch: without the cross-rank reduction the ranks would pick different bits.
+  own batch: without the cross-rank reduction the ranks would pick different bits. The same with per-row widths
+  (``bits_granularity="row"``, integer grid only).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def test_two_process_gloo(tmp_path, weight_format):
         assert len(set(a["allocation"].values())) > 1, part  # re-allocation really moved bits
         assert a["average_bits"] <= BUDGET, part
         assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1, part
+    if weight_format == "int":  # per-row widths under DDP: every rank holds the same rows, under the budget
+        a, b = (r["ddp_rows"] for r in ranks)
+        assert a["row_bits"] == b["row_bits"] and a["average_bits"] <= BUDGET
+        assert any(len(set(bits)) > 1 for bits in a["row_bits"].values())
+        assert a["history_steps"] == b["history_steps"] and len(a["history_steps"]) > 1
     fsdp = [r["fsdp2"] for r in ranks]
     assert all(f["sharded"] for f in fsdp)  # the path under test really had DTensor weights and scales
     if weight_format == "int":  # codebooks: no grid scales and no clip ratios
@@ -95,7 +101,7 @@ def test_empty_copy_is_built_without_zero3_init(monkeypatch):
 
 
 # -- worker (runs under torchrun) -----------------------------------------------------------------------------------
-def _tiny_model():
+def _tiny_model(bits_granularity: str = "layer"):
     import torch
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
@@ -107,7 +113,8 @@ def _tiny_model():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     weight_format = os.environ.get("HFQAT_TEST_FORMAT", "int")
-    quantize_model(model, hfqat.QATConfig(bits=4, group_size=32, weight_format=weight_format))
+    quantize_model(model, hfqat.QATConfig(bits=4, group_size=32, weight_format=weight_format,
+                                          bits_granularity=bits_granularity))
     if weight_format == "codebook":  # importance-weighted k-means (kept on the layers as whole (out, in) buffers)
         fit_codebooks(model, {name: torch.rand_like(layer.weight) + 0.5 for name, layer in qat_layers(model)})
     return model
@@ -270,6 +277,23 @@ def _teacher_placement_part(out: Path) -> dict:
             "snapshot_mixes_kd": abs(sharded["out"].loss.item() - task.item()) > 1e-3}
 
 
+def _ddp_rows_part(out: Path) -> dict:
+    from conftest import text_dataset
+    from transformers import Trainer, TrainingArguments
+
+    import hfqat
+    from hfqat.callback import QATCallback
+    from hfqat.modeling import qat_layers
+
+    model = _tiny_model("row")
+    args = TrainingArguments(str(out / "ddp-rows"), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
+                             use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
+    callback = QATCallback(budget_bits=BUDGET, reallocate_every=2, sensitivity="hutchinson", write_plots=False)
+    Trainer(model=model, args=args, train_dataset=text_dataset(32), callbacks=[callback]).train()
+    return {"row_bits": {name: layer.weight_row_bits.tolist() for name, layer in qat_layers(model)},
+            "average_bits": hfqat.average_bits(model), "history_steps": [h["step"] for h in callback.history]}
+
+
 def _ddp_part(out: Path) -> dict:
     from conftest import text_dataset
     from transformers import Trainer, TrainingArguments
@@ -305,6 +329,8 @@ def _worker() -> None:
     dist.init_process_group("gloo")
     out = Path(os.environ["HFQAT_TEST_OUT"])
     result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(out), "ddp": _ddp_part(out)}
+    if os.environ.get("HFQAT_TEST_FORMAT", "int") == "int":  # per-row widths: integer grids only
+        result["ddp_rows"] = _ddp_rows_part(out)
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
     hd.barrier()  # neither rank tears its connections down while the other may still use them
     hd.end_process_group()
