@@ -468,14 +468,15 @@ class QATCallback(TrainerCallback, ExportableState):
                     c[i] = c[i] * (target[n][b] / sums[n][b]) if sums[n][b] > 0 else target[n][b] / c.shape[1]
         table = torch.cat([costs[n].t() for n in names])
         sizes = torch.cat([torch.full((costs[n].shape[1],), self._numels[n] // costs[n].shape[1]) for n in names])
-        current = switch = None
+        widths = torch.tensor(self.bit_choices)
+        current, switch = None, 0.0
         if hysteresis:
             current = torch.cat([layer.weight_row_bits.long().cpu() for _, layer in self._layers])
-            index = torch.tensor([self.bit_choices.index(b) if b in self.bit_choices else 0 for b in current.tolist()])
-            switch = self.hysteresis * float(table.gather(1, index.unsqueeze(1)).mean())
-        bits = allocate_unit_bits(table, sizes, self.bit_choices, self._budget, current, switch or 0.0)
-        chosen = torch.tensor([self.bit_choices.index(b) for b in bits.tolist()])
-        predicted = float(table.gather(1, chosen.unsqueeze(1)).sum())
+            # the margin: hysteresis × the mean row's cost at its current width (off-choice widths: the next one up)
+            at_current = torch.searchsorted(widths, current).clamp(max=len(widths) - 1)
+            switch = self.hysteresis * float(table.gather(1, at_current.unsqueeze(1)).mean())
+        bits = allocate_unit_bits(table, sizes, self.bit_choices, self._budget, current, switch)
+        predicted = float(table.gather(1, torch.searchsorted(widths, bits).unsqueeze(1)).sum())
         return dict(zip(names, bits.split([costs[n].shape[1] for n in names]))), predicted
 
     def _apply_rows(self, allocation: tuple[dict[str, torch.Tensor], float]) -> float:
