@@ -57,7 +57,7 @@ from .config import QATConfig
 from .distributed import barrier, is_sharded, unsharded_model
 from .layers import FakeQuantMixin, QATConv1D
 from .modeling import qat_layers
-from .packed_layer import PackedLayer, float_weight_oi
+from .packed_layer import PackedLayer, float_linear, float_weight_oi
 from .packing import LAYOUT, code_offset, pack, unpack_kn
 from .primitives import (
     effective_scale,
@@ -215,15 +215,8 @@ class PackedRowsLinear(nn.Module):
         y = torch.cat([part(x) for part in self.parts], -1).index_select(-1, self.output_order)
         return y + self.bias if self.bias is not None else y
 
-    @torch.no_grad()
     def to_float(self) -> nn.Linear:
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.output_order.device, dtype=dtype)
-        linear.weight.copy_(self.dequantized_weight(dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return float_linear(self, self.output_order.device)
 
     def extra_repr(self) -> str:
         rows = ", ".join(f"{part.bits}-bit: {part.out_features}" for part in self.parts)

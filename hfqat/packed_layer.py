@@ -115,13 +115,17 @@ class PackedLayer(nn.Module):
                                                     backends=self.backends, order=self.auto_order)
         self._prepared_key = (device, dtype, self.force_backend)
 
-    @torch.no_grad()
     def to_float(self) -> nn.Linear:
         """A plain `nn.Linear` computing the same function (in fp32 unless the bias says otherwise)."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.qweight.device, dtype=dtype)
-        linear.weight.copy_(self.dequantized_weight(dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return float_linear(self, self.qweight.device)
+
+
+@torch.no_grad()
+def float_linear(layer: nn.Module, device: torch.device) -> nn.Linear:
+    """A plain `nn.Linear` holding a packed layer's ``dequantized_weight`` and bias (fp32 unless the bias is not)."""
+    dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device, dtype=dtype)
+    linear.weight.copy_(layer.dequantized_weight(dtype))
+    if layer.bias is not None:
+        linear.bias.copy_(layer.bias)
+    return linear
