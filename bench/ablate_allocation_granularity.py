@@ -30,8 +30,8 @@ import bench_qat_quality as quality
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfqat.data import pack_tokens, stdlib_eval_text, stdlib_train_text
 from hfqat.allocation import allocate_unit_bits
+from hfqat.data import pack_tokens, stdlib_eval_text, stdlib_train_text
 from hfqat.primitives import dequantize, init_scales, quantize
 
 # unit of allocation → (out, in) tensor summed into that unit's values, (units,)

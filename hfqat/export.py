@@ -223,7 +223,7 @@ class PackedRowsLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rows=({rows})"
 
 
-def packed_class(layer: FakeQuantMixin) -> type[PackedLayer] | type[PackedRowsLinear]:
+def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
     """The packed class a fake-quantized layer exports to (per-row widths that differ: `PackedRowsLinear`)."""
     if layer.weight_row_bits is not None and bool((layer.weight_row_bits != layer.bits).any()):
         return PackedRowsLinear

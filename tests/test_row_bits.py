@@ -9,7 +9,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.callback import ROW_SCORES_FILE, QATCallback
-from hfqat.export import PackedLinear, PackedRowsLinear, export_compressed_tensors, save_packed
+from hfqat.export import (
+    PackedLinear,
+    PackedRowsLinear,
+    export_compressed_tensors,
+    save_packed,
+)
 from hfqat.modeling import qat_layers
 from hfqat.packing import packed_rows
 from hfqat.primitives import fake_quantize, init_scales
@@ -52,7 +57,7 @@ def test_each_row_is_quantized_at_its_own_width(tiny_model_dir, symmetric):
     w, g = layer.weight.detach(), layer.spec.group_size
     for bits in (2, 8):
         rows = (row_bits == bits).nonzero().squeeze(1)
-        scale, zero = init_scales(w[rows], bits, g, symmetric, "mse")
+        scale, _ = init_scales(w[rows], bits, g, symmetric, "mse")
         torch.testing.assert_close(layer.weight_scale[rows], scale)
         expected = fake_quantize(w[rows], layer.weight_scale[rows],
                                  None if symmetric else layer.weight_zero_point[rows], bits, g)
@@ -191,7 +196,7 @@ def test_model_card_counts_each_rows_width(tiny_model_dir, tmp_path):
     # from the export's config.json alone (no weight counts there: the table, not the average)
     card = write_model_card(None, tmp_path / "export").read_text()
     name, layer = next(iter(qat_layers(model)))
-    rows = re.findall(rf"^\| `{re.escape(name)}` \| (\d+) \|", card, re.M)
+    rows = re.findall(rf"^\| `{re.escape(name)}` \| (\d+) \|", card, re.MULTILINE)
     assert sorted(map(int, rows)) == sorted(layer.weight_row_bits.unique().tolist())
 
 
