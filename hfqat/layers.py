@@ -112,25 +112,20 @@ class FakeQuantMixin:
         """(Re)initialise scales/zero points from the current float weight for the current bits (of ``rows``, a
         boolean (out,) mask, only; default all)."""
         w, spec = self.weight_oi(), self.spec
-        if self.weight_row_bits is None:
-            widths = [(self.bits, None)]
-        else:
-            row_bits = self.weight_row_bits.long()
-            widths = [(b, row_bits == b) for b in row_bits.unique().tolist()]
-        for bits, at_width in widths:
-            chosen = at_width if rows is None else (rows if at_width is None else rows & at_width)
-            if chosen is None:
-                scale, zero = init_scales(w, bits, spec.group_size, spec.symmetric, spec.scale_init)
-                self.weight_scale.copy_(scale)
-                if self.weight_zero_point is not None:
-                    self.weight_zero_point.copy_(zero)
-                continue
-            index = chosen.nonzero().squeeze(1)
-            if index.numel():
-                scale, zero = init_scales(w[index], bits, spec.group_size, spec.symmetric, spec.scale_init)
-                self.weight_scale[index] = scale.to(self.weight_scale.dtype)
-                if self.weight_zero_point is not None:
-                    self.weight_zero_point[index] = zero.to(self.weight_zero_point.dtype)
+        bits = self.bits if self.weight_row_bits is None else self.weight_row_bits
+        if rows is None:
+            scale, zero = init_scales(w, bits, spec.group_size, spec.symmetric, spec.scale_init)
+            self.weight_scale.copy_(scale)
+            if self.weight_zero_point is not None:
+                self.weight_zero_point.copy_(zero)
+            return
+        index = rows.nonzero().squeeze(1)
+        if index.numel():
+            row_bits = bits[index] if isinstance(bits, torch.Tensor) else bits
+            scale, zero = init_scales(w[index], row_bits, spec.group_size, spec.symmetric, spec.scale_init)
+            self.weight_scale[index] = scale.to(self.weight_scale.dtype)
+            if self.weight_zero_point is not None:
+                self.weight_zero_point[index] = zero.to(self.weight_zero_point.dtype)
 
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:

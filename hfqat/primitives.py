@@ -197,15 +197,20 @@ def fake_quantize(
 
 
 def init_scales(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, method: str = "mse"
+    w: torch.Tensor, bits: int | torch.Tensor, group_size: int, symmetric: bool, method: str = "mse"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zero points) for ``w`` (out, in), shape (out, in // group_size).
+    """Scales (and zero points) for ``w`` (out, in), shape (out, in // group_size); ``bits``: one width, or one per
+    row as an (out,) tensor.
 
     ``minmax`` covers each group's range; ``mse`` additionally searches a shrink factor of that range per
     group minimising the squared quantization error (clipping a few outliers usually lowers total error).
     """
     wg = _grouped(w.detach(), group_size)
-    qmin, qmax = (float(v) for v in int_range(bits, symmetric))
+    if isinstance(bits, torch.Tensor) and bits.numel() > 1:
+        bits = bits.to(wg.device).reshape(-1, 1, 1)
+        qmin, qmax = (v.reshape(-1, 1) for v in int_range(bits, symmetric))  # (out, 1): per row
+    else:
+        qmin, qmax = (float(v) for v in int_range(bits, symmetric))
 
     def candidate(shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if symmetric:

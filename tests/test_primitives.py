@@ -61,6 +61,20 @@ def test_one_bit_width_per_group(symmetric, device):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_init_scales_takes_one_width_per_row(symmetric, method):
+    w = _weight(12, 64, seed=5)
+    per_row = torch.tensor([2, 3, 4, 8] * 3)
+    scale, zero = init_scales(w, per_row, 16, symmetric, method)
+    for b in (2, 3, 4, 8):
+        rows = per_row == b
+        s, z = init_scales(w[rows], b, 16, symmetric, method)
+        torch.testing.assert_close(scale[rows], s, rtol=0, atol=0)
+        if not symmetric:
+            torch.testing.assert_close(zero[rows], z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 def test_mse_init_beats_minmax(symmetric):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))  # gaussian: outliers make clipping pay
     errs = {}
