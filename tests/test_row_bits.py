@@ -230,3 +230,26 @@ def test_recipe_passes_the_granularity():
     assert QuantArguments(bits_granularity="row").to_qat_config().bits_granularity == "row"
     with pytest.raises((ValueError, RecipeError), match="bits_granularity"):
         QuantArguments(bits_granularity="rows")
+
+
+def test_lora_merges_exactly_into_per_row_widths(tiny_model_dir, input_ids, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    import hfqat.lora  # noqa: F401  (peft builds hfqat's exact-merge LoRA layers)
+
+    base = _row_model(tiny_model_dir("llama"))
+    _mixed_rows(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        before = model.eval()(input_ids).logits
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert (merged(input_ids).logits - before).abs().max() <= 1e-4
+    save_packed(merged, tmp_path / "packed")  # the merge keeps every row's width and packs it
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    with torch.no_grad():
+        assert (packed(input_ids).logits - before).abs().max() <= 1e-4
