@@ -85,9 +85,9 @@ class QATConfig(QuantizationConfigMixin):
             parameter shapes. Memory: (out, in/group_size, 2^codebook_max_bits) fp32 per layer (at 8 bits and
             per-channel codebooks 256/in_features of the weight's size); lower it for group-wise codebooks.
         bits_granularity: "layer" (one bit width per layer) or "row" (one per output row: every layer holds a
-            ``weight_row_bits`` buffer and `QATCallback` allocates bits row by row; int weights only). Row-wise
-            mixed precision keeps most of what finer units gain (see bench/README.md) in a format that packs as
-            one plain matrix per width.
+            ``weight_row_bits`` buffer and `QATCallback` allocates bits row by row; int weights only). Rows
+            recover much of what finer allocation units gain (bench/results/h200_s7_row_allocation.txt) in a
+            format that packs as one plain matrix per width.
         checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
             `hfqat.save_packed`, real low-bit integers for inference).
         packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.

@@ -184,8 +184,9 @@ class SensitivityEstimator(ABC):
 
     ``per_step``: measured at every optimizer step (needs that step's gradients) rather than only at
     re-allocation time. ``per_row``: predictions per output row, (bits, out) per layer, for layers with per-row
-    widths (``bits_granularity="row"``); `scores` then sums them per layer and `row_scores` has them. ``runs_model``: the measurement runs the model's forward (it must then see the model as
-    sharded training sees it, not per-layer local views).
+    widths (``bits_granularity="row"``); `scores` then sums them per layer and `row_scores` has them.
+    ``runs_model``: the measurement runs the model's forward (it must then see the model as sharded training
+    sees it, not per-layer local views).
     """
 
     name: ClassVar[str]
