@@ -8,12 +8,13 @@ from conftest import run_two_processes
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from hfqat.cli import main
+from hfqat.export import PackedRowsLinear
 from hfqat.gguf import embedded_smollm2
 from hfqat.modeling import qat_layers
 from hfqat.recipe import RecipeError, load_recipe
 
 RECIPES = ["recipes/demo.yaml", "recipes/w4_qat_kd.yaml", "recipes/mixed_3bit.yaml", "recipes/lora_qat.yaml",
-           "recipes/multi_gpu_fsdp2.yaml"]
+           "recipes/multi_gpu_fsdp2.yaml", "recipes/mixed_rows_3.5bit.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_bad_recipe_key_names_the_key(tmp_path, capsys):
         load_recipe(tmp_path / "bad2.yaml")
 
 
-def test_train_with_overrides_then_export(tiny_dir, tmp_path):
+@pytest.mark.parametrize("granularity", ["layer", "row"])
+def test_train_with_overrides_then_export(tiny_dir, tmp_path, granularity):
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps({
         "model": str(tiny_dir),
@@ -71,7 +73,8 @@ def test_train_with_overrides_then_export(tiny_dir, tmp_path):
         "training": {"output_dir": str(tmp_path / "run"), "max_steps": 50, "per_device_train_batch_size": 2,
                      "report_to": "none", "save_strategy": "no", "use_cpu": True},
     }))
-    assert main(["train", str(recipe), "--max_steps", "4", "--bits", "3", "--learning_rate", "1e-3"]) == 0
+    assert main(["train", str(recipe), "--max_steps", "4", "--bits", "3", "--learning_rate", "1e-3",
+                 "--bits_granularity", granularity]) == 0
     final = tmp_path / "run" / "final"
     results = json.loads((final / "eval_results.json").read_text())
     assert results["ppl"]["ppl"] > 1
@@ -80,7 +83,10 @@ def test_train_with_overrides_then_export(tiny_dir, tmp_path):
     assert (tmp_path / "run" / "bit_allocation_history.json").exists()
     assert main(["export", "--checkpoint", str(final), "--export_dir", str(tmp_path / "packed")]) == 0
     assert (tmp_path / "packed" / "model.safetensors").exists()
-    assert not list(qat_layers(AutoModelForCausalLM.from_pretrained(tmp_path / "packed")))
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert not list(qat_layers(packed))
+    # per-row widths: the rows of a layer were allocated different widths and pack as one matrix per width
+    assert any(isinstance(m, PackedRowsLinear) for m in packed.modules()) == (granularity == "row")
 
 
 def test_train_on_two_processes_saves_and_evaluates_once(tiny_dir, tmp_path):
