@@ -135,6 +135,14 @@ def leading_batch(dataloader: Any, device: torch.device, max_tokens: int = MAX_T
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def split_rows(batch: Mapping[str, Any], max_tokens: int = MAX_TOKENS) -> list[dict[str, Any]]:
+    """``batch`` cut along its rows into pieces of at most ``max_tokens`` tokens (at least one row each)."""
+    rows = batch["input_ids"].shape[0]
+    step = max(1, max_tokens // batch["input_ids"].shape[-1])
+    return [{k: v[i:i + step] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+            for i in range(0, rows, step)]
+
+
 def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, Mapping[int, float]],
               numels: Mapping[str, int]) -> dict[str, dict[int, float]]:
     """Per-layer predictions rescaled so each kind's total at each bit width equals its measured loss increase.

@@ -23,11 +23,11 @@ Per training run:
   ``args.output_dir``; ``callback.history`` holds the same history.
 
 Per-row widths: on a model loaded with ``QATConfig(bits_granularity="row")`` every step above works on output rows
-instead of layers: the first allocation comes from squared gradients on the calibration batch (not the
-weight-variance prior), the estimators predict each row's loss increase at each width (the calibration still
-measures whole kinds of layers and rescales each layer's rows by the same factor), `allocate_unit_bits` chooses
-every row's width under the budget (Lagrangian; hysteresis per row), ``layer.set_row_bits`` re-fits the rows
-that change, and the history records each layer's mean width. The per-row sensitivity EMAs are saved as
+instead of layers: the first allocation comes from squared gradients on the training set's first examples
+(`PRIOR_TOKENS`, in pieces; not the weight-variance prior), the estimators predict each row's loss increase at
+each width (the calibration still measures whole kinds of layers and rescales each layer's rows by the same
+factor), `allocate_unit_bits` chooses every row's width under the budget (Lagrangian; hysteresis per row),
+``layer.set_row_bits`` re-fits the rows that change, and the history records each layer's mean width. The per-row sensitivity EMAs are saved as
 ``hfqat_sensitivity.safetensors`` in each checkpoint (too large for ``trainer_state.json``); the row widths
 themselves are the layers' ``weight_row_bits`` buffers, in the model checkpoint. Single process and DDP; not
 FSDP2 / ZeRO-3 (their shards cut the rows).
@@ -58,7 +58,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
-from .calibration import calibrate, leading_batch, measure_kinds
+from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
 from .distributed import (
@@ -87,6 +87,7 @@ ROW_SCORES_FILE = "hfqat_sensitivity.safetensors"
 HISTORY_FILE = "bit_allocation_history.json"
 STATE_VERSION = 1
 MEASURED_FRACTION = 0.25  # of each re-allocation interval, at its end, in which per-step sensitivities are observed
+PRIOR_TOKENS = 4 * MAX_TOKENS  # leading tokens whose gradients choose the first per-row allocation
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -272,7 +273,7 @@ class QATCallback(TrainerCallback, ExportableState):
             if self._budget is not None:
                 with self._local():
                     self._estimator.refit_clip(self._layers)
-                self._initial_allocation(state.global_step)
+                self._initial_allocation(state.global_step, kwargs.get("train_dataloader"))
         self._anneal(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -419,9 +420,9 @@ class QATCallback(TrainerCallback, ExportableState):
         progress = step / self._freeze_step if self._freeze_step > 0 else 1.0
         set_soft_sharpness(self._model, math.inf if progress >= 1.0 else start * (end / start) ** progress)
 
-    def _initial_allocation(self, step: int) -> None:
+    def _initial_allocation(self, step: int, dataloader: Any = None) -> None:
         if self._rows:
-            self._initial_row_allocation(step)
+            self._initial_row_allocation(step, dataloader)
             return
         current = bit_allocation(self._model)
         measured = None
@@ -436,7 +437,7 @@ class QATCallback(TrainerCallback, ExportableState):
                 self._apply(allocate_bits(costs, self._numels, self._budget))
         self._record(step, None, measured)
 
-    def _initial_row_allocation(self, step: int) -> None:
+    def _initial_row_allocation(self, step: int, dataloader: Any) -> None:
         measured = None
         off_choices = any(bool(torch.isin(layer.weight_row_bits, torch.tensor(self.bit_choices, dtype=torch.int8,
                                                                                device=layer.weight_row_bits.device),
@@ -444,9 +445,11 @@ class QATCallback(TrainerCallback, ExportableState):
         if average_bits(self._model) > self._budget or off_choices:
             batch = self._calibration_batch()
             measured = self._measure_kinds(batch)
-            # Squared gradients on the calibration batch where there is one (trained better than from the
-            # weight-variance prior: bench/results/h200_s7_row_allocation.txt), else the prior.
-            prior = gradient_row_costs(self._model, self._layers, batch, self.bit_choices, self._estimator.clip)
+            # Squared gradients of the training set's first examples, in calibration-batch-sized pieces (trained
+            # better than from the weight-variance prior: bench/results/h200_s7_row_allocation.txt), else the prior.
+            leading = leading_batch(dataloader, next(self._model.parameters()).device, PRIOR_TOKENS)
+            pieces = split_rows(leading) if leading is not None else [batch] if batch is not None else []
+            prior = gradient_row_costs(self._model, self._layers, pieces, self.bit_choices, self._estimator.clip)
             if prior is None:
                 prior = {name: weight_variance_row_costs(layer, self.bit_choices) for name, layer in self._layers}
             self._apply_rows(self._allocate_rows(prior, measured))

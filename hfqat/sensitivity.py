@@ -422,26 +422,31 @@ class VarianceEstimator(SensitivityEstimator):
         return {name: c if self.per_row else c.sum(1) for name, c in costs.items()}
 
 
-def gradient_row_costs(model: nn.Module, layers: LayerList, batch: Mapping[str, Any] | None,
+def gradient_row_costs(model: nn.Module, layers: LayerList, batches: Iterable[Mapping[str, Any]],
                        bit_choices: Iterable[int], clip: Mapping[str, Mapping[int, float]]) -> dict[str, torch.Tensor] | None:
-    """(bits, out) float64 ``½ Σ_i g_i² (Q_b(w_i) - w_i)²`` per output row, from the gradient of the loss on
-    ``batch`` (eval mode: no dropout, no distillation or statistics hooks; `torch.autograd.grad`, so no ``.grad``
-    is touched and no DDP hook fires). A first allocation with it starts from measured curvature rather than the
-    weight-variance prior. None without a batch or when a weight is frozen."""
-    params = [layer.weight for _, layer in layers]
-    if batch is None or not all(p.requires_grad for p in params):
+    """(bits, out) float64 ``½ Σ_i F_i (Q_b(w_i) - w_i)²`` per output row, with the empirical Fisher ``F = Σ g²``
+    summed over the loss gradients of ``batches`` (several small batches: the square of one large batch's gradient
+    mostly cancels). Eval mode (no dropout, no distillation or statistics hooks); `torch.autograd.grad`, so no
+    ``.grad`` is touched and no DDP hook fires. A first allocation with it starts from measured curvature rather
+    than the weight-variance prior. None without batches or when a weight is frozen."""
+    params, batches = [layer.weight for _, layer in layers], list(batches)
+    if not batches or not all(p.requires_grad for p in params):
         return None
     choices = tuple(bit_choices)
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(model(**loss_inputs(batch)).loss, params)
+            for batch in batches:
+                grads = torch.autograd.grad(model(**loss_inputs(batch)).loss, params)
+                for f, g in zip(fisher, grads):
+                    f += g.detach().float().pow(2)
     finally:
         model.train(was_training)
-    return {name: 0.5 * (quantization_errors(layer, choices, clip.get(name, {}))
-                         * _as_oi(layer, g.detach()).float().pow(2)).sum(2, dtype=torch.float64)
-            for (name, layer), g in zip(layers, grads)}
+    return {name: 0.5 * (quantization_errors(layer, choices, clip.get(name, {})) * _as_oi(layer, f)).sum(
+                2, dtype=torch.float64)
+            for (name, layer), f in zip(layers, fisher)}
 
 
 @torch.no_grad()

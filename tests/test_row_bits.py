@@ -8,6 +8,7 @@ from conftest import text_dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
+from hfqat.calibration import split_rows
 from hfqat.callback import ROW_SCORES_FILE, QATCallback
 from hfqat.export import (
     PackedLinear,
@@ -168,21 +169,29 @@ def test_callback_refuses_rows_on_sharded_models(tiny_model_dir, tmp_path, monke
 def test_gradient_row_costs_are_fisher_weighted_noise_per_row(tiny_model_dir):
     model = _row_model(tiny_model_dir("llama")).train()
     layers = list(qat_layers(model))
-    batch = text_dataset(2)
-    batch = {k: torch.stack([e[k] for e in batch]) for k in batch[0]}
+    examples = text_dataset(4)
+    batch = {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+    pieces = split_rows(batch, max_tokens=2 * batch["input_ids"].shape[1])
+    assert [p["input_ids"].shape[0] for p in pieces] == [2, 2]
     choices = (2, 3, 4)
-    costs = gradient_row_costs(model, layers, batch, choices, {})
+    costs = gradient_row_costs(model, layers, pieces, choices, {})
     assert model.training and all(layer.weight.grad is None for _, layer in layers)  # nothing left behind
     model.eval()
-    model(**batch).loss.backward()
+    fisher = {name: torch.zeros_like(layer.weight) for name, layer in layers}
+    for piece in pieces:  # the empirical Fisher: squared gradients of each piece, summed
+        model.zero_grad()
+        model(**piece).loss.backward()
+        for name, layer in layers:
+            fisher[name] += layer.weight.grad.pow(2)
     for name, layer in layers:
         errors = quantization_errors(layer, choices, {})
-        expected = 0.5 * (errors * layer.weight.grad.pow(2)).sum(2, dtype=torch.float64)
+        expected = 0.5 * (errors * fisher[name]).sum(2, dtype=torch.float64)
         assert costs[name].shape == (len(choices), layer.out_features)
         torch.testing.assert_close(costs[name], expected, rtol=1e-4, atol=1e-12)
     assert bool((costs[layers[0][0]][0] > costs[layers[0][0]][2]).any())  # 2-bit rows cost more than 4-bit ones
+    assert gradient_row_costs(model, layers, [], choices, {}) is None
     layers[0][1].weight.requires_grad_(False)
-    assert gradient_row_costs(model, layers, batch, choices, {}) is None
+    assert gradient_row_costs(model, layers, pieces, choices, {}) is None
 
 
 def test_model_card_counts_each_rows_width(tiny_model_dir, tmp_path):
