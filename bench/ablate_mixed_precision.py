@@ -27,7 +27,8 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
 - ``m35-rows-cb``: the callback as shipped on a model with per-row widths (``QATConfig(bits_granularity="row")``):
   dynamic per-row re-allocation among (2, 3, 4, 8); ``m35-rows-cb-wide`` among 2..6, ``m35-rows-cb-34`` among 3/4;
   ``-calm``: re-allocation every steps/3 with ``hysteresis=1.0`` (rows move less); ``-once``: the first allocation
-  only (from gradients on the calibration batch), never re-allocated.
+  only (from gradients on the training set's first examples), never re-allocated; ``-once-raw``: the same without
+  the measured calibration per kind of layer.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -87,6 +88,8 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-rows-cb-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
         "m35-rows-cb-34-calm": (4, dict(mixed, bit_choices=(3, 4), **calm), False),
         "m35-rows-cb-34-once": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1), False),
+        "m35-rows-cb-34-once-raw": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1, calibrate=False),
+                                    False),
         "m35-rows-cb-wide-calm": (4, dict(mixed, bit_choices=WIDE, **calm), False),
         "m35-rows-36": (4, dict(reallocate_every=0), False),
         "m35-groups-36": (4, dict(reallocate_every=0), False),
