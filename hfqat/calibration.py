@@ -79,9 +79,7 @@ def _compute_at(layers: LayerList, bits: int | None, clip: Mapping[str, Mapping[
 def measure_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any], bit_choices: Iterable[int],
                   clip: Mapping[str, Mapping[int, float]], current: Mapping[str, int]) -> dict[str, dict[int, float]]:
     """kind → {bits: loss increase (≥ 0) over all-float weights when that kind's layers use ``bits``}."""
-    inputs, bit_choices = loss_inputs(batch), tuple(bit_choices)
-    rows = max(1, MAX_TOKENS // inputs["input_ids"].shape[-1])
-    inputs = {k: v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    inputs, bit_choices = split_rows(loss_inputs(batch))[0], tuple(bit_choices)
     kinds: dict[str, LayerList] = {}
     for name, layer in layers:
         kinds.setdefault(layer_kind(name), []).append((name, layer))

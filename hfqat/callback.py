@@ -510,10 +510,7 @@ class QATCallback(TrainerCallback, ExportableState):
         # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
         self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
         if any(name not in scores for name in self._numels):
-            if not self._warned_no_scores:
-                logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
-                               "keeping the current allocation.", self.sensitivity)
-                self._warned_no_scores = True
+            self._warn_no_scores()
             return
         costs = {name: scores[name] for name in self._numels}
         if measured:
@@ -526,13 +523,16 @@ class QATCallback(TrainerCallback, ExportableState):
         self._estimator.refit_clip(self._layers)
         self._record(state.global_step, sum(costs[n][b] for n, b in bits.items()), measured)
 
+    def _warn_no_scores(self) -> None:
+        if not self._warned_no_scores:
+            logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
+                           "keeping the current allocation.", self.sensitivity)
+            self._warned_no_scores = True
+
     def _reallocate_rows(self, state, measured: dict[str, dict[int, float]] | None) -> None:
         row_scores = self._estimator.row_scores
         if not broadcast_object(all(name in row_scores for name in self._numels)):
-            if not self._warned_no_scores:
-                logger.warning("QATCallback: no %s sensitivity for some layers yet (frozen weights or no batch?); "
-                               "keeping the current allocation.", self.sensitivity)
-                self._warned_no_scores = True
+            self._warn_no_scores()
             return
         # DDP ranks measured different batches: average (the same layers on every rank, in the same order).
         all_reduce_mean_(row_scores[name] for name in self._numels)
