@@ -61,7 +61,8 @@ CHOICES = (2, 3, 4, 8)
 WIDE = (2, 3, 4, 5, 6)
 # probes with a static sub-layer allocation chosen before training: unit and widths
 STATIC_UNITS = {"m35-groups": ("group", (3, 4)), "m35-rows": ("row", (3, 4)), "m35-groups-wide": ("group", WIDE),
-                "m35-rows-wide": ("row", WIDE), "m35-groups-36": ("group", (3, 4, 5, 6)), "m35-rows-36": ("row", (3, 4, 5, 6))}
+                "m35-rows-wide": ("row", WIDE), "m35-groups-36": ("group", (3, 4, 5, 6)),
+                "m35-rows-36": ("row", (3, 4, 5, 6))}
 
 
 def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
@@ -79,10 +80,7 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
         "m30": (4, dict(mixed, budget_bits=3.0, reallocate_every=every), False),
         "m35-oracle": (4, dict(reallocate_every=0), False),
-        "m35-groups": (4, dict(reallocate_every=0), False),
-        "m35-rows": (4, dict(reallocate_every=0), False),
-        "m35-groups-wide": (4, dict(reallocate_every=0), False),
-        "m35-rows-wide": (4, dict(reallocate_every=0), False),
+        **{name: (4, dict(reallocate_every=0), False) for name in STATIC_UNITS},  # allocated by group_allocation
         "m35-rows-cb": (4, dict(mixed, reallocate_every=every), False),
         "m35-rows-cb-wide": (4, dict(mixed, bit_choices=WIDE, reallocate_every=every), False),
         "m35-rows-cb-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
@@ -91,8 +89,6 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-rows-cb-34-once-raw": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1, calibrate=False),
                                     False),
         "m35-rows-cb-wide-calm": (4, dict(mixed, bit_choices=WIDE, **calm), False),
-        "m35-rows-36": (4, dict(reallocate_every=0), False),
-        "m35-groups-36": (4, dict(reallocate_every=0), False),
     }
 
 
