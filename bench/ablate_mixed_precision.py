@@ -27,8 +27,11 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
 - ``m35-rows-cb``: the callback as shipped on a model with per-row widths (``QATConfig(bits_granularity="row")``):
   dynamic per-row re-allocation among (2, 3, 4, 8); ``m35-rows-cb-wide`` among 2..6, ``m35-rows-cb-34`` among 3/4;
   ``-calm``: re-allocation every steps/3 with ``hysteresis=1.0`` (rows move less); ``-once``: the first allocation
-  only (from gradients on the training set's first examples), never re-allocated; ``-once-raw``: the same without
-  the measured calibration per kind of layer.
+  only (from gradients on the training set's first examples), never re-allocated; ``-once-calibrated``: the same
+  with the measured calibration per kind of layer (``calibrate=True``; off by default for per-row widths).
+- every variant trains with ``QATCallback(grid_lr_power=2)`` (the default: updates of rows narrower than 4 bits
+  multiplied by 4^(4 - width), `hfqat.grid_updates`; the static probes get the same per group);
+  ``<variant>-p0`` / ``-p1`` / ``-p3``: with ``grid_lr_power`` 0 (off) / 1 / 3.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
 """
@@ -49,11 +52,12 @@ import ablate_allocation_granularity as granularity
 import bench_qat_quality as quality
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerCallback
 
 import hfqat
 from hfqat.allocation import allocate_bits
 from hfqat.callback import QATCallback
+from hfqat.grid_updates import GridStepUpdates
 from hfqat.modeling import qat_layers
 from hfqat.primitives import fake_quantize
 
@@ -86,10 +90,27 @@ def variants(steps: int) -> dict[str, tuple[int, dict, bool]]:
         "m35-rows-cb-34": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=every), False),
         "m35-rows-cb-34-calm": (4, dict(mixed, bit_choices=(3, 4), **calm), False),
         "m35-rows-cb-34-once": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1), False),
-        "m35-rows-cb-34-once-raw": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1, calibrate=False),
-                                    False),
+        "m35-rows-cb-34-once-calibrated": (4, dict(mixed, bit_choices=(3, 4), reallocate_every=steps + 1,
+                                                   calibrate=True), False),
         "m35-rows-cb-wide-calm": (4, dict(mixed, bit_choices=WIDE, **calm), False),
     }
+
+
+class GroupGridUpdates(GridStepUpdates, TrainerCallback):
+    """`QATCallback.grid_lr_power` for the static probes, whose widths live per group (``layer.probe_bits``)."""
+
+    def row_factors(self, layer):
+        return torch.exp2(self.power * (layer.spec.bits - layer.probe_bits).clamp_min(0))  # (out, groups)
+
+    @staticmethod
+    def _shaped(layer, param, factors):
+        return factors.repeat_interleave(layer.spec.group_size, 1) if param is layer.weight else factors
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.after_step()
 
 
 def oracle_allocation(model, blocks: torch.Tensor, batch: int, budget: float = 3.5) -> dict[str, int]:
@@ -126,6 +147,7 @@ def group_allocation(model, dataset, calib_blocks: int, unit: str = "group", bud
         group_bits = per_weight.reshape(*layer.weight_scale.shape, g)[..., 0]  # one width per group either way
         with torch.no_grad():
             layer.weight_scale.copy_(sum(torch.where(group_bits == b, fitted[name][b][0], 0.0) for b in widths))
+        layer.probe_bits = group_bits.float()  # GroupGridUpdates: one width per group
         layer.fake_quantize_weight = functools.partial(_fake_quantize_per_group, layer.spec,
                                                        group_bits.unsqueeze(-1).to(layer.weight.device))
         total, used = total + layer.weight.numel(), used + per_weight.sum().item()
@@ -138,6 +160,14 @@ def _fake_quantize_per_group(spec, bits, w, scale, zero_point, sharpness=math.in
                          out_dtype=out_dtype)
 
 
+def _split(name: str) -> tuple[str, float]:
+    """(table variant, grid_lr_power) of a variant name."""
+    for power in (0, 1, 3):
+        if name.endswith(f"-p{power}"):
+            return name.removesuffix(f"-p{power}"), float(power)
+    return name, 2.0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="W4,m35,m35-last-batch,m35-static,m35-every-third,m35-34,m30,W3")
@@ -146,29 +176,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     table = variants(args.steps)
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if _split(n)[0] not in table]
     if unknown:
         p.error(f"--variants: unknown {unknown}; allowed: {sorted(table)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     path = quality.float_checkpoint(args)
     dataset, eval_blocks = quality.load_blocks(AutoTokenizer.from_pretrained(path), args)
     for name in names:
-        bits, kwargs, last_batch = table[name]
+        base, power = _split(name)
+        bits, kwargs, last_batch = table[base]
         granularity = "row" if name.startswith("m35-rows-cb") else "layer"
         model = quality.hfqat_model(path, quality.Row(name, bits, "qat", bits, bits_granularity=granularity),
                                     args.group_size, device)
-        if name == "m35-oracle":
+        if base == "m35-oracle":
             oracle_allocation(model, eval_blocks, args.batch)
         group_bits = None
-        if name in STATIC_UNITS:
-            unit, widths = STATIC_UNITS[name]
+        if base in STATIC_UNITS:
+            unit, widths = STATIC_UNITS[base]
             group_bits = group_allocation(model, dataset, args.calib_blocks, unit, widths=widths)
-        callback = QATCallback(**kwargs)
+        callback = QATCallback(**kwargs, grid_lr_power=power)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
         start = time.perf_counter()
         with patch:
-            quality.train(model, dataset, args, [callback], tempfile.mkdtemp(prefix="ablate_"))
+            probes = [GroupGridUpdates(list(qat_layers(model)), power)] if base in STATIC_UNITS else []
+            quality.train(model, dataset, args, [callback, *probes], tempfile.mkdtemp(prefix="ablate_"))
         seconds = time.perf_counter() - start
         ppl = quality.perplexity(model, eval_blocks, args.batch)
         h = callback.history

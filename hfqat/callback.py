@@ -18,6 +18,9 @@ Per training run:
   re-chooses every layer's bits (`hfqat.allocation`, exact, with hysteresis) and applies them with
   ``layer.set_bits`` — in place, the scale parameters keep shape and identity, so the optimizer, its Adam
   moments and the scheduler keep working.
+- after every optimizer step: multiplies the weight and scale update of every row (or layer) narrower than the
+  config's bits by ``2^(grid_lr_power · (config bits − width))`` (`hfqat.grid_updates`), so low-bit rows re-round
+  as often as the learning rate was tuned for.
 - logs ``task_loss`` and ``distill_loss`` next to Trainer's ``loss`` (their mix).
 - train end: writes ``bit_allocation.png``, ``loss_curves.png`` and ``bit_allocation_history.json`` to
   ``args.output_dir``; ``callback.history`` holds the same history.
@@ -61,6 +64,7 @@ from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
 from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
+from .grid_updates import GridStepUpdates
 from .distributed import (
     all_reduce_mean_,
     broadcast_object,
@@ -115,7 +119,12 @@ class QATCallback(TrainerCallback, ExportableState):
         calibrate: before each re-allocation, measure the loss increase of every kind of layer at every bit
             choice on the training set's first examples (the last batch if the dataset cannot be indexed) and
             rescale the estimator's predictions to it (`hfqat.calibration`; ``kinds × bit choices + 1`` extra
-            forward passes per re-allocation).
+            forward passes per re-allocation). None (default): on for per-layer widths, off for per-row widths
+            (rescaling all rows of a layer by one factor trained worse on SmolLM2: bench/results).
+        grid_lr_power: p in the update factor ``2^(p · (config bits − width))`` of rows narrower than the config's
+            bits (`hfqat.grid_updates`); 0 turns it off, 1 keeps updates constant in grid steps; ≥ 0. Costs a copy
+            of those layers' weights during each optimizer step; has no effect under DeepSpeed (its optimizer
+            keeps its own master weights).
         ema: smoothing of the sensitivity measurements, in [0, 1).
         hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
             ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
@@ -133,7 +142,8 @@ class QATCallback(TrainerCallback, ExportableState):
     bit_choices: tuple[int, ...] = (2, 3, 4, 8)
     reallocate_every: int = 50
     sensitivity: str = "fisher"
-    calibrate: bool = True
+    calibrate: bool | None = None
+    grid_lr_power: float = 2.0
     ema: float = 0.9
     hysteresis: float = 0.05
     freeze_after: float = 0.8
@@ -162,6 +172,8 @@ class QATCallback(TrainerCallback, ExportableState):
         self._leading_batch: dict[str, Any] | None = None
         self._step = 0
         self._rows = False  # the layers hold per-row widths: allocate rows, not layers
+        self._calibrate = False  # `calibrate` resolved for this model
+        self._grid_updates: GridStepUpdates | None = None
 
     def _validate(self) -> None:
         t = self.teacher
@@ -189,8 +201,11 @@ class QATCallback(TrainerCallback, ExportableState):
                                "None when reallocate_every=0 (re-allocation off); set reallocate_every > 0")
         if self.sensitivity not in ESTIMATORS:
             raise _invalid("sensitivity", self.sensitivity, str(sorted(ESTIMATORS)))
-        if not isinstance(self.calibrate, bool):
-            raise _invalid("calibrate", self.calibrate, "True or False")
+        if not (self.calibrate is None or isinstance(self.calibrate, bool)):
+            raise _invalid("calibrate", self.calibrate, "None (per-layer widths: on, per-row: off), True or False")
+        if isinstance(self.grid_lr_power, bool) or not isinstance(self.grid_lr_power, (int, float)) or \
+                not self.grid_lr_power >= 0:
+            raise _invalid("grid_lr_power", self.grid_lr_power, "a number >= 0 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
             raise _invalid("ema", self.ema, "a number in [0, 1)")
         if not self.hysteresis >= 0:
@@ -211,7 +226,7 @@ class QATCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         args = {name: getattr(self, name) for name in (
             "replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every", "sensitivity",
-            "calibrate", "ema", "hysteresis", "freeze_after", "seed", "write_plots")}
+            "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after", "seed", "write_plots")}
         args["bit_choices"] = list(self.bit_choices)
         args["soft_anneal"] = list(self.soft_anneal) if self.soft_anneal is not None else None
         if self.teacher is None or isinstance(self.teacher, (str, os.PathLike)):
@@ -241,6 +256,14 @@ class QATCallback(TrainerCallback, ExportableState):
             raise ValueError("QATCallback: per-row bit widths (QATConfig(bits_granularity='row')) need whole weights "
                              "on every rank; allowed there: single process or DDP, not FSDP2 / ZeRO-3 (use "
                              "bits_granularity='layer')")
+        self._calibrate = self.calibrate if self.calibrate is not None else not self._rows
+        self._grid_updates = None
+        if self.grid_lr_power > 0:
+            if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+                logger.warning("QATCallback: grid_lr_power has no effect under DeepSpeed (its optimizer keeps its "
+                               "own master weights); narrow rows train at the plain learning rate.")
+            else:
+                self._grid_updates = GridStepUpdates(self._layers, self.grid_lr_power)
         self._soft = any(layer.spec.rounding == "soft" or layer.spec.clamping == "soft" for _, layer in self._layers)
         self._freeze_step = math.floor(self.freeze_after * state.max_steps)
         self._last_logged_step = self._step = state.global_step
@@ -257,7 +280,7 @@ class QATCallback(TrainerCallback, ExportableState):
             logger.warning("QATCallback: resuming without saved QATCallback state; starting its state afresh.")
         self._attach_hook(args, state, saved)
         self._leading_batch = None
-        if self.calibrate and self._budget is not None:
+        if self._calibrate and self._budget is not None:
             self._leading_batch = leading_batch(kwargs.get("train_dataloader"), next(model.parameters()).device)
         self._estimator.detach()
         self._estimator = make_estimator(self.sensitivity, self.bit_choices, self.ema, per_row=self._rows)
@@ -283,6 +306,12 @@ class QATCallback(TrainerCallback, ExportableState):
         if self._budget is not None and self._estimator.per_step and self._measures(state.global_step + 1):
             with self._local(gather_zero3=False):  # ZeRO-3 keeps gradients to itself: nothing to measure
                 self._estimator.update(self._layers, self._context(state))
+        if self._grid_updates is not None:
+            self._grid_updates.before_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._grid_updates is not None:
+            self._grid_updates.after_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
@@ -291,7 +320,7 @@ class QATCallback(TrainerCallback, ExportableState):
             at_reallocation = not self._estimator.per_step
             if at_reallocation and self._estimator.runs_model:
                 self._estimator.update(self._layers, self._context(state))
-            measured = self._measure_kinds(self._calibration_batch()) if self.calibrate else None
+            measured = self._measure_kinds(self._calibration_batch()) if self._calibrate else None
             with self._local():
                 if at_reallocation and not self._estimator.runs_model:  # e.g. variance: whole (ZeRO-3) or row weights
                     self._estimator.update(self._layers, self._context(state))
