@@ -150,6 +150,7 @@ class QATArguments:
         budget_bits: parameter-weighted average bits the allocation must stay under (None: `quant.bits`).
         bit_choices: the bit widths re-allocation may pick.
         reallocate_every: steps between re-allocations.
+        grid_lr_power: update factor exponent for rows narrower than `quant.bits` (`QATCallback.grid_lr_power`).
         use_callback: False trains plain QAT (no callback at all).
     """
 
@@ -164,6 +165,8 @@ class QATArguments:
     budget_bits: float | None = field(default=None, metadata={"help": "Average-bits budget (default quant.bits)."})
     bit_choices: list[int] | None = field(default=None, metadata={"help": "Bit widths to choose from."})
     reallocate_every: int | None = field(default=None, metadata={"help": "Steps between re-allocations."})
+    grid_lr_power: float | None = field(default=None, metadata={
+        "help": "Updates of rows narrower than quant.bits x 2^(p·(bits−width)) (callback default if unset; 0: off)."})
 
     def __post_init__(self) -> None:
         if self.distill_weight is not None and not 0.0 <= self.distill_weight <= 1.0:
@@ -177,7 +180,7 @@ class QATArguments:
         if self.teacher is None and self.distill:
             kwargs.pop("teacher")  # the callback's default: snapshot of the float weights
             kwargs["replicate_teacher"] = self.replicate_teacher
-        for name in ("distill_weight", "temperature"):
+        for name in ("distill_weight", "temperature", "grid_lr_power"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if not self.reallocate:

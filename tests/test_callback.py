@@ -53,6 +53,7 @@ def test_acceptance_budget_and_resume(tiny_model_dir, tmp_path):
     assert hfqat.average_bits(model) <= 3.0
     assert [h["step"] for h in callback.history] == [0, 5, 10, 15, 20]  # frozen after 0.8 * 30 = 24
     assert all(h["average_bits"] <= 3.0 for h in callback.history)
+    assert all(h["measured_kind_loss_increase"] for h in callback.history)  # calibrate=None: on for layers
     assert (out / "bit_allocation.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
     saved = json.loads((out / HISTORY_FILE).read_text())
     assert saved["history"][-1]["bits"] == final

@@ -47,6 +47,8 @@ def test_qat_section_builds_the_callback():
     callback = QATCallback(**QATArguments(replicate_teacher=True, reallocate=True, budget_bits=3.5).callback_kwargs())
     assert callback.replicate_teacher and callback.teacher == "snapshot" and callback.budget_bits == 3.5
     assert QATCallback(**QATArguments(distill=False).callback_kwargs()).teacher is None
+    assert QATCallback(**QATArguments(grid_lr_power=0.0).callback_kwargs()).grid_lr_power == 0.0
+    assert QATCallback(**QATArguments().callback_kwargs()).grid_lr_power == QATCallback().grid_lr_power
 
 
 def test_bad_recipe_key_names_the_key(tmp_path, capsys):

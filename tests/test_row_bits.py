@@ -149,6 +149,7 @@ def test_callback_allocates_rows_under_the_budget_and_resumes_exactly(tiny_model
     assert [h["step"] for h in callback.history] == [0, 5, 10, 15, 20]
     assert all(h["average_bits"] <= 3.0 for h in callback.history)
     assert len({tuple(h["bits"].values()) for h in callback.history}) > 2  # rows keep moving while training
+    assert all(h["measured_kind_loss_increase"] is None for h in callback.history)  # calibrate=None: off for rows
     assert (out / "bit_allocation.png").stat().st_size > 0
     assert (out / "checkpoint-15" / ROW_SCORES_FILE).is_file()
 
