@@ -9,8 +9,9 @@ learning-rate schedule; only the quantization recipe differs. Weights are symmet
 Rows: FP; RTN PTQ (min-max scales) and the MSE-clip initialisation QAT starts from; INT8 points for the
 INT8-vs-INT4 trade-off (W8, W8A8 with dynamic per-token int8 activations, W4A8); QAT with CE only;
 QAT + distillation (STE, and soft rounding/clamping annealed by the callback); QAT + distillation +
-re-allocation at an average of 3.5 and 3.0 bits next to uniform 4 and 3 bits; torchao's QAT (weight-only
-int4/int3 g64 fake quant, CE only) as the peer, when torchao is installed (`pip install torchao`).
+re-allocation at an average of 3.5 (per layer, and per output row) and 3.0 bits next to uniform 4 and 3 bits;
+torchao's QAT (weight-only int4/int3 g64 fake quant, CE only) as the peer, when torchao is installed
+(`pip install torchao`).
 "gap recovered" = (ppl_RTN - ppl) / (ppl_RTN - ppl_FP) against RTN at the row's reference bits.
 Also: peak GPU memory of the default snapshot teacher vs a separate full teacher model (short runs).
 
@@ -57,6 +58,9 @@ class Row:
     fast: bool = False  # part of the quick subset (--only fast)
 
 
+ROW_MIXED = "QAT mixed avg 3.5 per row (2..6 bits) + KD + realloc"
+
+
 def rows(args) -> list[Row]:
     every = max(1, args.steps // 8)
     kd = dict(reallocate_every=0)
@@ -77,6 +81,8 @@ def rows(args) -> list[Row]:
         Row("QAT mixed avg 3.5 + KD + realloc", 4, "qat", 4, callback=dict(realloc, budget_bits=3.5), fast=True),
         Row("QAT mixed avg 3.5 (3/4 bits) + KD + realloc", 4, "qat", 4,
             callback=dict(realloc, budget_bits=3.5, bit_choices=(3, 4))),
+        Row(ROW_MIXED, 4, "qat", 4, bits_granularity="row",
+            callback=dict(realloc, budget_bits=3.5, bit_choices=(2, 3, 4, 5, 6))),
         Row("QAT W3 + KD (STE)", 3, "qat", 3, callback=kd),
         Row("QAT mixed avg 3.0 + KD + realloc", 3, "qat", 4, callback=dict(realloc, budget_bits=3.0)),
         Row("QAT W4 + KD (soft round/clamp)", 4, "qat", 4, soft=True, callback=kd),
@@ -292,6 +298,7 @@ def render(results, memory, args) -> str:
                      f"{r['train_s']:.0f} | {'-' if math.isnan(r['peak_mib']) else round(r['peak_mib'])} |")
     for mixed, uniform in (("QAT mixed avg 3.5 + KD + realloc", "QAT W4 + KD (STE)"),
                            ("QAT mixed avg 3.5 (3/4 bits) + KD + realloc", "QAT W4 + KD (STE)"),
+                           (ROW_MIXED, "QAT W4 + KD (STE)"),
                            ("QAT mixed avg 3.0 + KD + realloc", "QAT W3 + KD (STE)")):
         if mixed in by_name and uniform in by_name:
             lines.append(f"\n{mixed} vs {uniform}: ppl ratio {by_name[mixed] / by_name[uniform]:.4f}")

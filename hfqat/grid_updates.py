@@ -58,9 +58,9 @@ class GridStepUpdates:
         self._before = []
 
     @staticmethod
-    def _shaped(layer: nn.Module, param: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    def _shaped(layer: nn.Module, param: torch.Tensor, factors: torch.Tensor) -> torch.Tensor | float:
         # one factor per output row: rows are dim 0 of the scale and of an (out, in) weight, dim 1 of Conv1D's
         if factors.dim() == 0:
-            return factors
+            return float(factors)  # a Python number: FSDP2's sharded parameters take no plain tensors
         transposed = param is layer.weight and isinstance(layer, Conv1D)
         return factors.view(1, -1) if transposed else factors.view(-1, 1)

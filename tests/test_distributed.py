@@ -161,6 +161,7 @@ def _fsdp2_part(out: Path) -> dict:
         loss.backward()
         callback.on_pre_optimizer_step(args, state, control)
         optimizer.step()
+        callback.on_optimizer_step(args, state, control)  # grid updates on sharded (DTensor) weights
         optimizer.zero_grad()
         state.global_step += 1
         callback.on_step_end(args, state, control)
