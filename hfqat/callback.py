@@ -297,6 +297,8 @@ class QATCallback(TrainerCallback, ExportableState):
                 with self._local():
                     self._estimator.refit_clip(self._layers)
                 self._initial_allocation(state.global_step, kwargs.get("train_dataloader"))
+        if self._grid_updates is not None:
+            self._grid_updates.refresh()  # the widths this run starts from (first allocation or checkpoint)
         self._anneal(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -325,6 +327,8 @@ class QATCallback(TrainerCallback, ExportableState):
                 if at_reallocation and not self._estimator.runs_model:  # e.g. variance: whole (ZeRO-3) or row weights
                     self._estimator.update(self._layers, self._context(state))
                 self._reallocate(state, measured)
+            if self._grid_updates is not None:
+                self._grid_updates.refresh()
         if step >= self._freeze_step:
             self._estimator.detach()  # bits are final: stop collecting statistics
 

@@ -21,7 +21,8 @@ from transformers.pytorch_utils import Conv1D
 
 
 class GridStepUpdates:
-    """Multiplies the optimizer update of narrow rows; call `before_step` / `after_step` around ``optimizer.step``.
+    """Multiplies the optimizer update of narrow rows; call `before_step` / `after_step` around ``optimizer.step``
+    and `refresh` whenever widths change (the only call that reads them: no device sync per step).
 
     Memory: between the two calls, a copy of the weight and scale of each layer that holds a narrow row.
     """
@@ -29,7 +30,9 @@ class GridStepUpdates:
     def __init__(self, layers: list[tuple[str, nn.Module]], power: float) -> None:
         self.layers = [layer for _, layer in layers if layer.spec.weight_format == "int"]
         self.power = power
-        self._before: list[tuple[nn.Module, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._plan: list[tuple[nn.Parameter, torch.Tensor | float]] = []  # (parameter, its update factor − 1)
+        self._before: list[torch.Tensor] = []
+        self.refresh()
 
     def row_factors(self, layer: nn.Module) -> torch.Tensor | None:
         """(out,) update factor of each output row (or a scalar for one width per layer); None where all are 1."""
@@ -39,22 +42,23 @@ class GridStepUpdates:
             return None
         return torch.exp2(self.power * narrower)
 
+    def refresh(self) -> None:
+        """Re-read every layer's widths."""
+        self._plan = []
+        for layer in self.layers if self.power else []:
+            factors = self.row_factors(layer)
+            if factors is not None:
+                self._plan += [(p, self._shaped(layer, p, factors) - 1)
+                               for p in (layer.weight, layer.weight_scale) if p.requires_grad]
+
     @torch.no_grad()
     def before_step(self) -> None:
-        self._before = []
-        if self.power == 0:
-            return
-        for layer in self.layers:
-            factors = self.row_factors(layer)
-            params = [p for p in (layer.weight, layer.weight_scale) if p.requires_grad]
-            if factors is not None and params:
-                self._before.append((layer, factors, [(p, p.detach().clone()) for p in params]))
+        self._before = [param.detach().clone() for param, _ in self._plan]
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for layer, factors, saved in self._before:
-            for param, old in saved:
-                param.add_((param - old) * (self._shaped(layer, param, factors) - 1))
+        for (param, extra), old in zip(self._plan, self._before):
+            param.add_((param - old) * extra)
         self._before = []
 
     @staticmethod

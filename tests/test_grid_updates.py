@@ -65,6 +65,18 @@ def test_layer_widths_and_off(tiny_model_dir):
     torch.testing.assert_close(moved[narrow], delta[narrow])
 
 
+def test_widths_are_read_at_refresh(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"))
+    layers = list(qat_layers(model))
+    name, layer = layers[0]
+    delta = {n: torch.full_like(m.weight, 1e-3) for n, m in layers}
+    updates = GridStepUpdates(layers, power=1.0)
+    layer.set_bits(3)
+    torch.testing.assert_close(_step(updates, layers, delta)[name], delta[name])  # planned at 4 bits
+    updates.refresh()
+    torch.testing.assert_close(_step(updates, layers, delta)[name], 2 * delta[name])
+
+
 def _one_sgd_step(path, tmp_path, power: float) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = _model(path)
