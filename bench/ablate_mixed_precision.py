@@ -100,7 +100,7 @@ class GroupGridUpdates(GridStepUpdates, TrainerCallback):
     """`QATCallback.grid_lr_power` for the static probes, whose widths live per group (``layer.probe_bits``)."""
 
     def row_factors(self, layer):
-        return torch.exp2(self.power * (layer.spec.bits - layer.probe_bits).clamp_min(0))  # (out, groups)
+        return torch.exp2(self.power * (self.reference_bits - layer.probe_bits).clamp_min(0))  # (out, groups)
 
     @staticmethod
     def _shaped(layer, param, factors):
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
         start = time.perf_counter()
         with patch:
-            probes = [GroupGridUpdates(list(qat_layers(model)), power)] if base in STATIC_UNITS else []
+            probes = [GroupGridUpdates(list(qat_layers(model)), power, bits)] if base in STATIC_UNITS else []
             quality.train(model, dataset, args, [callback, *probes], tempfile.mkdtemp(prefix="ablate_"))
         seconds = time.perf_counter() - start
         ppl = quality.perplexity(model, eval_blocks, args.batch)

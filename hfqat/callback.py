@@ -263,7 +263,7 @@ class QATCallback(TrainerCallback, ExportableState):
                 logger.warning("QATCallback: grid_lr_power has no effect under DeepSpeed (its optimizer keeps its "
                                "own master weights); narrow rows train at the plain learning rate.")
             else:
-                self._grid_updates = GridStepUpdates(self._layers, self.grid_lr_power)
+                self._grid_updates = GridStepUpdates(self._layers, self.grid_lr_power, self._config_bits(model))
         self._soft = any(layer.spec.rounding == "soft" or layer.spec.clamping == "soft" for _, layer in self._layers)
         self._freeze_step = math.floor(self.freeze_after * state.max_steps)
         self._last_logged_step = self._step = state.global_step

@@ -4,7 +4,7 @@ Adam moves every weight by about the learning rate per step, whatever its gradie
 quantization grid doubles with each bit removed. A learning rate tuned for the config's bits therefore moves a
 3-bit row across half as many grid points as a 4-bit row, and mixed-precision rows below the config's width
 barely re-round during a short QAT run. `GridStepUpdates` multiplies, after each optimizer step, the update of
-every row narrower than its layer's config bits (weight and scale) by ``2^(power · (config bits − width))``.
+every row narrower than the config's ``bits`` (weight and scale) by ``2^(power · (config bits − width))``.
 ``power=1`` keeps the update constant in grid steps; SmolLM2 at 3.5 average bits trained best with ``power=2``
 (see `QATCallback.grid_lr_power`).
 
@@ -27,9 +27,10 @@ class GridStepUpdates:
     Memory: between the two calls, a copy of the weight and scale of each layer that holds a narrow row.
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], power: float) -> None:
+    def __init__(self, layers: list[tuple[str, nn.Module]], power: float, reference_bits: int) -> None:
+        """``reference_bits``: the width the learning rate suits (the config's ``bits``, not a layer override)."""
         self.layers = [layer for _, layer in layers if layer.spec.weight_format == "int"]
-        self.power = power
+        self.power, self.reference_bits = power, reference_bits
         self._plan: list[tuple[nn.Parameter, torch.Tensor | float]] = []  # (parameter, its update factor − 1)
         self._before: list[torch.Tensor] = []
         self.refresh()
@@ -37,7 +38,7 @@ class GridStepUpdates:
     def row_factors(self, layer: nn.Module) -> torch.Tensor | None:
         """(out,) update factor of each output row (or a scalar for one width per layer); None where all are 1."""
         bits = layer.weight_bits if layer.weight_row_bits is None else layer.weight_row_bits
-        narrower = (layer.spec.bits - bits.float()).clamp_min(0)
+        narrower = (self.reference_bits - bits.float()).clamp_min(0)
         if not bool(narrower.any()):
             return None
         return torch.exp2(self.power * narrower)

@@ -40,7 +40,7 @@ def test_narrow_rows_move_by_the_factor(tiny_model_dir, arch):
     widths = torch.tensor([4, 3, 2, 6] * (out // 4) + [4] * (out % 4), dtype=torch.int8)
     layer.set_row_bits(widths)
     delta = {n: torch.full_like(m.weight, 1e-3) for n, m in layers}
-    moved = _step(GridStepUpdates(layers, power=2.0), layers, delta)
+    moved = _step(GridStepUpdates(layers, power=2.0, reference_bits=4), layers, delta)
 
     factors = {4: 1.0, 3: 4.0, 2: 16.0, 6: 1.0}  # 2^(2·(4 − width)); wider rows than the config keep the update
     expected = torch.tensor([factors[int(b)] for b in widths]) * 1e-3
@@ -56,12 +56,12 @@ def test_layer_widths_and_off(tiny_model_dir):
     (narrow, narrow_layer), (plain, _) = layers[0], layers[1]
     narrow_layer.set_bits(3)
     delta = {n: torch.full_like(m.weight, 1e-3) for n, m in layers}
-    updates = GridStepUpdates(layers, power=1.0)
+    updates = GridStepUpdates(layers, power=1.0, reference_bits=4)
     moved = _step(updates, layers, delta)
     torch.testing.assert_close(moved[narrow], 2 * delta[narrow])
     torch.testing.assert_close(moved[plain], delta[plain])
     assert updates.row_factors(layers[1][1]) is None  # nothing copied for a layer at the config bits
-    moved = _step(GridStepUpdates(layers, power=0.0), layers, delta)
+    moved = _step(GridStepUpdates(layers, power=0.0, reference_bits=4), layers, delta)
     torch.testing.assert_close(moved[narrow], delta[narrow])
 
 
@@ -70,7 +70,7 @@ def test_widths_are_read_at_refresh(tiny_model_dir):
     layers = list(qat_layers(model))
     name, layer = layers[0]
     delta = {n: torch.full_like(m.weight, 1e-3) for n, m in layers}
-    updates = GridStepUpdates(layers, power=1.0)
+    updates = GridStepUpdates(layers, power=1.0, reference_bits=4)
     layer.set_bits(3)
     torch.testing.assert_close(_step(updates, layers, delta)[name], delta[name])  # planned at 4 bits
     updates.refresh()
@@ -79,9 +79,12 @@ def test_widths_are_read_at_refresh(tiny_model_dir):
 
 def _one_sgd_step(path, tmp_path, power: float) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = _model(path)
+    model = _model(path, layer_bits={"down_proj": 8})
     name, layer = next(iter(qat_layers(model)))
     layer.set_bits(3)
+    for other, wide in qat_layers(model):
+        if other.endswith("down_proj"):
+            wide.set_bits(6)  # narrower than its override, wider than the config's bits (the reference): no factor
     before = {n: m.weight.detach().clone() for n, m in qat_layers(model)}
     args = TrainingArguments(str(tmp_path / f"p{power}"), max_steps=1, per_device_train_batch_size=4, optim="sgd",
                              learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
