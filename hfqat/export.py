@@ -22,7 +22,8 @@ Codebook layers (``weight_format="codebook"``, `hfqat.codebook`) are written as 
 in_features/group_size, 2^bits) tables), bias as above; their ``packed_layers`` entry has ``weight_format: "codebook"``.
 
 ``config.json`` carries a `QATConfig` with ``checkpoint_format="packed"`` and ``packed_layers`` = {name: bits,
-group_size, symmetric, layout[, weight_format]}; `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
+group_size, symmetric, layout, in_features, out_features[, weight_format][, row_bits]} (the sizes let a model card
+weigh layers without the model); `hfqat.hf_quantizer` calls `replace_with_packed_layers` before transformers
 loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
 Each reloaded layer picks its matmul kernel on first use (`hfqat.kernels`; see `PackedLinear.backend`).
 
@@ -204,6 +205,7 @@ class PackedRowsLinear(nn.Module):
 
     def config_entry(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "layout": LAYOUT,
+                "in_features": self.in_features, "out_features": self.out_features,
                 "row_bits": {str(part.bits): part.out_features for part in self.parts}}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -200,8 +200,10 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
     for name in sorted(packed, key=lambda n: (order.get(n, len(order)), _natural_key(n))):
         entry = packed[name]
         module = _submodule(model, name)
-        in_features = getattr(module, "in_features", None)
-        counts = entry.get("row_bits") or {entry["bits"]: getattr(module, "out_features", None)}
+        # exports record their sizes; older ones only through the model
+        in_features = entry.get("in_features") or getattr(module, "in_features", None)
+        counts = entry.get("row_bits") or {entry["bits"]: entry.get("out_features") or getattr(module, "out_features",
+                                                                                                  None)}
         rows += [{"name": name, "bits": int(b), "group_size": entry.get("group_size"),
                   "params": in_features * n if in_features and n else None} for b, n in counts.items()]
     return rows

@@ -94,7 +94,8 @@ class PackedLayer(nn.Module):
 
     def config_entry(self) -> dict[str, Any]:
         """This layer's entry in ``QATConfig.packed_layers``."""
-        return {"bits": self.bits, "group_size": self.group_size, **self.format_fields(), "layout": LAYOUT}
+        return {"bits": self.bits, "group_size": self.group_size, **self.format_fields(), "layout": LAYOUT,
+                "in_features": self.in_features, "out_features": self.out_features}  # sizes: for model cards
 
     def extra_repr(self) -> str:
         fields = "".join(f", {key}={value}" for key, value in self.format_fields().items())

@@ -237,7 +237,10 @@ def test_card_from_existing_export_and_input_checks(qat_model, hub, tmp_path):
     save_packed(qat_model, export)
     (export / "README.md").unlink(missing_ok=True)
     push_packed_dir(export, REPO, token=TOKEN, endpoint=hub.url)  # writes the card from config.json
-    assert _table_bits(hub.repos[REPO].files["README.md"].decode()) == hfqat.bit_allocation(qat_model)
+    card = hub.repos[REPO].files["README.md"].decode()
+    assert _table_bits(card) == hfqat.bit_allocation(qat_model)
+    # weighted by each layer's size, recorded in config.json (no model at hand)
+    assert _front_matter(card)["hfqat"]["average_bits"] == pytest.approx(hfqat.average_bits(qat_model), abs=1e-3)
 
     with pytest.raises(ValueError, match="not an hfqat export"):
         push_packed_dir(tmp_path, REPO, token=TOKEN, endpoint=hub.url)
