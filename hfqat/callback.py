@@ -64,7 +64,6 @@ from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
 from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
 from .config import SUPPORTED_BITS
 from .distillation import DistillationHook, SnapshotTeacher, build_teacher
-from .grid_updates import GridStepUpdates
 from .distributed import (
     all_reduce_mean_,
     broadcast_object,
@@ -74,6 +73,7 @@ from .distributed import (
     local_view,
     mean_across_ranks,
 )
+from .grid_updates import GridStepUpdates
 from .modeling import average_bits, bit_allocation, qat_layers, set_soft_sharpness
 from .sensitivity import (
     ESTIMATORS,
