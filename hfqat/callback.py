@@ -1,8 +1,8 @@
 """`QATCallback`: distillation from the full-precision teacher and dynamic bit re-allocation for any Trainer.
 
-Usage: ``Trainer(..., callbacks=[hfqat.QATCallback()])`` on a model loaded with an `hfqat.QATConfig`; trainers
-that compute the loss from the logits themselves (trl's ``SFTTrainer``) also take
-``compute_loss_func=callback.make_compute_loss_func()``.
+Usage: ``Trainer(..., callbacks=[hfqat.QATCallback()])`` on a model loaded with an `hfqat.QATConfig`; for trl,
+``hfqat.sft.QATSFTTrainer(..., callbacks=[callback])`` (SFTTrainer computes its loss from a fused LM head; other
+trainers that compute the loss from the logits take ``compute_loss_func=callback.make_compute_loss_func()``).
 
 Per training run:
 
@@ -382,10 +382,10 @@ class QATCallback(TrainerCallback, ExportableState):
         return int(bits)
 
     def make_compute_loss_func(self) -> Callable[..., torch.Tensor]:
-        """A ``compute_loss_func`` for trainers that compute the loss from the logits themselves (trl's
-        ``SFTTrainer``, or a Trainer that needs one): ``SFTTrainer(..., compute_loss_func=callback.make_compute_loss_func(),
-        callbacks=[callback])``. The callback's forward hook then only runs the teacher; the returned function mixes
-        the task and distillation losses from the logits and the labels the trainer kept."""
+        """A ``compute_loss_func`` for trainers that compute the loss from the logits themselves (what
+        `hfqat.sft.QATSFTTrainer` uses; also ``Trainer(..., compute_loss_func=...)``). The callback's forward hook
+        then only runs the teacher; the returned function mixes the task and distillation losses from the logits and
+        the labels the trainer kept."""
         self._loss_in_trainer = True
 
         def compute_loss_func(outputs, labels, num_items_in_batch=None):

@@ -263,7 +263,7 @@ class DistillationHook:
             return None
         if kwargs.get(FUSED_HEAD_KWARG) and self.teacher is not None and not self.loss_in_trainer:
             raise ValueError("this trainer computes its loss from a fused LM head (trl's SFTTrainer) and ignores the "
-                             "model's loss, so distillation would be skipped: pass "
+                             "model's loss, so distillation would be skipped: use hfqat.sft.QATSFTTrainer, or pass "
                              "compute_loss_func=callback.make_compute_loss_func() to the trainer")
         self.last_batch = dict(kwargs)
         num_items = kwargs.get("num_items_in_batch")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,6 @@ from hfqat.distillation import (
     distillation_loss,
 )
 from hfqat.modeling import qat_layers
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,3 +270,35 @@ def test_trl_sft_trainer(tiny_model_dir, tmp_path):
     assert len(logs) == 2 and all(e["distill_loss"] > 0 for e in logs)
     for e in logs:  # SFTTrainer optimised the mix, not its own cross-entropy
         assert e["loss"] == pytest.approx(0.5 * e["task_loss"] + 0.5 * e["distill_loss"], rel=1e-4)
+
+
+def test_qat_sft_trainer(tiny_model_dir, tmp_path):
+    """`hfqat.sft.QATSFTTrainer` trains on the mix without trl's deprecated compute_loss_func, and evaluates as
+    SFTTrainer does."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from hfqat.sft import QATSFTTrainer
+
+    g = torch.Generator().manual_seed(0)
+    rows = Dataset.from_list([{"text": " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (20,), generator=g))}
+                              for _ in range(16)])
+    args = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
+                         report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
+                         eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    make = lambda callbacks: QATSFTTrainer(model=_model(tiny_model_dir("llama")), args=args, train_dataset=rows,
+                                           eval_dataset=rows.select(range(4)), processing_class=_word_tokenizer(),
+                                           callbacks=callbacks)
+    with pytest.raises(ValueError, match="exactly one hfqat.QATCallback"):
+        make([])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft = make([QATCallback(reallocate_every=0)])
+        sft.train()
+    assert not [w for w in caught if "compute_loss_func" in str(w.message)]
+    logs = [e for e in sft.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(e["distill_loss"] > 0 for e in logs)
+    for e in logs:
+        assert e["loss"] == pytest.approx(0.5 * e["task_loss"] + 0.5 * e["distill_loss"], rel=1e-4)
+    evals = [e["eval_loss"] for e in sft.state.log_history if "eval_loss" in e]
+    assert evals and all(math.isfinite(v) for v in evals)
