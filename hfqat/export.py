@@ -187,10 +187,9 @@ class PackedRowsLinear(nn.Module):
                      {b: len(r) for b, r in rows.items()}, layer.spec.group_size, zero is None,
                      layer.spec.activation_bits, device=w.device, dtype=layer.bias.dtype if layer.bias is not None
                      else w.dtype)
-        for part, b in zip(packed.parts, widths):
-            r = rows[b]
-            part.load_state_dict(PackedLinear._from_codes(codes[r], scale[r], None if zero is None else zero[r],
-                                                          None, b, layer.spec.group_size, None, w.dtype).state_dict())
+        packed.parts = nn.ModuleList(  # the empty parts __init__ made, replaced by filled ones
+            PackedLinear._from_codes(codes[r], scale[r], None if zero is None else zero[r], None, b,
+                                     layer.spec.group_size, None, w.dtype) for b, r in rows.items())
         packed.output_order.copy_(torch.argsort(torch.cat([rows[b] for b in widths])).to(torch.int32))
         if layer.bias is not None:
             packed.bias.copy_(layer.bias)
