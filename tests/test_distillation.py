@@ -245,15 +245,19 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
 
 
+def _sft_rows():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_list([{"text": " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (20,), generator=g))}
+                              for _ in range(16)])
+
+
 def test_trl_sft_trainer(tiny_model_dir, tmp_path):
     """trl's SFTTrainer computes its loss from a fused LM head: without `make_compute_loss_func` the hook refuses
     (it would silently skip distillation); with it, SFTTrainer optimises the mixed loss."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(0)
-    rows = Dataset.from_list([{"text": " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (20,), generator=g))}
-                              for _ in range(16)])
+    rows = _sft_rows()
 
     def trainer(out, callback, **kw):
         args = trl.SFTConfig(str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
@@ -276,13 +280,9 @@ def test_qat_sft_trainer(tiny_model_dir, tmp_path):
     """`hfqat.sft.QATSFTTrainer` trains on the mix without trl's deprecated compute_loss_func, and evaluates as
     SFTTrainer does."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
     from hfqat.sft import QATSFTTrainer
 
-    g = torch.Generator().manual_seed(0)
-    rows = Dataset.from_list([{"text": " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (20,), generator=g))}
-                              for _ in range(16)])
+    rows = _sft_rows()
     args = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
                          report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1, seed=0,
                          eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
