@@ -329,6 +329,8 @@ class QATCallback(TrainerCallback, ExportableState):
                 self._reallocate(state, measured)
             if self._grid_updates is not None:
                 self._grid_updates.refresh()
+        if control.should_save and self._budget is not None:
+            self._share_scores()  # the checkpoint (rank 0's state) then holds what every rank will average
         if step >= self._freeze_step:
             self._estimator.detach()  # bits are final: stop collecting statistics
 
@@ -540,11 +542,10 @@ class QATCallback(TrainerCallback, ExportableState):
         if self._rows:
             self._reallocate_rows(state, measured)
             return
-        # Ranks measure different batches (DDP) or shards (FSDP2: per-shard sums, a common factor): average.
-        self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
-        if any(name not in scores for name in self._numels):
+        if not self._share_scores():
             self._warn_no_scores()
             return
+        scores = self._estimator.scores
         costs = {name: scores[name] for name in self._numels}
         if measured:
             costs = calibrate(costs, measured, self._numels)
@@ -562,14 +563,25 @@ class QATCallback(TrainerCallback, ExportableState):
                            "keeping the current allocation.", self.sensitivity)
             self._warned_no_scores = True
 
-    def _reallocate_rows(self, state, measured: dict[str, dict[int, float]] | None) -> None:
+    def _share_scores(self) -> bool:
+        """Average the sensitivity EMAs over ranks, which measure different batches (DDP) or shards (FSDP2: per-shard
+        sums, a common factor); EMAs are linear, so averaging early (at a checkpoint) changes no later allocation.
+        Returns whether every layer has scores."""
+        if not self._rows:
+            self._estimator.scores = scores = mean_across_ranks(self._estimator.scores)
+            return all(name in scores for name in self._numels)
         row_scores = self._estimator.row_scores
         if not broadcast_object(all(name in row_scores for name in self._numels)):
+            return False
+        all_reduce_mean_(row_scores[name] for name in self._numels)  # the same layers on every rank, in order
+        self._estimator.row_scores = row_scores
+        return True
+
+    def _reallocate_rows(self, state, measured: dict[str, dict[int, float]] | None) -> None:
+        if not self._share_scores():
             self._warn_no_scores()
             return
-        # DDP ranks measured different batches: average (the same layers on every rank, in the same order).
-        all_reduce_mean_(row_scores[name] for name in self._numels)
-        self._estimator.row_scores = row_scores
+        row_scores = self._estimator.row_scores
         predicted = self._apply_rows(self._allocate_rows(row_scores, measured, hysteresis=True))
         self._estimator.refit_clip(self._layers)
         self._record(state.global_step, predicted, measured)

@@ -66,6 +66,11 @@ def test_two_process_gloo(tmp_path, weight_format):
     # a sharded snapshot holds this rank's rows only: the ranks' shares add up to one whole copy
     assert sum(r["teacher_placement"]["snapshot_bytes"] for r in ranks) == ranks[0]["teacher_placement"][
         "replicated_snapshot_bytes"]
+    scores = [r["ddp_checkpoint_scores"] for r in ranks]
+    assert scores[0]["at_save"], "kfac measured nothing before the checkpoint"
+    for name, per_bits in scores[0]["at_save"].items():  # the same on both ranks, and what rank 0 saved
+        assert per_bits == pytest.approx(scores[1]["at_save"][name], rel=1e-9)
+        assert per_bits == pytest.approx(scores[0]["saved"][name], rel=1e-9)
     ddp = [r["ddp"] for r in ranks]
     assert ddp[0]["history_file"] and not ddp[1]["history_file"]  # rank 0 alone writes
     assert len(ddp[0]["logged_mix_errors"]) == 8 and max(ddp[0]["logged_mix_errors"]) < 2e-3
@@ -320,6 +325,32 @@ def _ddp_part(out: Path) -> dict:
             "history_file": (folder / HISTORY_FILE).is_file()}
 
 
+def _ddp_checkpoint_scores_part(out: Path) -> dict:
+    """kfac measures each rank's own activations: at a checkpoint inside a measured window (step 7, before the
+    re-allocation at 8) every rank must hold the mean EMAs, which rank 0 saves (else a resumed run averages rank 0's
+    EMAs with themselves)."""
+    from conftest import text_dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hfqat import distributed as hd
+    from hfqat.callback import QATCallback
+
+    class AtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append({name: dict(per_bits) for name, per_bits in callback._estimator.scores.items()})
+
+    seen: list[dict] = []
+    folder = out / "ddp-kfac"
+    args = TrainingArguments(str(folder), max_steps=9, per_device_train_batch_size=2, learning_rate=1e-3,
+                             use_cpu=True, report_to=[], save_strategy="steps", save_steps=7, disable_tqdm=True, seed=0)
+    callback = QATCallback(budget_bits=BUDGET, reallocate_every=8, sensitivity="kfac", write_plots=False)
+    Trainer(model=_tiny_model(), args=args, train_dataset=text_dataset(32), callbacks=[callback, AtSave()]).train()
+    hd.barrier()
+    state = json.loads((folder / "checkpoint-7" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["QATCallback"]["attributes"]["_saved_state"]["estimator"]["scores"]
+    return {"at_save": {n: {str(b): v for b, v in per.items()} for n, per in seen[0].items()}, "saved": saved}
+
+
 def _worker() -> None:
     import torch
     import torch.distributed as dist
@@ -329,7 +360,8 @@ def _worker() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = Path(os.environ["HFQAT_TEST_OUT"])
-    result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(out), "ddp": _ddp_part(out)}
+    result = {"fsdp2": _fsdp2_part(out), "teacher_placement": _teacher_placement_part(out), "ddp": _ddp_part(out),
+              "ddp_checkpoint_scores": _ddp_checkpoint_scores_part(out)}
     if os.environ.get("HFQAT_TEST_FORMAT", "int") == "int":  # per-row widths: integer grids only
         result["ddp_rows"] = _ddp_rows_part(out)
     (out / f"rank{hd.rank()}.json").write_text(json.dumps(result))
