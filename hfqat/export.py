@@ -226,7 +226,7 @@ class PackedRowsLinear(nn.Module):
 
 def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
     """The packed class a fake-quantized layer exports to (per-row widths that differ: `PackedRowsLinear`)."""
-    if layer.weight_row_bits is not None and bool((layer.weight_row_bits != layer.bits).any()):
+    if layer.rows_differ:
         return PackedRowsLinear
     return PACKED_CLASSES[layer.spec.weight_format]
 
@@ -289,9 +289,8 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
             raise ValueError(f"packed layer {name!r} has weight_format {weight_format!r}; this hfqat reads "
                              f"{list(PACKED_CLASSES)}")
         cls = PackedRowsLinear if "row_bits" in entry else PACKED_CLASSES[weight_format]
-        packed = cls.from_entry(in_features, out_features, module.bias is not None, entry,
-                                                          config, device=module.weight.device,
-                                                          dtype=module.weight.dtype)
+        packed = cls.from_entry(in_features, out_features, module.bias is not None, entry, config,
+                                device=module.weight.device, dtype=module.weight.dtype)
         model.set_submodule(name, packed)
         replaced.append(name)
     return replaced
@@ -429,7 +428,7 @@ def _ct_check(name: str, layer: FakeQuantMixin) -> None:
         reasons.append("it is a GPT-2 Conv1D layer (only nn.Linear layers are exported)")
     if layer.bits not in CT_BITS:
         reasons.append(f"it has {layer.bits}-bit weights")
-    if layer.weight_row_bits is not None and bool((layer.weight_row_bits != layer.bits).any()):
+    if layer.rows_differ:
         reasons.append("its rows have different bit widths")
     if layer.weight_zero_point is not None:
         reasons.append("it is asymmetric (has a zero point)")

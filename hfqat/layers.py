@@ -63,6 +63,11 @@ class FakeQuantMixin:
         return int(self.weight_bits)
 
     @property
+    def rows_differ(self) -> bool:
+        """Whether the layer's rows hold different widths (per-row layers only)."""
+        return self.weight_row_bits is not None and bool((self.weight_row_bits != self.bits).any())
+
+    @property
     def quantizer_bits(self) -> torch.Tensor:
         """The widths the quantizer applies: ``weight_bits``, or (out, 1, 1) per-row widths."""
         return self.weight_bits if self.weight_row_bits is None else self.weight_row_bits.view(-1, 1, 1)
