@@ -6,7 +6,7 @@ SmolLM2 (the embedded GGUF, dequantized), weights quantized round-to-nearest wit
 scales (the callback's initialisation) at the widths ``--bits`` (default 3,4). Every candidate unit's cost of a
 width is its Fisher-weighted quantization noise, sum of ``grad² · (Q_b(w) - w)²``, with squared gradients of the
 full-precision model on ``--calib-blocks`` blocks of the training text (never the evaluation text). Units get
-their widths from `hfqat.allocation.allocate_unit_bits` (the Lagrangian allocator, parameter-weighted average
+their widths from `hfqat.train.allocation.allocate_unit_bits` (the Lagrangian allocator, parameter-weighted average
 ≤ ``--budget``), at four granularities:
 
 - ``layer``: one width per linear layer (what QATCallback allocates today);
@@ -30,9 +30,9 @@ import bench_qat_quality as quality
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hfqat.allocation import allocate_unit_bits
-from hfqat.data import pack_tokens, stdlib_eval_text, stdlib_train_text
-from hfqat.primitives import dequantize, init_scales, quantize
+from hfqat.cli.data import pack_tokens, stdlib_eval_text, stdlib_train_text
+from hfqat.quant.primitives import dequantize, init_scales, quantize
+from hfqat.train.allocation import allocate_unit_bits
 
 # unit of allocation → (out, in) tensor summed into that unit's values, (units,)
 GRANULARITIES = {
@@ -83,7 +83,7 @@ def candidates(weights: dict[str, torch.Tensor], squares: dict[str, torch.Tensor
 
 def allocate(costs: dict[str, torch.Tensor], granularity: str, g: int, widths: tuple[int, ...],
              budget: float) -> dict[str, torch.Tensor]:
-    """Per layer, the (units,) bits of its units (`hfqat.allocation.allocate_unit_bits` over all units)."""
+    """Per layer, the (units,) bits of its units (`hfqat.train.allocation.allocate_unit_bits` over all units)."""
     reduce = GRANULARITIES[granularity]
     saved = [torch.stack([reduce(c, g) for c in per_width], 1) for per_width in costs.values()]
     sizes = [reduce(torch.ones_like(c[0]), g) for c in costs.values()]

@@ -30,7 +30,7 @@ Same model, data, steps and evaluation as `bench_qat_quality.py` (its functions 
   only (from gradients on the training set's first examples), never re-allocated; ``-once-calibrated``: the same
   with the measured calibration per kind of layer (``calibrate=True``; off by default for per-row widths).
 - every variant trains with ``QATCallback(grid_lr_power=2)`` (the default: updates of rows narrower than 4 bits
-  multiplied by 4^(4 - width), `hfqat.grid_updates`; the static probes get the same per group);
+  multiplied by 4^(4 - width), `hfqat.train.grid_updates`; the static probes get the same per group);
   ``<variant>-p0`` / ``-p1`` / ``-p3``: with ``grid_lr_power`` 0 (off) / 1 / 3.
 
 Prints one line per variant (perplexity, seconds, how many layers each re-allocation changed) and the reproduce line.
@@ -55,11 +55,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, TrainerCallback
 
 import hfqat
-from hfqat.allocation import allocate_bits
-from hfqat.callback import QATCallback
-from hfqat.grid_updates import GridStepUpdates
-from hfqat.modeling import qat_layers
-from hfqat.primitives import fake_quantize
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.primitives import fake_quantize
+from hfqat.train.allocation import allocate_bits
+from hfqat.train.callback import QATCallback
+from hfqat.train.grid_updates import GridStepUpdates
 
 CHOICES = (2, 3, 4, 8)
 WIDE = (2, 3, 4, 5, 6)
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
             group_bits = group_allocation(model, dataset, args.calib_blocks, unit, widths=widths)
         callback = QATCallback(**kwargs, grid_lr_power=power)
         # Without a leading batch the callback falls back to the last training batch (and an uncalibrated prior).
-        patch = mock.patch("hfqat.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
+        patch = mock.patch("hfqat.train.callback.leading_batch", return_value=None) if last_batch else contextlib.nullcontext()
         start = time.perf_counter()
         with patch:
             probes = [GroupGridUpdates(list(qat_layers(model)), power, bits)] if base in STATIC_UNITS else []

@@ -9,7 +9,7 @@ weights, so every row starts from the same state) and evaluated on held-out stdl
 - ``variance``         reverse water-filling on weight variance (no data; the callback's first allocation)
 - ``fisher``           Fisher-weighted quantization noise, as estimated during training
 - ``fisher+calibrated`` the same, rescaled per kind of layer and width by measured loss increases
-                       (`hfqat.calibration`, what `QATCallback(calibrate=True)` does)
+                       (`hfqat.train.calibration`, what `QATCallback(calibrate=True)` does)
 
 Run: python bench/bench_allocation.py [--budgets 3.0 3.5 --fisher-batches 4 --eval-tokens 8192]
 """
@@ -26,13 +26,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfqat
-from hfqat.allocation import allocate_bits, weighted_average_bits
-from hfqat.calibration import calibrate, measure_kinds
-from hfqat.data import stdlib_eval_text, stdlib_train_text
-from hfqat.evaluation import token_nll
-from hfqat.gguf import embedded_smollm2, gguf_to_float_checkpoint
-from hfqat.modeling import bit_allocation, qat_layers
-from hfqat.sensitivity import SensitivityContext, make_estimator, weight_variance_costs
+from hfqat.cli.data import stdlib_eval_text, stdlib_train_text
+from hfqat.cli.evaluation import token_nll
+from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
+from hfqat.quant.modeling import bit_allocation, qat_layers
+from hfqat.train.allocation import allocate_bits, weighted_average_bits
+from hfqat.train.calibration import calibrate, measure_kinds
+from hfqat.train.sensitivity import (
+    SensitivityContext,
+    make_estimator,
+    weight_variance_costs,
+)
 
 CHOICES = (2, 3, 4, 8)
 

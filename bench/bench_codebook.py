@@ -6,14 +6,14 @@ For every bit width (2/3/4) and format (int: symmetric grid, MSE-clipped scales;
 per output channel (group_size=-1), on the same float model:
 - PTQ perplexity: int = round-to-nearest on the MSE-clipped grid (the grid QAT starts from); codebook = plain
   k-means, and Fisher-weighted k-means (SqueezeLLM: weights ``g²`` from a few calibration batches of the
-  training text, `hfqat.codebook.fisher_diagonal`), from which codebook QAT starts;
+  training text, `hfqat.quant.codebook.fisher_diagonal`), from which codebook QAT starts;
 - QAT perplexity after the same budget: stock `Trainer` + `QATCallback` (distillation from the float snapshot,
   no re-allocation), same steps, tokens, data order, optimizer and schedule for every row;
 - packed size (`save_packed`: the quantized linear layers alone, and the whole checkpoint file) and the packed
   reload's max |logit| difference from the fake-quant model;
 - batch-1 greedy decode speed of the packed reload (transformers ``generate``, fp32, CPU: both formats run the
   exact gather/scale dequantize + matmul path there).
-Perplexity: `hfqat.evaluation.perplexity` on `stdlib_eval_text` (first ``--eval-tokens`` tokens).
+Perplexity: `hfqat.cli.evaluation.perplexity` on `stdlib_eval_text` (first ``--eval-tokens`` tokens).
 
 Measured here (shared 2-core CPU, 1 thread, 609 s; FP ppl 13.86, FP linears 405 MB fp32, FP decode 15.9 tok/s):
     row          PTQ ppl   PTQ+Fisher   QAT ppl   linear MB   decode tok/s   packed reload max |Δlogit|
@@ -30,7 +30,7 @@ dequantize-per-call fallback for both formats (noisy on a shared machine).
 
 GPU (kernels; random weights, no download or GGUF needed on the device):
     PYTHONPATH=. python bench/bench_codebook.py --gpu
-Batch-1 GEMV times (CUDA-graph replays) of the Triton LUT kernel (`hfqat.kernels.triton_lut`) next to the int
+Batch-1 GEMV times (CUDA-graph replays) of the Triton LUT kernel (`hfqat.export.kernels.triton_lut`) next to the int
 Triton kernel and bf16 cuBLAS, for SmolLM2 and 8B-Llama layer shapes at 2/3/4 bits per channel; then greedy
 decode of a SmolLM2-shaped model (random weights, bf16, static cache, whole token step in one CUDA graph).
 Measured on an H100 (`--decode-tokens 32`; GEMV times in `hfqat/kernels/triton_lut.py`): decode tok/s
@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.callback import QATCallback
-from hfqat.codebook import PackedCodebookLinear, fisher_diagonal, fit_codebooks
-from hfqat.export import PACKED_TYPES, PackedLinear, save_packed
+from hfqat.export.codebook import PackedCodebookLinear
+from hfqat.export.packed import PACKED_TYPES, PackedLinear, save_packed
+from hfqat.quant.codebook import fisher_diagonal, fit_codebooks
+from hfqat.train.callback import QATCallback
 
 FORMATS = ("int", "codebook")
 
@@ -98,9 +99,9 @@ def _train(model, dataset, args, out_dir) -> float:
 
 
 def run_cpu(args) -> dict:
-    from hfqat.data import pack_tokens, stdlib_eval_text, stdlib_train_text
-    from hfqat.evaluation import perplexity
-    from hfqat.gguf import embedded_smollm2, gguf_to_float_checkpoint
+    from hfqat.cli.data import pack_tokens, stdlib_eval_text, stdlib_train_text
+    from hfqat.cli.evaluation import perplexity
+    from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -226,7 +227,7 @@ def _gpu_decode(args) -> dict:
     from bench_decode import StaticDecoder, _layer_step
     from transformers import LlamaConfig
 
-    from hfqat.export import prepare_backends
+    from hfqat.export.packed import prepare_backends
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2), dtype=torch.bfloat16).cuda().eval()

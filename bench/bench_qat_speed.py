@@ -31,14 +31,20 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 import hfqat
-from hfqat import fused_fake_quant
-from hfqat.callback import QATCallback
-from hfqat.layers import QATLinear
-from hfqat.modeling import quantize_model
-from hfqat.primitives import dequantize, quantize
+from hfqat.quant import fused_fake_quant
+from hfqat.quant.layers import QATLinear
+from hfqat.quant.modeling import quantize_model
+from hfqat.quant.primitives import dequantize, quantize
+from hfqat.train.callback import QATCallback
 
 VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "torchao")
 LABELS = {"bf16": "bf16 fine-tune", "hfqat": "hfqat W4 g128", "hfqat-torch": "hfqat W4 g128 (torch path)",

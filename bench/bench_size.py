@@ -4,7 +4,7 @@
 
 Layer set: the linear layers of an 8B Llama (32 layers of q/k/v/o 4096→4096/1024/1024/4096, gate/up
 4096→14336, down 14336→4096; lm_head stays bf16 and is not counted). Sizes come from
-`hfqat.packing.packed_nbytes`, checked against real `PackedLinear` tensors for one layer of each shape.
+`hfqat.export.packing.packed_nbytes`, checked against real `PackedLinear` tensors for one layer of each shape.
 With ``--smollm2`` it also packs the real SmolLM2-135M (group 64: 576 is not a multiple of 128) with
 `save_packed` and reports the on-disk checkpoint size.
 """
@@ -17,8 +17,8 @@ import tempfile
 
 import torch
 
-from hfqat.export import PackedLinear
-from hfqat.packing import packed_nbytes
+from hfqat.export.packed import PackedLinear
+from hfqat.export.packing import packed_nbytes
 
 LLAMA_8B_LAYER = {  # name: (out_features, in_features), per decoder layer
     "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
@@ -58,9 +58,9 @@ def llama_8b_table() -> float:
 
 def smollm2(group_size: int = 64) -> None:
     import hfqat
-    from hfqat.export import save_packed
-    from hfqat.gguf import embedded_smollm2, load_gguf_for_qat
-    from hfqat.modeling import qat_layers
+    from hfqat.export.packed import save_packed
+    from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
+    from hfqat.quant.modeling import qat_layers
 
     model, _ = load_gguf_for_qat(embedded_smollm2(), hfqat.QATConfig(bits=4, group_size=group_size,
                                                                       scale_init="minmax"), "/tmp/smollm2_f32")

@@ -1,8 +1,9 @@
 """hfqat: quantization-aware training of LLMs as a first-class part of the Hugging Face stack.
 
-Flow: `QATConfig` → transformers swaps linear layers for fake-quantized ones (`hf_quantizer`, `modeling`,
-`layers`, `primitives`) → `QATCallback` drives training (distillation, sensitivity, re-allocation) →
-`save_packed` packs real low-bit weights → `push_to_hub` publishes them.
+The package is laid out by pipeline stage; each stage hands its results to the next and imports only earlier ones:
+`config` (+ `distributed`) → `quant/` (fake-quant layers) → `train/` (`QATCallback`: distillation, sensitivity,
+allocation) → `export/` (`save_packed`, compressed-tensors) → `hub/` (`push_to_hub`) → `integrations/`
+(transformers quantizer, peft, trl) → `cli/`.
 
 `import hfqat` registers quant_method "hfqat" with transformers (and hfqat's LoRA layer with peft); a saved
 hfqat checkpoint only loads as such after this import (otherwise transformers warns "Unknown quantization
@@ -10,13 +11,20 @@ type" and loads plain float layers, dropping the quantization).
 """
 
 from ._version import __version__
-from .callback import QATCallback
 from .config import QATConfig
-from .export import export_compressed_tensors, save_packed
-from .hf_quantizer import register as _register
-from .hub import HubUploadError, push_to_hub, write_model_card
-from .lora import apply_lora
-from .modeling import average_bits, bit_allocation, quantize_model, set_soft_sharpness
+from .export.compressed_tensors import export_compressed_tensors
+from .export.packed import save_packed
+from .hub.card import write_model_card
+from .hub.push import HubUploadError, push_to_hub
+from .integrations.peft import apply_lora
+from .integrations.transformers import register as _register
+from .quant.modeling import (
+    average_bits,
+    bit_allocation,
+    quantize_model,
+    set_soft_sharpness,
+)
+from .train.callback import QATCallback
 
 _register()
 

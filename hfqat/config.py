@@ -1,7 +1,7 @@
 """`QATConfig`: the one description of how a model is fake-quantized during training and packed at export.
 
-The same object drives layer surgery (`hfqat.modeling`), training numerics (`hfqat.primitives`) and
-packing (`hfqat.export`), so trained and exported numerics cannot drift apart. It is a transformers
+The same object drives layer surgery (`hfqat.quant.modeling`), training numerics (`hfqat.quant.primitives`) and
+packing (`hfqat.export.packed`), so trained and exported numerics cannot drift apart. It is a transformers
 `QuantizationConfigMixin`, saved in `config.json` under `quantization_config` and rebuilt on load.
 """
 
@@ -53,7 +53,7 @@ class LayerQuantSpec:
     clamping: str
     activation_bits: int | None
     scale_init: str
-    weight_format: str = "int"  # "int" grid or "codebook" (hfqat.codebook)
+    weight_format: str = "int"  # "int" grid or "codebook" (hfqat.quant.codebook)
     codebook_max_bits: int = 8  # codebook layers: centroid slots allocated = 2**codebook_max_bits
     row_bits: bool = False  # one bit width per output row (``weight_row_bits``) instead of one per layer
 
@@ -77,7 +77,7 @@ class QATConfig(QuantizationConfigMixin):
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
             "per_channel" (one scale per row for those layers, with a warning).
-        weight_format: "int" (uniform integer grid) or "codebook" (weight clustering, `hfqat.codebook`: per output
+        weight_format: "int" (uniform integer grid) or "codebook" (weight clustering, `hfqat.quant.codebook`: per output
             channel or group a learned codebook of 2^bits float centroids, k-means initialised; ``symmetric`` and
             ``scale_init`` do not apply; rounding/clamping must be "ste"/"hard").
         codebook_max_bits: codebook layers only: the largest bit width a layer may take (re-allocation

@@ -11,11 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfqat
-from hfqat import allocation
-from hfqat.allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
-from hfqat.modeling import qat_layers
-from hfqat.primitives import dequantize, init_scales, quantize
-from hfqat.sensitivity import (
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.primitives import dequantize, init_scales, quantize
+from hfqat.train import allocation
+from hfqat.train.allocation import (
+    allocate_bits,
+    allocate_unit_bits,
+    weighted_average_bits,
+)
+from hfqat.train.sensitivity import (
     ESTIMATORS,
     FisherEstimator,
     SensitivityContext,

@@ -10,10 +10,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.allocation import allocate_bits
-from hfqat.calibration import calibrate, layer_kind, leading_batch, measure_kinds
-from hfqat.modeling import bit_allocation, qat_layers
-from hfqat.sensitivity import candidate_weight, fit_clip_ratios, weight_variance_costs
+from hfqat.quant.modeling import bit_allocation, qat_layers
+from hfqat.train.allocation import allocate_bits
+from hfqat.train.calibration import calibrate, layer_kind, leading_batch, measure_kinds
+from hfqat.train.sensitivity import (
+    candidate_weight,
+    fit_clip_ratios,
+    weight_variance_costs,
+)
 from tests.conftest import text_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

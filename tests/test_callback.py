@@ -16,9 +16,8 @@ from transformers import (
 )
 
 import hfqat
-from hfqat.callback import HISTORY_FILE, TEACHER_FILE, QATCallback
-from hfqat.modeling import qat_layers
-
+from hfqat.quant.modeling import qat_layers
+from hfqat.train.callback import HISTORY_FILE, TEACHER_FILE, QATCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

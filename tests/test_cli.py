@@ -7,11 +7,11 @@ import torch
 from conftest import run_two_processes
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from hfqat.cli import main
-from hfqat.export import PackedRowsLinear
-from hfqat.gguf import embedded_smollm2
-from hfqat.modeling import qat_layers
-from hfqat.recipe import RecipeError, load_recipe
+from hfqat.cli.main import main
+from hfqat.cli.recipe import RecipeError, load_recipe
+from hfqat.export.packed import PackedRowsLinear
+from hfqat.integrations.gguf import embedded_smollm2
+from hfqat.quant.modeling import qat_layers
 
 RECIPES = ["recipes/demo.yaml", "recipes/w4_qat_kd.yaml", "recipes/mixed_3bit.yaml", "recipes/lora_qat.yaml",
            "recipes/multi_gpu_fsdp2.yaml", "recipes/mixed_rows_3.5bit.yaml"]
@@ -42,7 +42,7 @@ def test_shipped_recipes_parse(recipe):
 
 def test_qat_section_builds_the_callback():
     from hfqat import QATCallback
-    from hfqat.recipe import QATArguments
+    from hfqat.cli.recipe import QATArguments
 
     callback = QATCallback(**QATArguments(replicate_teacher=True, reallocate=True, budget_bits=3.5).callback_kwargs())
     assert callback.replicate_teacher and callback.teacher == "snapshot" and callback.budget_bits == 3.5

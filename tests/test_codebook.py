@@ -12,11 +12,13 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.callback import QATCallback
-from hfqat.codebook import (
+from hfqat.export.codebook import PackedCodebookLinear
+from hfqat.export.packed import save_packed, set_backend
+from hfqat.hub.card import write_model_card
+from hfqat.integrations.peft import apply_lora
+from hfqat.quant.codebook import (
     CodebookConv1D,
     CodebookLinear,
-    PackedCodebookLinear,
     codebook_fake_quantize,
     codebook_indices,
     fisher_diagonal,
@@ -24,11 +26,9 @@ from hfqat.codebook import (
     kmeans_1d,
     nearest_centroid,
 )
-from hfqat.export import save_packed, set_backend
-from hfqat.hub import write_model_card
-from hfqat.lora import apply_lora
-from hfqat.modeling import qat_layers
-from hfqat.primitives import effective_scale
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.primitives import effective_scale
+from hfqat.train.callback import QATCallback
 
 TOL = 1e-4
 
@@ -127,7 +127,7 @@ def test_layers_are_codebook_layers_with_kmeans_init(tiny_model_dir):
     assert _distinct_per_group(wq, 128) <= 8
     w = layer.weight.detach()
     uniform = hfqat.QATConfig(bits=3, group_size=-1, scale_init="mse")
-    int_layer = hfqat.modeling.QATLinear.from_float(torch.nn.Linear(128, 64, bias=False), uniform.spec_for("l", 128))
+    int_layer = hfqat.quant.modeling.QATLinear.from_float(torch.nn.Linear(128, 64, bias=False), uniform.spec_for("l", 128))
     int_layer.weight.data.copy_(w)
     int_layer.reset_quant_params()
     assert (wq - w).pow(2).sum() < (int_layer.quantized_weight(exact=True) - w).pow(2).sum()  # k-means < grid

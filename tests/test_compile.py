@@ -12,11 +12,10 @@ from conftest import text_dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat import fused_fake_quant
-from hfqat.callback import QATCallback
-from hfqat.modeling import qat_layers
-from hfqat.primitives import dequantize, fake_quantize, init_scales, quantize
-
+from hfqat.quant import fused_fake_quant
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.primitives import dequantize, fake_quantize, init_scales, quantize
+from hfqat.train.callback import QATCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

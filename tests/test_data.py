@@ -2,7 +2,12 @@
 
 import pytest
 
-from hfqat.data import TRAIN_CORPORA, pack_tokens, stdlib_eval_text, stdlib_train_text
+from hfqat.cli.data import (
+    TRAIN_CORPORA,
+    pack_tokens,
+    stdlib_eval_text,
+    stdlib_train_text,
+)
 
 
 def _paragraphs(text: str) -> set[str]:

@@ -12,14 +12,14 @@ from conftest import VOCAB, text_dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.callback import QATCallback
-from hfqat.distillation import (
+from hfqat.quant.modeling import qat_layers
+from hfqat.train.callback import QATCallback
+from hfqat.train.distillation import (
     DistillationHook,
     SnapshotTeacher,
     build_teacher,
     distillation_loss,
 )
-from hfqat.modeling import qat_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,10 +277,10 @@ def test_trl_sft_trainer(tiny_model_dir, tmp_path):
 
 
 def test_qat_sft_trainer(tiny_model_dir, tmp_path):
-    """`hfqat.sft.QATSFTTrainer` trains on the mix without trl's deprecated compute_loss_func, and evaluates as
+    """`hfqat.integrations.trl.QATSFTTrainer` trains on the mix without trl's deprecated compute_loss_func, and evaluates as
     SFTTrainer does."""
     trl = pytest.importorskip("trl")
-    from hfqat.sft import QATSFTTrainer
+    from hfqat.integrations.trl import QATSFTTrainer
 
     rows = _sft_rows()
     args = trl.SFTConfig(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,

@@ -82,8 +82,8 @@ def test_empty_copy_is_built_without_zero3_init(monkeypatch):
     import torch
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from hfqat.distributed import empty_copy
-    from hfqat.modeling import qat_layers
+    from hfqat.export.unshard import empty_copy
+    from hfqat.quant.modeling import qat_layers
 
     class LiveZero3Config:
         def __init__(self):
@@ -112,8 +112,8 @@ def _tiny_model(bits_granularity: str = "layer"):
     from transformers import AutoModelForCausalLM
 
     import hfqat
-    from hfqat.codebook import fit_codebooks
-    from hfqat.modeling import qat_layers, quantize_model
+    from hfqat.quant.codebook import fit_codebooks
+    from hfqat.quant.modeling import qat_layers, quantize_model
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
@@ -138,11 +138,12 @@ def _fsdp2_part(out: Path) -> dict:
 
     import hfqat
     from hfqat import distributed as hd
-    from hfqat.callback import TEACHER_FILE, QATCallback
-    from hfqat.export import save_packed
-    from hfqat.modeling import qat_layers
-    from hfqat.primitives import init_scales
-    from hfqat.sensitivity import fit_clip_ratios
+    from hfqat.export.packed import save_packed
+    from hfqat.export.unshard import unsharded_model
+    from hfqat.quant.modeling import qat_layers
+    from hfqat.quant.primitives import init_scales
+    from hfqat.train.callback import TEACHER_FILE, QATCallback
+    from hfqat.train.sensitivity import fit_clip_ratios
 
     model = _tiny_model()
     for layer in model.model.layers:
@@ -196,7 +197,7 @@ def _fsdp2_part(out: Path) -> dict:
     ids = torch.arange(24).reshape(1, 24)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    copy = hd.unsharded_model(model)
+    copy = unsharded_model(model)
     save_packed(model, out / "packed")  # every rank calls it; rank 0 writes
     result = {"sharded": sharded, "losses": losses, "allocation": hfqat.bit_allocation(model),
               "average_bits": hfqat.average_bits(model), "history_steps": [h["step"] for h in callback.history],
@@ -240,8 +241,8 @@ def _teacher_placement_part(out: Path) -> dict:
     )
 
     from hfqat import distributed as hd
-    from hfqat.callback import QATCallback
-    from hfqat.distillation import distillation_loss
+    from hfqat.train.callback import QATCallback
+    from hfqat.train.distillation import distillation_loss
 
     torch.manual_seed(1)
     teacher = AutoModelForCausalLM.from_config(tiny_config("llama"))
@@ -288,8 +289,8 @@ def _ddp_rows_part(out: Path) -> dict:
     from transformers import Trainer, TrainingArguments
 
     import hfqat
-    from hfqat.callback import QATCallback
-    from hfqat.modeling import qat_layers
+    from hfqat.quant.modeling import qat_layers
+    from hfqat.train.callback import QATCallback
 
     model = _tiny_model("row")
     args = TrainingArguments(str(out / "ddp-rows"), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-3,
@@ -306,7 +307,7 @@ def _ddp_part(out: Path) -> dict:
 
     import hfqat
     from hfqat import distributed as hd
-    from hfqat.callback import HISTORY_FILE, QATCallback
+    from hfqat.train.callback import HISTORY_FILE, QATCallback
 
     model = _tiny_model()
     folder = out / f"ddp-rank{hd.rank()}"  # separate folders: shows which rank wrote files
@@ -333,7 +334,7 @@ def _ddp_checkpoint_scores_part(out: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hfqat import distributed as hd
-    from hfqat.callback import QATCallback
+    from hfqat.train.callback import QATCallback
 
     class AtSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from hfqat.evaluation import (
+from hfqat.cli.evaluation import (
     DEFAULT_MC_TASK,
     MC_DELIMITER,
     MC_PROMPT,

@@ -10,16 +10,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import hfqat
-import hfqat.lora  # noqa: F401  (peft builds hfqat's exact-merge LoRA layers)
-from hfqat.export import (
-    PackedLinear,
-    backends_in_use,
-    export_compressed_tensors,
-    save_packed,
-    set_backend,
-)
-from hfqat.kernels import select_backend
-from hfqat.modeling import bit_allocation, qat_layers
+import hfqat.integrations.peft  # noqa: F401  (peft builds hfqat's exact-merge LoRA layers)
+from hfqat.export.compressed_tensors import export_compressed_tensors
+from hfqat.export.kernels import select_backend
+from hfqat.export.packed import PackedLinear, backends_in_use, save_packed, set_backend
+from hfqat.quant.modeling import bit_allocation, qat_layers
 
 TOL = 1e-4
 
@@ -136,7 +131,7 @@ def test_save_is_atomic(tiny_model_dir, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("interrupted mid-save")
 
-    monkeypatch.setattr("hfqat.export.save_file", crash)
+    monkeypatch.setattr("hfqat.export.checkpoint.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_packed(model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # old checkpoint intact

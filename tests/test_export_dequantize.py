@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfqat
-from hfqat.export import PACKED_CLASSES, packed_modules
-from hfqat.modeling import qat_layers
+from hfqat.export.packed import PACKED_CLASSES, packed_modules
+from hfqat.quant.modeling import qat_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 import hfqat
 from hfqat import QATConfig, bit_allocation
-from hfqat.layers import QATConv1D, QATLinear
-from hfqat.modeling import qat_layers
+from hfqat.quant.layers import QATConv1D, QATLinear
+from hfqat.quant.modeling import qat_layers
 
 
 def _load(path, **cfg):
@@ -20,12 +20,15 @@ def _load(path, **cfg):
 
 
 def test_import_registers_idempotently():
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
 
-    importlib.reload(hfqat.hf_quantizer)
-    hfqat.hf_quantizer.register()
-    hfqat.hf_quantizer.register()
-    assert AUTO_QUANTIZER_MAPPING["hfqat"] is hfqat.hf_quantizer.QATHfQuantizer
+    importlib.reload(hfqat.integrations.transformers)
+    hfqat.integrations.transformers.register()
+    hfqat.integrations.transformers.register()
+    assert AUTO_QUANTIZER_MAPPING["hfqat"] is hfqat.integrations.transformers.QATHfQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["hfqat"] is QATConfig
 
 

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from hfqat import QATConfig, bit_allocation
-from hfqat.gguf import embedded_smollm2, gguf_to_float_checkpoint, load_gguf_for_qat
+from hfqat.integrations.gguf import (
+    embedded_smollm2,
+    gguf_to_float_checkpoint,
+    load_gguf_for_qat,
+)
 
 pytest.importorskip("gguf")
 if not embedded_smollm2().exists():  # pragma: no cover

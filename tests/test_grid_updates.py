@@ -1,4 +1,4 @@
-"""Optimizer updates in grid steps (`hfqat.grid_updates`, `QATCallback.grid_lr_power`)."""
+"""Optimizer updates in grid steps (`hfqat.train.grid_updates`, `QATCallback.grid_lr_power`)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from conftest import text_dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.callback import QATCallback
-from hfqat.grid_updates import GridStepUpdates
-from hfqat.modeling import qat_layers
+from hfqat.quant.modeling import qat_layers
+from hfqat.train.callback import QATCallback
+from hfqat.train.grid_updates import GridStepUpdates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

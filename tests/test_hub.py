@@ -2,7 +2,7 @@
 
 `tests/hub_server.py` is a small HTTP server on 127.0.0.1 that speaks the routes and payloads huggingface_hub's
 `HfApi.create_repo` + `upload_folder` use (create-repo / tree / validate-yaml / preupload / commit). These
-tests run the real upload code path (`hfqat.hub` -> huggingface_hub -> HTTP) against it: they check what we
+tests run the real upload code path (`hfqat.hub.card` -> huggingface_hub -> HTTP) against it: they check what we
 send and how we handle its answers (401 / 5xx, retry, token hygiene). They do not prove that huggingface.co
 accepts the upload: the fake answers "regular" upload mode for every file, so the LFS/xet transfer that the
 real Hub uses for weights is not exercised, and it does not check the card's metadata the way the Hub does.
@@ -21,8 +21,9 @@ from hub_server import FakeHub, FakeRepo
 from transformers import AutoModelForCausalLM
 
 import hfqat
-from hfqat.hub import HubUploadError, push_packed_dir, push_to_hub, write_model_card
-from hfqat.modeling import qat_layers
+from hfqat.hub.card import write_model_card
+from hfqat.hub.push import HubUploadError, push_packed_dir, push_to_hub
+from hfqat.quant.modeling import qat_layers
 
 TOKEN = "hf_hfqatTestToken_7f3a9c2e_DoNotLeak"
 REPO = "someone/tiny-qat"
@@ -212,7 +213,7 @@ def test_token_never_leaks(qat_model, plot_png, hub, tmp_path, caplog, capfd):
 def test_write_model_card_locally(qat_model, tmp_path):
     from transformers import TrainingArguments
 
-    from hfqat.callback import QATCallback
+    from hfqat.train.callback import QATCallback
 
     args = TrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=3e-4, max_steps=7, hub_token=TOKEN,
                              report_to=[])
@@ -231,7 +232,7 @@ def test_write_model_card_locally(qat_model, tmp_path):
 
 
 def test_card_from_existing_export_and_input_checks(qat_model, hub, tmp_path):
-    from hfqat.export import save_packed
+    from hfqat.export.packed import save_packed
 
     export = tmp_path / "export"
     save_packed(qat_model, export)

@@ -10,10 +10,10 @@ if not torch.cuda.is_available():
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hfqat  # noqa: E402
-from hfqat.export import PackedLinear, backends_in_use, save_packed, set_backend  # noqa: E402
-from hfqat.modeling import qat_layers  # noqa: E402
+from hfqat.export.packed import PackedLinear, backends_in_use, save_packed, set_backend  # noqa: E402
+from hfqat.quant.modeling import qat_layers  # noqa: E402
 
-triton_lowbit = pytest.importorskip("hfqat.kernels.triton_lowbit")
+triton_lowbit = pytest.importorskip("hfqat.export.kernels.triton_lowbit")
 DEVICE = "cuda"
 
 

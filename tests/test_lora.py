@@ -14,8 +14,13 @@ from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hfqat import QATCallback, QATConfig, average_bits, bit_allocation
-from hfqat.layers import FakeQuantMixin, QATConv1D, QATLinear
-from hfqat.lora import QATLoraLinear, apply_lora, register, set_train_scales
+from hfqat.integrations.peft import (
+    QATLoraLinear,
+    apply_lora,
+    register,
+    set_train_scales,
+)
+from hfqat.quant.layers import FakeQuantMixin, QATConv1D, QATLinear
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -140,9 +145,9 @@ def test_acceptance_trainer_merge_export_and_adapter_roundtrip(tiny_model_dir, i
     merged_logits = logits(merged, input_ids)
     assert max_diff(merged_logits, adapter_logits) <= 1e-4
 
-    if importlib.util.find_spec("hfqat.export") is None:
-        pytest.skip("hfqat.export (save_packed) not available yet")
-    from hfqat.export import save_packed
+    if importlib.util.find_spec("hfqat.export.packed") is None:
+        pytest.skip("hfqat.export.packed (save_packed) not available yet")
+    from hfqat.export.packed import save_packed
 
     save_packed(merged, tmp_path / "packed")
     packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")

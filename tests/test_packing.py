@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 from hfqat.config import QATConfig
-from hfqat.export import PackedLinear
-from hfqat.layers import QATLinear
-from hfqat.packing import pack, packed_nbytes, packed_rows, planes, unpack
+from hfqat.export.packed import PackedLinear
+from hfqat.export.packing import pack, packed_nbytes, packed_rows, planes, unpack
+from hfqat.quant.layers import QATLinear
 
 
 def _codes(n, k, bits, seed=0):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hfqat.primitives import (
+from hfqat.quant.primitives import (
     dequantize,
     fake_quantize,
     fake_quantize_activations,
@@ -129,7 +129,7 @@ def test_activation_fake_quant_per_token():
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_fused_ste_gradients_match_autograd_reference(symmetric):
-    from hfqat.primitives import effective_scale, round_ste
+    from hfqat.quant.primitives import effective_scale, round_ste
 
     w0 = _weight(8, 32, seed=5) * 3
     s0, z0 = init_scales(w0, 3, 16, symmetric, "minmax")

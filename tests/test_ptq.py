@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfqat import QATConfig
-from hfqat.modeling import qat_layers
-from hfqat.ptq import collect_hessians, gptq, rtn
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.ptq import collect_hessians, gptq, rtn
 
 
 def _batches(n=4, seed=0):

@@ -8,18 +8,14 @@ from conftest import text_dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.calibration import split_rows
-from hfqat.callback import ROW_SCORES_FILE, QATCallback
-from hfqat.export import (
-    PackedLinear,
-    PackedRowsLinear,
-    export_compressed_tensors,
-    save_packed,
-)
-from hfqat.modeling import qat_layers
-from hfqat.packing import packed_rows
-from hfqat.primitives import fake_quantize, init_scales
-from hfqat.sensitivity import gradient_row_costs, quantization_errors
+from hfqat.export.compressed_tensors import export_compressed_tensors
+from hfqat.export.packed import PackedLinear, PackedRowsLinear, save_packed
+from hfqat.export.packing import packed_rows
+from hfqat.quant.modeling import qat_layers
+from hfqat.quant.primitives import fake_quantize, init_scales
+from hfqat.train.calibration import split_rows
+from hfqat.train.callback import ROW_SCORES_FILE, QATCallback
+from hfqat.train.sensitivity import gradient_row_costs, quantization_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,7 +158,7 @@ def test_callback_allocates_rows_under_the_budget_and_resumes_exactly(tiny_model
 
 
 def test_callback_refuses_rows_on_sharded_models(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("hfqat.callback.is_sharded", lambda model: True)
+    monkeypatch.setattr("hfqat.train.callback.is_sharded", lambda model: True)
     with pytest.raises(ValueError, match="bits_granularity='row'.*not FSDP2 / ZeRO-3"):
         _train(tiny_model_dir("llama"), tmp_path / "run", QATCallback(budget_bits=3.0, reallocate_every=5))
 
@@ -196,7 +192,7 @@ def test_gradient_row_costs_are_fisher_weighted_noise_per_row(tiny_model_dir):
 
 
 def test_model_card_counts_each_rows_width(tiny_model_dir, tmp_path):
-    from hfqat.hub import write_model_card
+    from hfqat.hub.card import write_model_card
 
     model = _row_model(tiny_model_dir("llama"))
     _mixed_rows(model)
@@ -224,7 +220,7 @@ def test_packed_rows_dequantize_to_plain_linear(tiny_model_dir, tmp_path, input_
 
 
 def test_gptq_rounds_each_row_onto_its_own_grid(tiny_model_dir):
-    from hfqat.ptq import gptq
+    from hfqat.quant.ptq import gptq
 
     model = _row_model(tiny_model_dir("llama"))
     _mixed_rows(model)
@@ -235,7 +231,7 @@ def test_gptq_rounds_each_row_onto_its_own_grid(tiny_model_dir):
 
 
 def test_recipe_passes_the_granularity():
-    from hfqat.recipe import QuantArguments, RecipeError
+    from hfqat.cli.recipe import QuantArguments, RecipeError
 
     assert QuantArguments(bits_granularity="row").to_qat_config().bits_granularity == "row"
     with pytest.raises((ValueError, RecipeError), match="bits_granularity"):
@@ -245,7 +241,7 @@ def test_recipe_passes_the_granularity():
 def test_lora_merges_exactly_into_per_row_widths(tiny_model_dir, input_ids, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    import hfqat.lora  # noqa: F401  (peft builds hfqat's exact-merge LoRA layers)
+    import hfqat.integrations.peft  # noqa: F401  (peft builds hfqat's exact-merge LoRA layers)
 
     base = _row_model(tiny_model_dir("llama"))
     _mixed_rows(base)

@@ -45,10 +45,10 @@ def _worker(out: Path, resume: str | None) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     import hfqat
-    from hfqat.callback import QATCallback
     from hfqat.distributed import end_process_group, is_sharded
-    from hfqat.export import save_packed
-    from hfqat.modeling import qat_layers, quantize_model
+    from hfqat.export.packed import save_packed
+    from hfqat.quant.modeling import qat_layers, quantize_model
+    from hfqat.train.callback import QATCallback
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))

@@ -1,0 +1,122 @@
+"""Matmul backends for packed layers (`hfqat.export.packed.PackedLinear`), chosen per layer.
+
+A backend factory looks at one layer and where it runs (device, activation dtype) and returns a matmul
+function ``fn(layer, x) -> x @ W.T + bias`` for it, or ``None`` when it does not apply. It may first attach
+kernel-specific tensors to the layer as non-persistent buffers (never saved). Auto selection tries the
+factories in `AUTO_ORDER`; the last one, ``dequant``, always applies and is exact (it computes precisely what
+the fake-quantized layer computes), so every layer runs somewhere.
+
+| backend    | where | applies to                                         | numerics vs fake quant          |
+|------------|-------|----------------------------------------------------|---------------------------------|
+| tinygemm   | CUDA  | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales/zeros               |
+| triton     | CUDA  | 2/3/4/8 bit, sym/asym, groups of 32k, K % 32 == 0  | fp32 accumulate, order differs  |
+| cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
+| cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
+| dequant    | any   | everything                                         | exact                           |
+
+Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own table, `CODEBOOK_BACKENDS`:
+
+| backend    | where | applies to                                         | numerics vs fake quant          |
+|------------|-------|----------------------------------------------------|---------------------------------|
+| triton_lut | CUDA  | 2/3/4/8 bit, groups of 32k, K % 32 == 0            | fp32 accumulate, order differs  |
+| dequant    | any   | everything (gather from the tables + matmul)       | exact                           |
+
+On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
+so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
+Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
+Optional libraries (triton) are imported only when their factory runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+MatmulFn = Callable[[Any, torch.Tensor], torch.Tensor]
+BackendFactory = Callable[[Any, torch.device, torch.dtype], "MatmulFn | None"]
+
+
+def _triton(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_lowbit
+    except ImportError:  # triton missing or too old
+        return None
+    return triton_lowbit.backend(layer, device, dtype)
+
+
+def _tinygemm(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import torch_ops
+
+    return torch_ops.tinygemm_backend(layer, device, dtype)
+
+
+def _cpu_int4(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import torch_ops
+
+    return torch_ops.cpu_int4_backend(layer, device, dtype)
+
+
+def _cpu_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import torch_ops
+
+    return torch_ops.cpu_int8_backend(layer, device, dtype)
+
+
+def _dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
+    from . import torch_ops
+
+    return torch_ops.dequant_matmul
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "triton": _triton,
+    "tinygemm": _tinygemm,
+    "cpu_int4": _cpu_int4,
+    "cpu_int8": _cpu_int8,
+    "dequant": _dequant,
+}
+AUTO_ORDER: tuple[str, ...] = ("tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
+
+
+def _triton_lut(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    if device.type != "cuda":
+        return None
+    try:
+        from . import triton_lut
+    except ImportError:  # triton missing or too old
+        return None
+    return triton_lut.backend(layer, device, dtype)
+
+
+CODEBOOK_BACKENDS: dict[str, BackendFactory] = {"triton_lut": _triton_lut, "dequant": _dequant}
+CODEBOOK_AUTO_ORDER: tuple[str, ...] = ("triton_lut", "dequant")
+
+
+def select_backend(layer, device: torch.device, dtype: torch.dtype, force: str | None = None,
+                   backends: dict[str, BackendFactory] = BACKENDS,
+                   order: tuple[str, ...] = AUTO_ORDER) -> tuple[str, MatmulFn]:
+    """(name, matmul function) for `layer` running on `device` with activations of `dtype`.
+
+    `force` names one backend; it raises a `ValueError` when that backend cannot run this layer here.
+    `backends` / `order`: the layer kind's table (`CODEBOOK_BACKENDS` / `CODEBOOK_AUTO_ORDER` for codebook layers);
+    the last backend of `order` must always apply.
+    """
+    if force is not None:
+        if force not in backends:
+            raise ValueError(f"backend={force!r} is unknown; allowed values: {list(backends)} or None (auto)")
+        fn = backends[force](layer, device, dtype)
+        if fn is None:
+            raise ValueError(
+                f"backend {force!r} does not apply to this layer ({layer.extra_repr()}) on {device} with {dtype} "
+                f"activations; see hfqat.export.kernels for what each backend supports, or use 'dequant'"
+            )
+        return force, fn
+    for name in order[:-1]:
+        fn = backends[name](layer, device, dtype)
+        if fn is not None:
+            return name, fn
+    return order[-1], backends[order[-1]](layer, device, dtype)  # dequant: applies everywhere

@@ -1,0 +1,98 @@
+"""Glue to transformers: the `HfQuantizer` for quant_method "hfqat" and its registration.
+
+Decides policy only (what is converted, trainable, serializable); surgery is in `hfqat.quant.modeling`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from ..config import QUANT_METHOD, QATConfig
+from ..quant.modeling import init_quant_params, qat_layers, replace_with_qat_layers
+
+logger = logging.getLogger(__name__)
+
+# Quant params a plain checkpoint does not have; they are fitted after loading, so no "missing keys" noise.
+QUANT_PARAM_PATTERNS = (r"\.weight_scale$", r"\.weight_zero_point$", r"\.weight_bits$", r"\.weight_codebook$",
+                        r"\.weight_row_bits$")
+
+
+class QATHfQuantizer(HfQuantizer):
+    """Converts linear layers to fake-quantized layers (or packed layers for packed checkpoints)."""
+
+    requires_calibration = False
+    quantization_config: QATConfig
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        config = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, config.modules_to_not_convert, keep_in_fp32_modules or model._keep_in_fp32_modules
+        )
+        if config.checkpoint_format == "packed":
+            from ..export.packed import replace_with_packed_layers
+
+            replace_with_packed_layers(model, config)
+            return model
+        replace_with_qat_layers(model, config, self.modules_to_not_convert)
+        if not self.pre_quantized:
+            model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | set(
+                QUANT_PARAM_PATTERNS
+            )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.checkpoint_format == "fake_quant" and not self.pre_quantized:
+            # A float checkpoint: quant params were materialised uninitialised; fit them to the loaded weights.
+            init_quant_params(model)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """Plain float layers holding exactly the quantized weights (fake-quant or packed)."""
+        from ..export.packed import PackedRowsLinear, packed_modules
+
+        def replace(layers) -> None:
+            for name, layer in list(layers):
+                float_layer = layer.to_float()
+                model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
+
+        replace(qat_layers(model))
+        # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
+        replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
+        replace(packed_modules(model))
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.quantization_config.checkpoint_format == "fake_quant"
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return self.quantization_config.checkpoint_format == "fake_quant"
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register "hfqat" with transformers' quantizer registry; safe to call any number of times.
+
+    On a module reload the new classes replace the old ones instead of raising "already registered".
+    """
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
+        AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = QATHfQuantizer
+        AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = QATConfig
+        return
+    register_quantization_config(QUANT_METHOD)(QATConfig)
+    register_quantizer(QUANT_METHOD)(QATHfQuantizer)

@@ -1,0 +1,114 @@
+"""Model surgery and inspection: swap float layers for fake-quantized ones, read and set their state.
+
+Policy (what to convert) lives in the transformers quantizer (`hfqat.integrations.transformers`); this module only does
+the swapping, so it also works on a model that is already loaded (`quantize_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import QATConfig
+from ..distributed import full_numel
+from .codebook import CodebookConv1D, CodebookLinear
+from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
+
+logger = logging.getLogger(__name__)
+
+# weight_format -> (class for nn.Linear, class for Conv1D); the codebook classes subclass the int ones
+LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
+    "int": (QATLinear, QATConv1D),
+    "codebook": (CodebookLinear, CodebookConv1D),
+}
+
+
+def _is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
+    return any(
+        name == key or name.endswith("." + key) or name.startswith(key + ".") for key in modules_to_not_convert
+    )
+
+
+def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str]) -> list[str]:
+    """Replace every `nn.Linear` / `Conv1D` not skipped with its fake-quantized twin; returns converted names.
+
+    Weights are moved, not copied (meta tensors stay meta until transformers loads them). Raises a
+    `ValueError` naming the layer when the config cannot apply to it (e.g. a group size that does not divide).
+    """
+    converted, ragged = [], []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantMixin) or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        if _is_skipped(name, modules_to_not_convert):
+            continue
+        in_features = module.in_features if isinstance(module, nn.Linear) else module.nx
+        spec = config.spec_for(name, in_features)
+        if spec.group_size != config.group_size and config.group_size not in (-1, in_features):
+            ragged.append(f"{name} (in_features={in_features} -> group_size={spec.group_size})")
+        linear_cls, conv1d_cls = LAYER_CLASSES[spec.weight_format]
+        layer_cls = linear_cls if isinstance(module, nn.Linear) else conv1d_cls
+        model.set_submodule(name, layer_cls.from_float(module, spec))
+        converted.append(name)
+    if ragged:
+        logger.warning("hfqat: group_size=%d does not divide these layers; used instead: %s",
+                       config.group_size, "; ".join(ragged))
+    if not converted:
+        logger.warning("hfqat: no linear layer was converted (all skipped by modules_to_not_convert?)")
+    return converted
+
+
+def qat_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantMixin]]:
+    """(name, layer) for every fake-quantized layer of `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QAT_LAYER_TYPES):
+            yield name, module
+
+
+def bit_allocation(model: nn.Module) -> dict[str, int | float]:
+    """Module name → current weight bits of every fake-quantized layer (with per-row widths,
+    ``bits_granularity="row"``: the mean over the layer's rows; ``layer.weight_row_bits`` has each row's)."""
+    return {name: layer_average_bits(layer) for name, layer in qat_layers(model)}
+
+
+def layer_average_bits(layer: FakeQuantMixin) -> int | float:
+    """The layer's bits, or its rows' mean width for per-row layers."""
+    if layer.weight_row_bits is None:
+        return layer.bits
+    return float(layer.weight_row_bits.float().mean())
+
+
+def average_bits(model: nn.Module) -> float:
+    """Parameter-weighted average weight bits over the fake-quantized layers."""
+    layers = [layer for _, layer in qat_layers(model)]
+    numel = sum(full_numel(layer.weight) for layer in layers)
+    return sum(layer_average_bits(layer) * full_numel(layer.weight) for layer in layers) / max(numel, 1)
+
+
+@torch.no_grad()
+def init_quant_params(model: nn.Module) -> None:
+    """Fit every layer's scales/zero points to its (loaded) float weight; bits reset to the spec's."""
+    for _, layer in qat_layers(model):
+        layer.weight_bits.fill_(layer.spec.bits)
+        if layer.weight_row_bits is not None:
+            layer.weight_row_bits.fill_(layer.spec.bits)
+        layer.reset_quant_params()
+
+
+def set_soft_sharpness(model: nn.Module, sharpness: float) -> None:
+    """Set the annealing sharpness of soft rounding/clamping (``float('inf')`` = exact quantizer)."""
+    for _, layer in qat_layers(model):
+        if layer.spec.rounding == "soft" or layer.spec.clamping == "soft":
+            layer.soft_sharpness = float(sharpness)
+
+
+def quantize_model(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str] | None = None) -> list[str]:
+    """Convert an already-loaded model in place (outside `from_pretrained`) and fit its quant params."""
+    skip = modules_to_not_convert if modules_to_not_convert is not None else (
+        config.modules_to_not_convert or ["lm_head"])
+    converted = replace_with_qat_layers(model, config, skip)
+    init_quant_params(model)
+    return converted

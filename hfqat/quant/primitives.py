@@ -1,0 +1,244 @@
+r"""Quantizer primitives: integer grids, scale initialisation and differentiable round/clamp.
+
+Notation: a weight group ``w``, its scale ``s > 0``, integer zero point ``z``, ``b`` bits.
+
+- symmetric:  ``q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``,  ``ŵ = q · s``
+- asymmetric: ``q = clamp(round(w / s) + z, 0, 2^b - 1)``,        ``ŵ = (q - z) · s``
+  (the stored zero point is a float parameter; ``z = round(zero_point)`` with a straight-through gradient,
+  so the grid is always an integer grid that packs exactly.)
+
+Rounding
+    ``ste``:  forward ``round(x)``, backward identity. With ``ŵ = q · s`` autograd then yields the LSQ
+    gradient for ``s``: ``round(x) - x`` inside the range and ``qmin``/``qmax`` where clamped.
+    ``soft`` (sharpness ``α``): ``r_α(x) = ⌊x⌋ + 1/2 + tanh(α (x - ⌊x⌋ - 1/2)) / (2 tanh(α / 2))``.
+    ``r_α`` is continuous and differentiable, tends to ``x`` as ``α → 0`` and to ``round(x)`` as ``α → ∞``.
+
+Clamping
+    ``hard``: ``clamp(x, lo, hi)``.
+    ``soft`` (sharpness ``β``): ``c_β(x) = lo + softplus_β(x - lo) - softplus_β(x - hi)`` with
+    ``softplus_β(u) = log(1 + e^{βu}) / β``; ``c_β → clamp`` as ``β → ∞``.
+
+Training anneals ``α = β`` from a small value to ``∞`` (`hfqat.set_soft_sharpness`, driven by `QATCallback`).
+At ``∞``, and always in eval mode, the exact quantizer runs, which is bit-for-bit what export packs:
+``fake_quantize(...)`` equals ``dequantize(quantize(...))`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import fused_fake_quant
+
+SCALE_EPS = 1e-10
+MSE_SHRINK_GRID = torch.linspace(1.0, 0.35, 40).tolist()
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() whose gradient is the identity (exact forward, unlike ``x + (round(x) - x).detach()``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def soft_round(x: torch.Tensor, sharpness: float) -> torch.Tensor:
+    floor = torch.floor(x).detach()
+    frac = x - floor - 0.5
+    return floor + 0.5 + torch.tanh(sharpness * frac) / (2.0 * math.tanh(sharpness / 2.0))
+
+
+def soft_clamp(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sharpness: float) -> torch.Tensor:
+    return lo + F.softplus(x - lo, beta=sharpness) - F.softplus(x - hi, beta=sharpness)
+
+
+def int_range(bits: torch.Tensor | int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmin, qmax) of the integer grid, as float tensors (no host sync when bits is a device tensor)."""
+    bits = torch.as_tensor(bits, dtype=torch.float32)
+    if symmetric:
+        half = torch.exp2(bits - 1)
+        return -half, half - 1
+    return torch.zeros_like(bits), torch.exp2(bits) - 1
+
+
+def effective_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale actually used: positive whatever the optimizer did to the parameter."""
+    return scale.float().abs().clamp_min(SCALE_EPS)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = w.shape
+    return w.float().reshape(out_features, in_features // group_size, group_size)
+
+
+def quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: torch.Tensor | int,
+    group_size: int,
+) -> torch.Tensor:
+    """Integer codes (as float32, shape of ``w``) of the exact quantizer; used by export and sensitivity."""
+    qmin, qmax = int_range(bits, zero_point is None)
+    x = _grouped(w, group_size) / effective_scale(scale).unsqueeze(-1)
+    q = torch.round(x)
+    if zero_point is not None:
+        q = q + torch.round(zero_point.float()).unsqueeze(-1)
+    return torch.clamp(q, qmin.to(q.device), qmax.to(q.device)).reshape(w.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """float32 weights from integer codes: ``(q - z) · s`` per group."""
+    qg = _grouped(q, group_size)
+    if zero_point is not None:
+        qg = qg - torch.round(zero_point.float()).unsqueeze(-1)
+    return (qg * effective_scale(scale).unsqueeze(-1)).reshape(q.shape)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fused exact quantize→dequantize with STE/LSQ gradients, for ``rounding="ste"``, ``clamping="hard"``.
+
+    One graph node instead of ~10 elementwise ones; backward recomputes the codes from the saved inputs
+    rather than keeping full-size intermediates alive. Gradients (x = w/s, r = round(x) + z):
+    ``∂ŵ/∂w = 1[qmin ≤ r ≤ qmax]``, ``∂ŵ/∂s = (q - z) - x·1[inside]`` (LSQ), ``∂ŵ/∂z = -s·1[outside]``.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, zero_point, bits, group_size, out_dtype):
+        ctx.save_for_backward(w, scale, zero_point, bits)
+        ctx.group_size = group_size
+        ctx.fused = fused_fake_quant.supports(w, scale, zero_point, bits, group_size)
+        if ctx.fused:
+            return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
+        wq = dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+        return wq.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale, zero_point, bits = ctx.saved_tensors
+        if ctx.fused:
+            grad_w, grad_s, grad_z = fused_fake_quant.backward(w, scale, zero_point, bits, ctx.group_size, grad)
+            return (grad_w if ctx.needs_input_grad[0] else None, grad_s if ctx.needs_input_grad[1] else None,
+                    grad_z if zero_point is not None and ctx.needs_input_grad[2] else None, None, None, None)
+        qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
+        s = effective_scale(scale).unsqueeze(-1)
+        x = _grouped(w, ctx.group_size) / s
+        r = torch.round(x)
+        z = torch.round(zero_point.float()).unsqueeze(-1) if zero_point is not None else None
+        if z is not None:
+            r = r + z
+        inside = (r >= qmin) & (r <= qmax)
+        g = _grouped(grad, ctx.group_size)
+        grad_w = grad_s = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_w = (g * inside).reshape(w.shape).to(w.dtype)
+        if ctx.needs_input_grad[1]:
+            q_minus_z = torch.clamp(r, qmin, qmax) - (z if z is not None else 0)
+            ds = (g * (q_minus_z - torch.where(inside, x, 0.0))).sum(-1)
+            # through effective_scale = |scale| clamped at SCALE_EPS
+            grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
+        if zero_point is not None and ctx.needs_input_grad[2]:
+            grad_z = (-(g * s) * ~inside).sum(-1).to(zero_point.dtype)
+        return grad_w, grad_s, grad_z, None, None, None
+
+
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: torch.Tensor | int,
+    group_size: int,
+    rounding: str = "ste",
+    clamping: str = "hard",
+    sharpness: float = math.inf,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Differentiable quantize→dequantize of ``w`` (out, in); returns ``out_dtype`` (float32) of the same shape.
+
+    ``bits``: one width, or one per group as an (out, in // group_size, 1) tensor.
+
+    With ``sharpness=inf`` (or ste/hard) the value equals ``dequantize(quantize(w, ...))`` exactly (computed
+    in float32, then rounded once to ``out_dtype``). On CUDA that path runs as fused Triton kernels
+    (`hfqat.quant.fused_fake_quant`).
+    """
+    if not (math.isfinite(sharpness) and (rounding == "soft" or clamping == "soft")):
+        if not torch.compiler.is_compiling():
+            bits = torch.as_tensor(bits, device=w.device)
+            return _FakeQuantSTE.apply(w, scale, zero_point, bits, group_size, out_dtype)
+        # Under torch.compile: the same quantizer as plain differentiable ops (STE round, hard clamp; autograd
+        # then yields exactly the fused function's LSQ gradients), which inductor fuses itself.
+        rounding, clamping = "ste", "hard"
+    qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
+    s = effective_scale(scale).unsqueeze(-1)
+    x = _grouped(w, group_size) / s
+    q = soft_round(x, sharpness) if rounding == "soft" else round_ste(x)
+    z = None
+    if zero_point is not None:
+        z = round_ste(zero_point.float()).unsqueeze(-1)
+        q = q + z
+    q = soft_clamp(q, qmin, qmax, sharpness) if clamping == "soft" else torch.clamp(q, qmin, qmax)
+    if z is not None:
+        q = q - z
+    return (q * s).reshape(w.shape).to(out_dtype)
+
+
+def init_scales(
+    w: torch.Tensor, bits: int | torch.Tensor, group_size: int, symmetric: bool, method: str = "mse"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) for ``w`` (out, in), shape (out, in // group_size); ``bits``: one width, or one per
+    row as an (out,) tensor.
+
+    ``minmax`` covers each group's range; ``mse`` additionally searches a shrink factor of that range per
+    group minimising the squared quantization error (clipping a few outliers usually lowers total error).
+    """
+    wg = _grouped(w.detach(), group_size)
+    if isinstance(bits, torch.Tensor) and bits.numel() > 1:
+        bits = bits.to(wg.device).reshape(-1, 1, 1)
+        qmin, qmax = (v.reshape(-1, 1) for v in int_range(bits, symmetric))  # (out, 1): per row
+    else:
+        qmin, qmax = (float(v) for v in int_range(bits, symmetric))
+
+    def candidate(shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if symmetric:
+            return (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS), None
+        lo = wg.amin(-1).clamp(max=0) * shrink
+        hi = wg.amax(-1).clamp(min=0) * shrink
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+        return scale, torch.clamp(torch.round(-lo / scale), qmin, qmax)
+
+    if method == "minmax":
+        return candidate(1.0)
+    best_scale, best_zero = candidate(1.0)
+    best_err = torch.full_like(best_scale, math.inf)
+    for shrink in MSE_SHRINK_GRID:
+        scale, zero = candidate(shrink)
+        err = (dequantize(quantize(wg.flatten(1), scale, zero, bits, group_size), scale, zero, group_size)
+               - wg.flatten(1)).reshape(wg.shape).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization (scale from each token's max magnitude, STE)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(SCALE_EPS) / qmax
+    q = torch.clamp(round_ste(x.float() / scale), -qmax - 1, qmax)
+    return (q * scale).to(x.dtype)
