@@ -16,7 +16,12 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, QATConfig
-from ..quant.modeling import init_quant_params, qat_layers, replace_with_qat_layers
+from ..quant.modeling import (
+    fit_belongs_on_accelerator,
+    init_quant_params,
+    qat_layers,
+    replace_with_qat_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +55,9 @@ class QATHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.quantization_config.checkpoint_format == "fake_quant" and not self.pre_quantized:
-            # A float checkpoint: quant params were materialised uninitialised; fit them to the loaded weights.
-            init_quant_params(model)
+            # A float checkpoint: quant params were materialised uninitialised; fit them to the loaded weights (on
+            # the GPU the model moves to next, when it was loaded on the CPU of a machine with one).
+            init_quant_params(model, defer=fit_belongs_on_accelerator(model))
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -11,6 +11,12 @@ Quantization state lives in the state dict so it saves, reloads, shards and resu
 
 Bit changes keep the identity and shape of every parameter, so an optimizer built at train start keeps
 working (no new param groups mid-run).
+
+Deferred fit: a float checkpoint loaded on the CPU of a machine with a GPU is usually moved there next
+(``.cuda()``, Trainer's ``model.to(device)``); fitting the scales first would run the clip search on the CPU (seconds
+to minutes for a real model, far longer with several processes on one host). `defer_fit` marks the layer instead,
+and the fit runs on whatever device the weight is on at the first of: a move or cast of the layer, a read of a
+quantizer parameter (forward, LoRA, exports, inspection) or ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LayerQuantSpec
 from .primitives import fake_quantize, fake_quantize_activations, init_scales
 
+# Parameters whose values the fit sets: reading one of them first runs a deferred fit.
+FITTED_PARAMS = frozenset({"weight_scale", "weight_zero_point", "weight_codebook"})
+
 
 class FakeQuantMixin:
     """Quantization state and numerics shared by the fake-quantized layer classes.
@@ -34,6 +43,7 @@ class FakeQuantMixin:
 
     spec: LayerQuantSpec
     soft_sharpness: float
+    _fit_pending: bool = False
 
     def _init_quant_state(self, spec: LayerQuantSpec, out_features: int, in_features: int, device=None) -> None:
         self.spec = spec
@@ -52,6 +62,28 @@ class FakeQuantMixin:
             self.weight_zero_point = nn.Parameter(
                 torch.zeros(shape, dtype=torch.float32, device=device), requires_grad=spec.learn_scales
             )
+        self.register_state_dict_pre_hook(_fit_before_state_dict)
+
+    # -- deferred fit -----------------------------------------------------------------------------------------
+    def defer_fit(self) -> None:
+        """Fit scales / zero points on first use instead of now (see the module docstring)."""
+        self.__dict__["_fit_pending"] = True
+
+    def _run_pending_fit(self) -> None:
+        if self.__dict__.get("_fit_pending") and not self.weight.is_meta:
+            self.__dict__["_fit_pending"] = False
+            self.reset_quant_params()
+
+    def __getattr__(self, name: str):
+        # nn.Module keeps parameters out of __dict__, so every read of one comes through here
+        if name in FITTED_PARAMS and self.__dict__.get("_fit_pending"):
+            self._run_pending_fit()
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        module = super()._apply(fn, recurse)
+        self._run_pending_fit()  # on the device (and dtype) the layer was just moved to
+        return module
 
     # -- numerics -------------------------------------------------------------------------------------------
     def weight_oi(self) -> torch.Tensor:
@@ -165,6 +197,10 @@ class FakeQuantMixin:
             bits = f"{bits} (per row)"
         return (f"{super().extra_repr()}, bits={bits}, group_size={s.group_size}, symmetric={s.symmetric}, "
                 f"rounding={s.rounding}, clamping={s.clamping}, activation_bits={s.activation_bits}")
+
+
+def _fit_before_state_dict(module: FakeQuantMixin, prefix: str, keep_vars: bool) -> None:
+    module._run_pending_fit()
 
 
 class QATLinear(FakeQuantMixin, nn.Linear):

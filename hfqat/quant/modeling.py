@@ -89,13 +89,28 @@ def average_bits(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def init_quant_params(model: nn.Module) -> None:
-    """Fit every layer's scales/zero points to its (loaded) float weight; bits reset to the spec's."""
+def init_quant_params(model: nn.Module, defer: bool = False) -> None:
+    """Fit every layer's scales/zero points to its (loaded) float weight; bits reset to the spec's.
+
+    ``defer=True``: the fit runs on each layer's first use, on the device it is then on (`FakeQuantMixin.defer_fit`).
+    """
     for _, layer in qat_layers(model):
         layer.weight_bits.fill_(layer.spec.bits)
         if layer.weight_row_bits is not None:
             layer.weight_row_bits.fill_(layer.spec.bits)
-        layer.reset_quant_params()
+        if defer:
+            layer.defer_fit()
+        else:
+            layer.reset_quant_params()
+
+
+def fit_belongs_on_accelerator(model: nn.Module) -> bool:
+    """Whether to defer the fit of a just-loaded model: its weights are on the CPU of a single process that has a
+    GPU, which the model most likely moves to next. Sharded (multi-process) runs fit at once: FSDP2 / ZeRO-3 shard the
+    parameters before the first forward, and a fit then would write into gathered copies, not the shards."""
+    if not torch.cuda.is_available() or torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    return all(layer.weight.device.type == "cpu" for _, layer in qat_layers(model))
 
 
 def set_soft_sharpness(model: nn.Module, sharpness: float) -> None:
