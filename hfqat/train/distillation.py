@@ -76,6 +76,43 @@ LOSS_KWARGS = ("labels", "num_items_in_batch", "shift_labels", "return_dict")
 FUSED_HEAD_KWARG = "fused_lm_head"  # trl's SFTTrainer: its loss comes from per-token log-probs, not outputs.loss
 
 
+# fp32 elements of one chunk of rows in the KL pass: bounds its temporaries (a few of this size) whatever the vocab
+KL_CHUNK_ELEMENTS = 1 << 25
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """``Σ_r w_r · KL(softmax(t_r/T) ‖ softmax(s_r/T))`` over the rows of (rows, vocab) logits, chunk by chunk.
+
+    Why: the plain expression materialises fp32 copies of both logit tensors, both log-softmaxes and the elementwise
+    KL (for 8 x 2048 tokens and a 32k vocabulary, ~2 GB each) and walks them again in backward. Here each chunk is
+    upcast, reduced and differentiated in one pass: ``∂/∂s_r = w_r · (softmax(s_r/T) - softmax(t_r/T)) / T``, stored
+    in the student's dtype; backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float):
+        rows, vocab = student.shape
+        chunk = max(1, KL_CHUNK_ELEMENTS // vocab)
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, rows, chunk):
+            rows_ = slice(start, start + chunk)
+            log_s = F.log_softmax(student[rows_].float() / temperature, -1)
+            log_t = F.log_softmax(teacher[rows_, :vocab].float() / temperature, -1)
+            p_t = log_t.exp()
+            w = weight[rows_].float()
+            total += (w * (p_t * (log_t - log_s)).sum(-1)).sum()
+            if grad is not None:
+                grad[rows_] = ((log_s.exp() - p_t) * (w / temperature).unsqueeze(-1)).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -98,9 +135,8 @@ def distillation_loss(
     vocab = student_logits.shape[-1]
     if teacher_logits.shape[-1] < vocab:
         raise ValueError(f"teacher vocabulary ({teacher_logits.shape[-1]}) is smaller than the student's ({vocab})")
-    student = student_logits[valid].float() / temperature
-    teacher = teacher_logits.to(student_logits.device)[valid][..., :vocab].float() / temperature
-    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum")
+    teacher = teacher_logits.to(student_logits.device).reshape(batch * seq, -1)
+    kl = _ChunkedKL.apply(student_logits.reshape(batch * seq, vocab), teacher, valid.reshape(-1), temperature)
     divisor = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp_min(1)
     return temperature**2 * kl / divisor
 
