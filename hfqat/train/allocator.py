@@ -17,13 +17,23 @@ import torch
 from torch import nn
 
 from ..distributed import broadcast_object, local_view, mean_across_ranks
-from ..quant.modeling import average_bits, bit_allocation
+from ..quant.modeling import average_bits, bit_allocation, qat_layers
 from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
 from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
 from .sensitivity import LayerList, gradient_row_costs, weight_variance_costs, weight_variance_row_costs
 
 Measured = dict[str, dict[int, float]]  # kind → {bits: measured loss increase}
 PRIOR_TOKENS = 4 * MAX_TOKENS  # leading tokens whose gradients choose the first per-row allocation
+
+
+def config_bits(model: nn.Module) -> int:
+    """The bits the model's quantization config names (the default budget; what learning rates were tuned for)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    bits = config.get("bits") if isinstance(config, dict) else getattr(config, "bits", None)
+    if bits is None:  # e.g. converted with quantize_model: the most common layer bits
+        specs = [layer.spec.bits for _, layer in qat_layers(model)]
+        bits = max(set(specs), key=specs.count)
+    return int(bits)
 
 
 class LayerAllocator:

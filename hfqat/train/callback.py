@@ -64,7 +64,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..distributed import full_numel, is_sharded, mean_across_ranks
 from ..quant.modeling import bit_allocation, qat_layers, set_soft_sharpness
-from .allocator import LayerAllocator, RowAllocator
+from .allocator import LayerAllocator, RowAllocator, config_bits
 from .arguments import CallbackArguments
 from .calibration import leading_batch
 from .distillation import DistillationHook, SnapshotTeacher
@@ -179,7 +179,7 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
         self._attach_hook(args, model)
         self._allocator = None
         if self.reallocate_every:
-            budget = float(self.budget_bits if self.budget_bits is not None else self._config_bits(model))
+            budget = float(self.budget_bits if self.budget_bits is not None else config_bits(model))
             numels = {name: full_numel(layer.weight) for name, layer in layers}
             self._allocator = (RowAllocator if rows else LayerAllocator)(model, layers, numels, self.bit_choices,
                                                                          budget, self.hysteresis)
@@ -268,15 +268,6 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
             self._history.write(args.output_dir, summary, state.log_history, self.write_plots)
 
     # -- pieces -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _config_bits(model: nn.Module) -> int:
-        config = getattr(getattr(model, "config", None), "quantization_config", None)
-        bits = config.get("bits") if isinstance(config, dict) else getattr(config, "bits", None)
-        if bits is None:  # e.g. converted with quantize_model: the most common layer bits
-            specs = [layer.spec.bits for _, layer in qat_layers(model)]
-            bits = max(set(specs), key=specs.count)
-        return int(bits)
-
     def make_compute_loss_func(self) -> Callable[..., torch.Tensor]:
         """A ``compute_loss_func`` for trainers that compute the loss from the logits themselves (what
         `hfqat.integrations.trl.QATSFTTrainer` uses; also ``Trainer(..., compute_loss_func=...)``). The callback's forward hook
@@ -298,7 +289,7 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
             logger.warning("QATCallback: grid_lr_power has no effect under DeepSpeed (its optimizer keeps its "
                            "own master weights); narrow rows train at the plain learning rate.")
             return None
-        return GridStepUpdates(layers, self.grid_lr_power, self._config_bits(self._model))
+        return GridStepUpdates(layers, self.grid_lr_power, config_bits(self._model))
 
     def _attach_hook(self, args, model: nn.Module) -> None:
         if self._hook is not None:
