@@ -46,9 +46,11 @@ class QATHfQuantizer(HfQuantizer):
             keep_in_fp32_modules or model._keep_in_fp32_modules
         )
         if config.checkpoint_format == "packed":
-            from ..export.packed import replace_with_packed_layers
+            from ..export.packed import guard_keys_pattern, replace_with_packed_layers
 
-            replace_with_packed_layers(model, config)
+            replaced = replace_with_packed_layers(model, config)
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+                guard_keys_pattern(replaced)}
             return model
         replace_with_qat_layers(model, config, self.modules_to_not_convert)
         if not self.pre_quantized:
