@@ -31,6 +31,9 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_checkpoint(tmp: Path, model: nn.Module, state: dict[str, torch.Tensor], config, tokenizer) -> None:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in _dedupe_shared(state).items()}
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    if getattr(config, "dtype", None) is None and getattr(model, "dtype", None) is not None:
+        # recorded, so that dtype="auto" loaders take it from here instead of reading the weights file first
+        config.dtype = model.dtype
     config.save_pretrained(tmp)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and model.can_generate():

@@ -24,6 +24,7 @@ from ..quant.modeling import (
     replace_with_qat_layers,
 )
 from ..quant.selection import skip_list
+from .load_checks import check_checkpoint_files, check_packed_finite
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class QATHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: QATConfig
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, checkpoint_files=None,
+                                             **kwargs):
         config = self.quantization_config
+        check_checkpoint_files(checkpoint_files)  # a damaged file is named before transformers reads it
         # the user's list adds to the defaults (head, tied embeddings); layer_bits naming the head converts it
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, skip_list(self.get_modules_to_not_convert(model), config.modules_to_not_convert, config.layer_bits),
@@ -60,6 +63,8 @@ class QATHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.checkpoint_format == "packed":
+            check_packed_finite(model)
         if self.quantization_config.checkpoint_format == "fake_quant":
             # NaN / inf weights (a float checkpoint gone bad, or a corrupted fake-quant one) are named here
             check_finite_weights(model, self.quantization_config, quant_params=self.pre_quantized)
