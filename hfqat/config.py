@@ -26,6 +26,7 @@ WEIGHT_FORMATS = ("int", "codebook")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
 BITS_GRANULARITIES = ("layer", "row")
 ACTIVATION_BITS = (None, 8)
+NON_FINITE_POLICIES = ("error", "skip")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -70,9 +71,11 @@ class QATConfig(QuantizationConfigMixin):
         rounding: "ste" (round, straight-through gradient) or "soft" (annealed continuous round).
         clamping: "hard" or "soft" (annealed continuous clamp).
         activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs.
-        modules_to_not_convert: module names (or name suffixes) kept in full precision; default: the output
-            head and tied embeddings.
-        layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix.
+        modules_to_not_convert: module names (or name suffixes, or parent modules) kept in full precision, in
+            addition to the default ones (the output head and tied embeddings); to quantize the head, name it in
+            ``layer_bits`` (``{"lm_head": 8}``). An entry that matches no module warns with the closest names.
+        layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix. A key
+            that selects no converted layer warns with the closest names.
         scale_init: "mse" (clip search minimising weight error) or "minmax".
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
@@ -91,6 +94,8 @@ class QATConfig(QuantizationConfigMixin):
         checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
             `hfqat.save_packed`, real low-bit integers for inference).
         packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.
+        non_finite: what conversion does with a layer whose loaded weight holds NaN or inf: "error" (default; raises
+            naming each such layer and its NaN / inf counts) or "skip" (keeps it in full precision, logged by name).
     """
 
     bits: int = 4
@@ -109,6 +114,7 @@ class QATConfig(QuantizationConfigMixin):
     bits_granularity: str = "layer"
     checkpoint_format: str = "fake_quant"
     packed_layers: dict[str, dict[str, int]] | None = None
+    non_finite: str = "error"
     quant_method: str = field(default=QUANT_METHOD, repr=False)
     hfqat_version: str = field(default=__version__, repr=False)
 
@@ -138,7 +144,7 @@ class QATConfig(QuantizationConfigMixin):
                              f"weight_format={self.weight_format!r}: ['layer']")
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if self.modules_to_not_convert is not None:
-            if isinstance(self.modules_to_not_convert, str) or not all(
+            if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
             ):
                 raise ValueError(
@@ -153,6 +159,9 @@ class QATConfig(QuantizationConfigMixin):
                     "{'module name or regex': bits}"
                 )
             for pattern, bits in self.layer_bits.items():
+                if not isinstance(pattern, str):
+                    raise ValueError(f"QATConfig.layer_bits key {pattern!r} is invalid; allowed values: module names "
+                                     "or regexes (strings)")
                 _check_bits(f"layer_bits[{pattern!r}]", bits)
                 try:
                     re.compile(pattern)
@@ -160,6 +169,10 @@ class QATConfig(QuantizationConfigMixin):
                     raise ValueError(f"QATConfig.layer_bits key {pattern!r} is not a valid regex: {err}") from None
         if self.weight_format == "codebook":
             self._check_codebook()
+        _check_choice("non_finite", self.non_finite, NON_FINITE_POLICIES)
+        if self.packed_layers is not None and not isinstance(self.packed_layers, dict):
+            raise ValueError(f"QATConfig.packed_layers={self.packed_layers!r} is invalid; allowed values: None or "
+                             "{module name: {'bits', 'group_size', ...}}")
         if self.checkpoint_format == "packed" and not self.packed_layers:
             raise ValueError("QATConfig.packed_layers must list the packed layers when checkpoint_format='packed'")
 

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.modeling import qat_layers
 from ..quant.primitives import effective_scale, quantize
-from .checkpoint import _check_plain_model, _write_checkpoint, atomic_directory
+from .checkpoint import _check_plain_model, _write_checkpoint
 from .packing import code_offset, pack
 
 CT_BITS = (4, 8)

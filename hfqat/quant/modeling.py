@@ -16,7 +16,9 @@ from transformers.pytorch_utils import Conv1D
 from ..config import QATConfig
 from ..distributed import full_numel
 from .codebook import CodebookConv1D, CodebookLinear
+from .finite import check_finite_weights
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
+from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +27,6 @@ LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
     "int": (QATLinear, QATConv1D),
     "codebook": (CodebookLinear, CodebookConv1D),
 }
-
-
-def _is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
-    return any(
-        name == key or name.endswith("." + key) or name.startswith(key + ".") for key in modules_to_not_convert
-    )
 
 
 def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str]) -> list[str]:
@@ -43,7 +39,7 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantMixin) or not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        if _is_skipped(name, modules_to_not_convert):
+        if is_skipped(name, modules_to_not_convert):
             continue
         in_features = module.in_features if isinstance(module, nn.Linear) else module.nx
         spec = config.spec_for(name, in_features)
@@ -58,7 +54,16 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
                        config.group_size, "; ".join(ragged))
     if not converted:
         logger.warning("hfqat: no linear layer was converted (all skipped by modules_to_not_convert?)")
+    _warn_unmatched_patterns(model, config, converted)
     return converted
+
+
+def _warn_unmatched_patterns(model: nn.Module, config: QATConfig, converted: list[str]) -> None:
+    """A skip entry that names no module, or a layer_bits key that selects no converted layer, is a typo."""
+    names = [name for name, _ in model.named_modules() if name]
+    warn_unmatched("modules_to_not_convert", config.modules_to_not_convert or [], names, skip_matches)
+    if converted:
+        warn_unmatched("layer_bits", config.layer_bits or {}, converted, layer_bits_matches)
 
 
 def qat_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantMixin]]:
@@ -121,9 +126,13 @@ def set_soft_sharpness(model: nn.Module, sharpness: float) -> None:
 
 
 def quantize_model(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str] | None = None) -> list[str]:
-    """Convert an already-loaded model in place (outside `from_pretrained`) and fit its quant params."""
-    skip = modules_to_not_convert if modules_to_not_convert is not None else (
-        config.modules_to_not_convert or ["lm_head"])
+    """Convert an already-loaded model in place (outside `from_pretrained`) and fit its quant params.
+
+    Kept float: `modules_to_not_convert` when given, else the output head plus ``config.modules_to_not_convert``.
+    """
+    skip = modules_to_not_convert if modules_to_not_convert is not None else skip_list(
+        ["lm_head"], config.modules_to_not_convert, config.layer_bits)
     converted = replace_with_qat_layers(model, config, skip)
+    check_finite_weights(model, config)
     init_quant_params(model)
     return converted
