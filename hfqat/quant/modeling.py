@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import QATConfig
 from ..distributed import full_numel
 from .codebook import CodebookConv1D, CodebookLinear
+from .fp8 import FP8Conv1D, FP8Linear
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
     "int": (QATLinear, QATConv1D),
     "codebook": (CodebookLinear, CodebookConv1D),
+    "fp8": (FP8Linear, FP8Conv1D),
 }
 
 
