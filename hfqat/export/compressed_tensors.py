@@ -67,16 +67,22 @@ class CTScheme:
 
 _TRANSFORMERS = "transformers (compressed-tensors)"
 _VLLM_INT = "vLLM (Marlin / Machete), " + _TRANSFORMERS
-_VLLM_NEW = "vLLM where its WNA16 scheme lists the width, " + _TRANSFORMERS
+_VLLM_NEW = _TRANSFORMERS + "; vLLM releases whose WNA16 scheme lists the width"
+# compressed-tensors 0.20.1 allocates unpacked zero points when transformers builds the empty model (a bug; repro in
+# tests/test_compressed_tensors.py), so transformers cannot load asymmetric pack-quantized folders until it is fixed
+_TRANSFORMERS_ASYM = "transformers after a compressed-tensors fix (0.20.1 zero-point bug)"
+# compressed-tensors' own forward scales int8 activations by amax/127.5, vLLM by amax/127 (what hfqat trains with)
+_TRANSFORMERS_INT8 = "transformers (compressed-tensors: int8 activation scale amax/127.5, not vLLM's amax/127)"
 
 # What export_compressed_tensors writes; the README's export table is generated from this (hfqat.export.capabilities).
 CT_SCHEMES: tuple[CTScheme, ...] = (
     CTScheme("WnA16 symmetric", "int", (2, 3, 4, 5, 6, 7, 8), (True,), True, None, "pack-quantized",
              {b: _VLLM_INT if b in (4, 8) else _VLLM_NEW for b in range(2, 9)}),
     CTScheme("WnA16 asymmetric", "int", (2, 3, 4, 5, 6, 7, 8), (False,), True, None, "pack-quantized",
-             {b: _VLLM_INT if b in (4, 8) else _TRANSFORMERS for b in range(2, 9)}),
+             {b: "vLLM (Marlin / Machete); " + _TRANSFORMERS_ASYM if b in (4, 8) else _TRANSFORMERS_ASYM
+              for b in range(2, 9)}),
     CTScheme("W8A8 int8", "int", (8,), (True,), False, "int", "int-quantized",
-             {8: "vLLM (CUTLASS int8 scaled_mm), " + _TRANSFORMERS}),
+             {8: "vLLM (CUTLASS int8 scaled_mm); " + _TRANSFORMERS_INT8}),
     CTScheme("FP8 W8A8", "fp8", (8,), (True,), False, "fp8", "float-quantized",
              {8: "vLLM (CUTLASS FP8 scaled_mm), " + _TRANSFORMERS}),
     CTScheme("FP8 W8A16", "fp8", (8,), (True,), False, None, "float-quantized",
