@@ -22,7 +22,7 @@ ROUNDING_MODES = ("ste", "soft")
 CLAMPING_MODES = ("hard", "soft")
 SCALE_INITS = ("mse", "minmax")
 RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
-WEIGHT_FORMATS = ("int", "codebook")
+WEIGHT_FORMATS = ("int", "codebook", "fp8")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
 BITS_GRANULARITIES = ("layer", "row")
 ACTIVATION_BITS = (None, 8)
@@ -58,6 +58,11 @@ class LayerQuantSpec:
     codebook_max_bits: int = 8  # codebook layers: centroid slots allocated = 2**codebook_max_bits
     row_bits: bool = False  # one bit width per output row (``weight_row_bits``) instead of one per layer
 
+    @property
+    def activation_format(self) -> str:
+        """The dynamic per-token activation quantizer's number format: FP8 next to FP8 weights, else int8."""
+        return "fp8" if self.weight_format == "fp8" else "int"
+
 
 @dataclass
 class QATConfig(QuantizationConfigMixin):
@@ -70,7 +75,8 @@ class QATConfig(QuantizationConfigMixin):
         learn_scales: scales and zero points are trainable parameters (LSQ-style gradients).
         rounding: "ste" (round, straight-through gradient) or "soft" (annealed continuous round).
         clamping: "hard" or "soft" (annealed continuous clamp).
-        activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs.
+        activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs, exactly as
+            vLLM's W8A8 kernels quantize them (int8; FP8 e4m3 with ``weight_format="fp8"``).
         modules_to_not_convert: module names (or name suffixes, or parent modules) kept in full precision, in
             addition to the default ones (the output head and tied embeddings); to quantize the head, name it in
             ``layer_bits`` (``{"lm_head": 8}``). An entry that matches no module warns with the closest names.
@@ -80,7 +86,9 @@ class QATConfig(QuantizationConfigMixin):
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
             "per_channel" (one scale per row for those layers, with a warning).
-        weight_format: "int" (uniform integer grid) or "codebook" (weight clustering, `hfqat.quant.codebook`: per output
+        weight_format: "int" (uniform integer grid), "fp8" (e4m3 weights, one scale per output channel, `hfqat.quant.fp8`;
+            ``bits``/``group_size`` become 8/-1; with ``activation_bits=8`` dynamic per-token FP8 activations) or
+            "codebook" (weight clustering, `hfqat.quant.codebook`: per output
             channel or group a learned codebook of 2^bits float centroids, k-means initialised; ``symmetric`` and
             ``scale_init`` do not apply; rounding/clamping must be "ste"/"hard").
         codebook_max_bits: codebook layers only: the largest bit width a layer may take (re-allocation
@@ -173,6 +181,8 @@ class QATConfig(QuantizationConfigMixin):
         if self.packed_layers is not None and not isinstance(self.packed_layers, dict):
             raise ValueError(f"QATConfig.packed_layers={self.packed_layers!r} is invalid; allowed values: None or "
                              "{module name: {'bits', 'group_size', ...}}")
+        if self.weight_format == "fp8":
+            self._check_fp8()
         if self.checkpoint_format == "packed" and not self.packed_layers:
             raise ValueError("QATConfig.packed_layers must list the packed layers when checkpoint_format='packed'")
 
@@ -190,6 +200,21 @@ class QATConfig(QuantizationConfigMixin):
         if not self.symmetric:
             warnings.warn("QATConfig.symmetric=False is ignored with weight_format='codebook' (codebooks have no zero "
                           "point)")
+
+    def _check_fp8(self) -> None:
+        # e4m3 with one scale per output channel is the whole format: bits and group_size take its values
+        for name in ("rounding", "clamping"):
+            if getattr(self, name) == "soft":
+                raise ValueError(f"QATConfig.{name}='soft' is not supported with weight_format='fp8'; allowed "
+                                 f"values: {['ste' if name == 'rounding' else 'hard']}")
+        if not self.symmetric:
+            raise ValueError("QATConfig.symmetric=False is invalid with weight_format='fp8'; allowed values: [True]")
+        if self.layer_bits and any(b != 8 for b in self.layer_bits.values()):
+            raise ValueError(f"QATConfig.layer_bits={self.layer_bits} is invalid with weight_format='fp8' (e4m3 "
+                             "weights are 8-bit); allowed values: None")
+        if self.bits_granularity != "layer":
+            raise ValueError("QATConfig.bits_granularity must be 'layer' with weight_format='fp8'")
+        self.bits, self.group_size = 8, -1
 
     # -- per-layer resolution ------------------------------------------------------------------------------
     def bits_for(self, module_name: str) -> int:

@@ -64,6 +64,7 @@ from .codebook import PackedCodebookLinear
 from .packed_layer import PackedLayer, float_linear, float_weight_oi
 from .packing import LAYOUT, code_offset, unpack_kn
 from .unshard import unsharded_model
+from .w8a8 import PackedFP8Linear
 
 WEIGHTS_NAME = "model.safetensors"
 ZERO_DTYPE = torch.int16
@@ -240,7 +241,8 @@ def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
 
 
 # weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
-PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear)}
+PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear,
+                                                                                  PackedFP8Linear)}
 PACKED_TYPES = tuple(PACKED_CLASSES.values())
 
 

@@ -17,6 +17,7 @@ from ..config import QATConfig
 from ..distributed import full_numel
 from .codebook import CodebookConv1D, CodebookLinear
 from .finite import check_finite_weights
+from .fp8 import FP8Conv1D, FP8Linear
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
     "int": (QATLinear, QATConv1D),
     "codebook": (CodebookLinear, CodebookConv1D),
+    "fp8": (FP8Linear, FP8Conv1D),
 }
 
 
