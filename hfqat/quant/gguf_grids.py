@@ -248,7 +248,7 @@ def gguf_fake_quantize(w: torch.Tensor, scale_slots: torch.Tensor, min_slots: to
 
 # -- initialisation: round-to-nearest with a clip search per sub-block ---------------------------------------------
 @torch.no_grad()
-def fit_grid(w: torch.Tensor, grid: GGUFGrid, shrink: tuple[float, ...] = tuple(MSE_SHRINK_GRID[:24])
+def fit_grid(w: torch.Tensor, grid: GGUFGrid, shrink: tuple[float, ...] = tuple(MSE_SHRINK_GRID[:24:2])
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale slots, min slots), each (out, in / 16) float32: per sub-block, the min-max (or llama.cpp's signed
     max-magnitude) range shrunk by the factor in ``shrink`` with the least squared error (the stand-in for llama.cpp's
