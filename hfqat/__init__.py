@@ -13,6 +13,7 @@ type" and loads plain float layers, dropping the quantization).
 from ._version import __version__
 from .config import QATConfig
 from .export.compressed_tensors import export_compressed_tensors
+from .export.gguf import export_gguf
 from .export.packed import save_packed
 from .hub.card import write_model_card
 from .hub.push import HubUploadError, push_to_hub
@@ -37,6 +38,7 @@ __all__ = [
     "average_bits",
     "bit_allocation",
     "export_compressed_tensors",
+    "export_gguf",
     "push_to_hub",
     "quantize_model",
     "save_packed",

@@ -18,6 +18,7 @@ from ..distributed import full_numel
 from .codebook import CodebookConv1D, CodebookLinear
 from .finite import check_finite_weights
 from .fp8 import FP8Conv1D, FP8Linear
+from .gguf_layers import GGUFConv1D, GGUFLinear
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
@@ -28,6 +29,7 @@ LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
     "int": (QATLinear, QATConv1D),
     "codebook": (CodebookLinear, CodebookConv1D),
     "fp8": (FP8Linear, FP8Conv1D),
+    "gguf": (GGUFLinear, GGUFConv1D),
 }
 
 
@@ -45,7 +47,8 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
             continue
         in_features = module.in_features if isinstance(module, nn.Linear) else module.nx
         spec = config.spec_for(name, in_features)
-        if spec.group_size != config.group_size and config.group_size not in (-1, in_features):
+        if spec.group_size != config.group_size and config.group_size not in (-1, in_features) and (
+                spec.weight_format != "gguf"):  # GGUF layers' blocks come from their type, not group_size
             ragged.append(f"{name} (in_features={in_features} -> group_size={spec.group_size})")
         linear_cls, conv1d_cls = LAYER_CLASSES[spec.weight_format]
         layer_cls = linear_cls if isinstance(module, nn.Linear) else conv1d_cls
