@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Quant params a plain checkpoint does not have; they are fitted after loading, so no "missing keys" noise.
 QUANT_PARAM_PATTERNS = (r"\.weight_scale$", r"\.weight_zero_point$", r"\.weight_bits$", r"\.weight_codebook$",
-                        r"\.weight_row_bits$")
+                        r"\.weight_row_bits$", r"\.routed_tokens$")
 
 
 class QATHfQuantizer(HfQuantizer):
