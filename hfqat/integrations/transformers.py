@@ -16,6 +16,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, QATConfig
+from ..quant.experts import qat_experts, restore_float
 from ..quant.modeling import (
     fit_belongs_on_accelerator,
     init_quant_params,
@@ -70,6 +71,8 @@ class QATHfQuantizer(HfQuantizer):
                 model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
 
         replace(qat_layers(model))
+        for _, experts in list(qat_experts(model)):
+            restore_float(experts, dtype)
         # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
         replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
         replace(packed_modules(model))

@@ -13,6 +13,9 @@ Counted ("matrix weights" of the decoder): the weights of every linear layer (``
                  kept float like the ``e_score_correction_bias`` buffers
 - ``conv``       ``nn.Conv*`` kernels (mamba / linear-attention short convolutions, vision stems)
 - ``norm``       parameters of norm modules (per-expert norm vectors included)
+- ``bias``       2-D bias tensors (per-expert biases: gpt_oss ``*_proj_bias``, ``e_score_correction_bias``)
+
+A module inside a router (e.g. ergo's ``gate.linear``) is a router too.
 
 ``quantized_fraction`` = quantized / (quantized + float) over the counted weights.
 """
@@ -66,7 +69,7 @@ def _kind(name: str, module: nn.Module, parent: nn.Module | None, head: nn.Modul
         return "embedding"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
-    if "norm" in type(module).__name__.lower():
+    if "norm" in type(module).__name__.lower() or "norm" in name.rsplit(".", 1)[-1].lower():
         return "norm"
     if is_router(name, module, parent) and not isinstance(module, FakeQuantMixin):
         return "router"
@@ -81,12 +84,16 @@ def coverage(model: nn.Module) -> dict[str, Any]:
     Parameter names are state-dict names (an expert tensor: ``...experts.gate_up_proj``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    quantized, float_params, excluded = 0, {}, {}
+    quantized, float_params, excluded, routers = 0, {}, {}, []
     for name, module in model.named_modules():
         own = dict(module.named_parameters(recurse=False))
+        kind = _kind(name, module, parent_of(model, name), head)
+        if kind == "router":
+            routers.append(name + ".")
+        elif any(name.startswith(r) for r in routers):
+            kind = "router"
         if not own:
             continue
-        kind = _kind(name, module, parent_of(model, name), head)
         if isinstance(module, FakeQuantMixin):
             quantized += full_numel(module.weight)
             continue
@@ -99,8 +106,8 @@ def coverage(model: nn.Module) -> dict[str, Any]:
             full = f"{name}.{pname}" if name else pname
             if pname in experts:
                 quantized += full_numel(p)
-            elif kind is not None:
-                excluded[full] = {"numel": full_numel(p), "reason": kind}
+            elif kind is not None or "bias" in pname:
+                excluded[full] = {"numel": full_numel(p), "reason": kind or "bias"}
             elif isinstance(module, (nn.Linear, Conv1D)) and pname != "weight":
                 continue  # e.g. a LoRA-style extra matrix of a linear subclass is counted with its owner below
             else:
