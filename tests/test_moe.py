@@ -155,7 +155,10 @@ def test_float_experts_are_reported_by_name(caplog):
     report = hfqat.coverage(model)
     assert not any(isinstance(m, QATExpertsMixin) for m in model.modules())
     assert "model.layers.1.mlp.experts.gate_up_proj" in report["float_params"]
-    assert report["quantized_fraction"] < 0.5
+    expert_numel = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(report["float_params"].values()) == expert_numel
+    assert report["quantized_fraction"] == pytest.approx(report["quantized_params"] / (
+        report["quantized_params"] + expert_numel))
     assert "stay float" in caplog.text and "experts.gate_up_proj" in caplog.text
 
 
