@@ -19,6 +19,7 @@ from .hub.card import write_model_card
 from .hub.push import HubUploadError, push_to_hub
 from .integrations.peft import apply_lora
 from .integrations.transformers import register as _register
+from .quant.coverage import coverage
 from .quant.modeling import (
     average_bits,
     bit_allocation,
@@ -37,6 +38,7 @@ __all__ = [
     "apply_lora",
     "average_bits",
     "bit_allocation",
+    "coverage",
     "export_compressed_tensors",
     "export_gguf",
     "push_to_hub",
