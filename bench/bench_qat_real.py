@@ -70,7 +70,8 @@ class Row:
     baseline: str | None = None  # row to compare perplexity with (printed as a ratio)
 
 
-def rows(lr: float) -> list[Row]:
+def rows() -> list[Row]:
+    """Every row; those without a learning rate train at --lr."""
     uniform = dict(reallocate_every=0, budget_bits=None)  # uniform widths: no re-allocation
     return [
         Row("fp", "fp"),
@@ -79,12 +80,11 @@ def rows(lr: float) -> list[Row]:
         Row("torchao-w4-1e-5", "torchao", 1e-5, W4),
         Row("w4-5e-5", "hfqat", 5e-5, W4, uniform),
         Row("torchao-w4-5e-5", "torchao", 5e-5, W4),
-        Row("w3a", "hfqat", None, W3A, uniform),
-        Row("torchao-w3a", "torchao", None, W3A),
-        Row("w4", "hfqat", None, W4, uniform),
-        Row("mixed3.5-row", "hfqat", None, dict(W4, bits_granularity="row"),
-            dict(budget_bits=3.5, bit_choices=(2, 3, 4, 5, 6)), baseline="w4"),
-        Row("mixed3.5-layer", "hfqat", None, W4, dict(budget_bits=3.5), baseline="w4"),
+        Row("w3a", "hfqat", 5e-5, W3A, uniform),
+        Row("torchao-w3a", "torchao", 5e-5, W3A),
+        Row("mixed3.5-row", "hfqat", 5e-5, dict(W4, bits_granularity="row"),
+            dict(budget_bits=3.5, bit_choices=(2, 3, 4, 5, 6)), baseline="w4-5e-5"),
+        Row("mixed3.5-layer", "hfqat", 5e-5, W4, dict(budget_bits=3.5), baseline="w4-5e-5"),
     ]
 
 
@@ -294,7 +294,7 @@ def parse(argv):
     mode.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps (for the test)")
     p.add_argument("--rows", help="comma-separated row names (default: all; see --list-rows)")
     p.add_argument("--list-rows", action="store_true")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the rows that do not fix their own")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the plain fine-tune (fp-train)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--seq-len", type=int)
@@ -321,7 +321,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    all_rows = rows(args.lr)
+    all_rows = rows()
     if args.list_rows:
         print("\n".join(r.name for r in all_rows))
         return 0
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
             continue
         if row.kind == "hfqat":
             row.config, row.callback = {**row.config, **extra_config}, {**row.callback, **extra_callback}
-        lr = row.lr if row.lr is not None and row.kind != "fp-train" else args.lr
+        lr = row.lr if row.lr is not None else args.lr
         if row.kind == "torchao" and missing_torchao:
             r = {"skipped": "torchao not installed"}
         else:

@@ -54,7 +54,7 @@ def test_smoke_rows_train_and_report(bench, capsys):
     assert ppl_pair(rows["fp-train"][5])[0] == fp  # a plain fine-tune starts from the FP model
     assert ppl_pair(rows["w4-1e-5"][5])[0] != fp  # a quantized one from its quantizer
     assert float(rows["mixed3.5-row"][1]) == pytest.approx(3.5, abs=0.01)
-    assert rows["mixed3.5-row"][7] == ""  # its baseline row (w4) did not run: no ratio
+    assert rows["mixed3.5-row"][7] == ""  # its baseline row (w4-5e-5) did not run: no ratio
     torchao = rows["torchao-w4-1e-5"]
     if bench.torchao_available() is None:
         assert math.isfinite(ppl_pair(torchao[5])[1])
