@@ -195,6 +195,30 @@ class PackedRowsLinear(nn.Module):
         return packed
 
     @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Linear | Conv1D, row_bits: torch.Tensor, group_size: int,
+                   symmetric: bool = True, scale_init: str = "mse") -> PackedRowsLinear:
+        """Post-training quantization of a float layer with one width per output row (`row_bits`, (out,)),
+        e.g. for benchmarks; each width's rows as `PackedLinear.from_float` packs them."""
+        w, group_size = float_weight_oi(module, group_size)
+        row_bits = row_bits.to(w.device).long()
+        widths = row_bits.unique().tolist()
+        rows = {b: (row_bits == b).nonzero().squeeze(1) for b in widths}
+        bias = module.bias
+        packed = cls(w.shape[1], w.shape[0], bias is not None, {b: len(r) for b, r in rows.items()}, group_size,
+                     symmetric, device=w.device, dtype=w.dtype)
+        part_layer = nn.Linear(w.shape[1], 1, bias=False, device="meta")
+        parts = []
+        for b in widths:
+            part_layer.weight = nn.Parameter(w[rows[b]], requires_grad=False)
+            parts.append(PackedLinear.from_float(part_layer, b, group_size, symmetric, scale_init))
+        packed.parts = nn.ModuleList(parts)
+        packed.output_order.copy_(torch.argsort(torch.cat([rows[b] for b in widths])).to(torch.int32))
+        if bias is not None:
+            packed.bias.copy_(bias)
+        return packed
+
+    @classmethod
     def from_entry(cls, in_features: int, out_features: int, bias: bool, entry: dict[str, Any],
                    config: QATConfig, device=None, dtype=None) -> PackedRowsLinear:
         return cls(in_features, out_features, bias, {int(b): int(n) for b, n in entry["row_bits"].items()},
