@@ -93,7 +93,7 @@ def test_tied_embeddings_and_quantized_tied_head(tiny_model_dir, input_ids, tmp_
     reloaded, diff = _roundtrip(model, tmp_path, input_ids)
     assert diff <= TOL and reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     # a quantized head can no longer share the float embedding: the export unties it
-    model = _qat_model(tiny_model_dir("qwen2"), bits=4, group_size=32, modules_to_not_convert=[])
+    model = _qat_model(tiny_model_dir("qwen2"), bits=4, group_size=32, layer_bits={"lm_head": 4})
     reloaded, diff = _roundtrip(model, tmp_path / "head", input_ids)
     assert diff <= TOL and isinstance(reloaded.lm_head, PackedLinear)
     assert reloaded.config.tie_word_embeddings is False

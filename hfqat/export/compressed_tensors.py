@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.modeling import qat_layers
 from ..quant.primitives import effective_scale, fp8_weight_codes, quantize
 from ..train.allocation import tied_groups
-from .checkpoint import _check_plain_model, _write_checkpoint, atomic_directory
+from .checkpoint import _check_plain_model, _write_checkpoint
 
 
 @dataclass(frozen=True)

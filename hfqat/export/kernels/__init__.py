@@ -9,7 +9,8 @@ the fake-quantized layer computes), so every layer runs somewhere.
 | backend    | where | applies to                                         | numerics vs fake quant          |
 |------------|-------|----------------------------------------------------|---------------------------------|
 | tinygemm   | CUDA  | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales/zeros               |
-| triton     | CUDA  | 2/3/4/8 bit, sym/asym, groups of 32k, K % 32 == 0  | fp32 accumulate, order differs  |
+| triton     | CUDA  | 2-8 bit, sym/asym, groups of 32k, K % 32 == 0      | fp32 accumulate, order differs  |
+| gemlite    | CUDA  | 1/2/4/8 bit, groups < row, fp16/bf16 (optional)    | bf16 scales, order differs      |
 | cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
 | cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
@@ -28,7 +29,9 @@ Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own ta
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
 Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
-Optional libraries (triton) are imported only when their factory runs.
+Optional libraries (triton, gemlite) are imported only when their factory runs. Per-row layers
+(`hfqat.export.packed.PackedRowsLinear`) run all their width blocks in one Triton launch on CUDA
+(``triton_rows``, `triton_lowbit.rows_backend`), and their parts one by one elsewhere.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def _tinygemm(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | Non
     from . import torch_ops
 
     return torch_ops.tinygemm_backend(layer, device, dtype)
+
+
+def _gemlite(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    if device.type != "cuda":
+        return None
+    from . import gemlite_ops
+
+    return gemlite_ops.backend(layer, device, dtype)
 
 
 def _cpu_int4(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
@@ -89,6 +100,7 @@ BACKENDS: dict[str, BackendFactory] = {
     "cpu_int8": _cpu_int8,
     "dequant": _dequant,
     "w8a8_int8": _w8a8_int8,
+    "gemlite": _gemlite,  # optional (hfqat[gemlite]); chosen by set_backend only, see gemlite_ops
 }
 AUTO_ORDER: tuple[str, ...] = ("w8a8_int8", "tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
 
