@@ -52,3 +52,11 @@ def test_bit_map_uses_each_layers_mean_row_width():
                                                                       "params": 100},
             {"name": "m.layers.0.k_proj", "bits": 8, "params": 50}]
     assert layer_mean_bits(rows) == {"m.layers.0.q_proj": 2.5, "m.layers.0.k_proj": 8.0}
+
+
+def test_fp8_w8a8_card_says_what_it_is(tiny_model_dir, tmp_path):
+    config = hfqat.QATConfig(weight_format="fp8", activation_bits=8)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=config).eval()
+    save_packed(model, tmp_path / "out")
+    readme = write_model_card(None, tmp_path / "out").read_text()
+    assert "e4m3" in readme and "FP8 e4m3 dynamic per token" in readme and "plots/bit_map.png" in readme

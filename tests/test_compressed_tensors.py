@@ -200,3 +200,47 @@ def test_what_compressed_tensors_cannot_describe_is_refused(tiny_model_dir, tmp_
         export_compressed_tensors(model, tmp_path / "ct")
     assert "model.layers.0.self_attn.q_proj" in str(err.value) and "save_packed" in str(err.value)
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("scheme", [s for s, c in SCHEMES.items() if c.get("weight_format", "int") == "int"
+                                    and not c.get("activation_bits")])
+def test_packed_codes_are_hfqats_bit_for_bit(tiny_model_dir, tmp_path, scheme):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from hfqat.quant.primitives import quantize
+
+    model = _model(tiny_model_dir("llama"), SCHEMES[scheme])
+    export_compressed_tensors(model, tmp_path / "ct")
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    for name, layer in qat_layers(model):
+        codes = quantize(layer.weight, layer.weight_scale, layer.weight_zero_point, layer.weight_bits,
+                         layer.spec.group_size).to(torch.int32)
+        signed = codes if layer.weight_zero_point is None else codes - (1 << layer.bits - 1)
+        unpacked = unpack_from_int32(tensors[f"{name}.weight_packed"], layer.bits, layer.weight.shape)
+        assert torch.equal(unpacked.to(torch.int32), signed)
+        if layer.weight_zero_point is not None:
+            zero = unpack_from_int32(tensors[f"{name}.weight_zero_point"], layer.bits, layer.weight_scale.shape,
+                                     packed_dim=0)
+            assert torch.equal(zero.to(torch.int32),
+                               torch.round(layer.weight_zero_point.detach()).to(torch.int32) - (1 << layer.bits - 1))
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int3-asym-g32", "w8a8-int8", "fp8-w8a8"])
+def test_bf16_export_decompresses_within_the_scales_rounding(tiny_model_dir, tmp_path, scheme):
+    model = _model(tiny_model_dir("llama"), SCHEMES[scheme]).to(torch.bfloat16)
+    export_compressed_tensors(model, tmp_path / "ct")
+    decompressed = _ct_decompressed(tmp_path / "ct")
+    for name, layer in qat_layers(model):
+        ref = layer.quantized_weight(exact=True).float()
+        # pack-quantized stores bf16 scales (one more bf16 rounding of the product); W8A8 / FP8 keep fp32 scales
+        torch.testing.assert_close(decompressed[name].float(), ref, rtol=2 ** -7, atol=0)
+
+
+def test_per_row_mixed_layers_are_refused_naming_save_packed_and_the_tie_option(tiny_model_dir, tmp_path):
+    model = _model(tiny_model_dir("llama"), dict(bits=4, group_size=32, bits_granularity="row"))
+    layer = model.model.layers[0].mlp.down_proj
+    layer.set_row_bits(torch.tensor([2, 8] * (layer.out_features // 2)))
+    with pytest.raises(ValueError, match="no per-row mixed form") as err:
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert "model.layers.0.mlp.down_proj" in str(err.value)
+    assert "save_packed" in str(err.value) and "allocate_tied_bits" in str(err.value)

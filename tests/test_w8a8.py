@@ -93,3 +93,39 @@ def test_w8a8_int8_matmul_is_exact_integer_arithmetic(tiny_model_dir, tmp_path):
     exact = (q.double() @ codes.double().t()) * s.double() * layer.scales.double()  # exact in float64
     assert layer.backend == "w8a8_int8"
     torch.testing.assert_close(y.reshape(-1, layer.out_features).double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("config", [dict(weight_format="fp8", activation_bits=8),
+                                    dict(bits=8, group_size=-1, activation_bits=8)])
+def test_w8a8_qat_trains(tiny_model_dir, config):
+    from conftest import text_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), quantization_config=hfqat.QATConfig(**config))
+    batch = torch.stack([row["input_ids"] for row in text_dataset(8)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.weight_scale.grad is not None and bool(layer.weight_scale.grad.abs().sum() > 0)
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("config,field", [
+    (dict(weight_format="fp8", symmetric=False), "symmetric"),
+    (dict(weight_format="fp8", layer_bits={"q_proj": 4}), "layer_bits"),
+    (dict(weight_format="fp8", rounding="soft"), "rounding"),
+    (dict(weight_format="fp8", bits_granularity="row"), "bits_granularity"),
+])
+def test_fp8_config_rejects_what_e4m3_cannot_be(config, field):
+    with pytest.raises(ValueError, match=field):
+        hfqat.QATConfig(**config)
+
+
+def test_fp8_config_is_8_bit_per_channel():
+    qc = hfqat.QATConfig(weight_format="fp8")
+    assert (qc.bits, qc.group_size) == (8, -1) and qc.spec_for("x", 64).activation_format == "fp8"

@@ -47,3 +47,15 @@ def test_fp8_scaled_mm_matches_the_dequant_path(rows):
     assert layer.backend == "fp8_scaled_mm"
     layer.force_backend = "dequant"
     assert _rel_err(y, layer(x)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["int", "fp8"])
+def test_fused_activation_quantizer_gives_the_eager_codes(kind):
+    from hfqat.export.kernels.w8a8 import _QUANTIZERS, _quantize
+
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) * torch.logspace(-2, 2, 37, device="cuda")[:, None]
+    x[3] = 0  # an all-zero token
+    q, s = _quantize(x, kind)
+    q_ref, s_ref = _QUANTIZERS[kind](x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8) if kind == "fp8" else q, q_ref.view(torch.uint8) if kind == "fp8" else q_ref)

@@ -27,11 +27,9 @@ weigh layers without the model); `hfqat.integrations.transformers` calls `replac
 loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
 Each reloaded layer picks its matmul kernel on first use (`hfqat.export.kernels`; see `PackedLinear.backend`).
 
-compressed-tensors / vLLM: `export_compressed_tensors` writes the ``pack-quantized`` format for symmetric 4- and
-8-bit weight-only layers (group-wise or per channel), which transformers (``compressed-tensors>=0.9``, extra
-``hfqat[vllm]``) and vLLM load. vLLM's pack-quantized path has no 2/3-bit (or 5-7-bit) and no asymmetric
-(zero-point) variant that hfqat's grid maps onto, and no GPT-2 ``Conv1D``: such a model raises a `ValueError`
-naming the first offending layer before anything is written; export those with `save_packed` instead.
+compressed-tensors / vLLM: `hfqat.export.compressed_tensors.export_compressed_tensors` (its `CT_SCHEMES`).
+W8A8: a layer with ``activation_bits=8`` keeps it in its entry's config; reloaded 8-bit per-channel integer layers run
+``torch._int_mm`` (backend ``w8a8_int8``) and FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) ``torch._scaled_mm``.
 """
 
 from __future__ import annotations
@@ -78,7 +76,6 @@ GUARD_KEY = "hfqat_packed_checkpoint.load_after_import_hfqat"
 def guard_keys_pattern(packed_names: list[str]) -> str:
     """The checkpoint keys of the guard tensors, for the loader with hfqat to ignore (nothing else ignored)."""
     return "^(" + "|".join([re.escape(GUARD_KEY), *(re.escape(n) + r"\.weight" for n in packed_names)]) + ")$"
-CT_BITS = (4, 8)
 
 
 class PackedLinear(PackedLayer):

@@ -254,6 +254,9 @@ def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
     if quant.get("weight_format") == "codebook":
         method = "hfqat codebook / weight clustering (per-group learned fp32 centroids, packed indices)"
         grid = "codebook: 2^bits non-uniform centroids per group, k-means initialised, trained"
+    elif quant.get("weight_format") == "fp8":
+        method = "hfqat FP8 (e4m3 weights, one fp32 scale per output channel)"
+        grid = "e4m3"
     else:
         method = "hfqat (uniform integer grid, real packed weights)"
         grid = None if symmetric is None else ("symmetric" if symmetric else "asymmetric (zero point)")
@@ -265,7 +268,8 @@ def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("grid", grid),
         ("learned scales", quant.get("learn_scales")),
         ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
-        ("activations", f"int{act_bits} dynamic per token" if act_bits else "float"),
+        ("activations", (("FP8 e4m3" if quant.get("weight_format") == "fp8" else f"int{act_bits}")
+                         + " dynamic per token") if act_bits else "float"),
         ("kept in full precision", ", ".join(quant.get("modules_to_not_convert") or []) or "output head (default)"),
     ]
     return [(key, str(value)) for key, value in rows if value is not None]

@@ -10,9 +10,16 @@ Both quantize the activations themselves, with vLLM's dynamic per-token quantize
 - ``fp8_scaled_mm``: `hfqat.export.w8a8.PackedFP8Linear` with ``activation_bits=8``, CUDA only (compute capability
   ≥ 8.9), bf16 activations, K and N multiples of 16; row-wise fp32 scales (one per token, one per output channel).
   Elsewhere the FP8 layer's ``dequant`` backend computes the same function in fp32 (dequantized codes, exact products).
+
+On CUDA the activation quantizer runs as one ``torch.compile``-fused kernel (`_quantize`): eager it is ~8 elementwise
+passes over the activations, which at prefill sizes costs about what the int8 GEMM saves. Under an outer
+``torch.compile`` the plain function is traced (and fused) with the model instead.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,19 @@ from ...quant.primitives import quantize_activations_fp8, quantize_activations_i
 from .torch_ops import _add_bias, _flat
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+_QUANTIZERS = {"int": quantize_activations_int8, "fp8": quantize_activations_fp8}
+
+
+@functools.cache
+def _fused_quantizer(kind: str):
+    return torch.compile(_QUANTIZERS[kind], dynamic=True)
+
+
+def _quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-token scales) of vLLM's quantizer for `kind`; fused on CUDA (same codes, see tests/test_w8a8_gpu)."""
+    if x.is_cuda and not torch.compiler.is_compiling() and importlib.util.find_spec("triton") is not None:
+        return _fused_quantizer(kind)(x)
+    return _QUANTIZERS[kind](x)
 
 
 def _w8a8_int8_applies(layer) -> bool:
@@ -42,7 +62,7 @@ def w8a8_int8_backend(layer, device: torch.device, dtype: torch.dtype):
 
 def w8a8_int8_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     flat = _flat(x)
-    q, scale = quantize_activations_int8(flat)
+    q, scale = _quantize(flat, "int")
     rows = q.shape[0]
     if q.is_cuda and rows < INT_MM_MIN_ROWS:
         q = F.pad(q, (0, 0, 0, INT_MM_MIN_ROWS - rows))
@@ -65,7 +85,7 @@ def fp8_scaled_mm_backend(layer, device: torch.device, dtype: torch.dtype):
 
 
 def fp8_scaled_mm_matmul(layer, x: torch.Tensor) -> torch.Tensor:
-    q, scale = quantize_activations_fp8(_flat(x))  # (M, K) e4m3, (M, 1) fp32
+    q, scale = _quantize(_flat(x), "fp8")  # (M, K) e4m3, (M, 1) fp32
     # row-wise scaling: scale_a (M, 1), scale_b (1, N), both fp32; mat2 must be column-major, i.e. (N, K)ᵀ
     y = torch._scaled_mm(q, layer._fp8_weight.t(), scale_a=scale, scale_b=layer._fp8_scale, out_dtype=torch.bfloat16)
     return _add_bias(y.reshape(*x.shape[:-1], -1), layer)
