@@ -64,6 +64,7 @@ from .codebook import PackedCodebookLinear
 from .packed_layer import PackedLayer, float_linear, float_weight_oi
 from .packing import LAYOUT, code_offset, unpack_kn
 from .unshard import unsharded_model
+from .w8a8 import PackedFP8Linear
 
 WEIGHTS_NAME = "model.safetensors"
 ZERO_DTYPE = torch.int16
@@ -173,6 +174,10 @@ class PackedRowsLinear(nn.Module):
         self.register_buffer("output_order", torch.empty(out_features, dtype=torch.int32, device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.force_backend: str | None = None  # "parts": each width block on its own (set_backend sets it)
+        self.backend: str | None = None
+        self._matmul = None
+        self._prepared_key: tuple | None = None
 
     @property
     def bits(self) -> int:
@@ -204,6 +209,30 @@ class PackedRowsLinear(nn.Module):
         return packed
 
     @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Linear | Conv1D, row_bits: torch.Tensor, group_size: int,
+                   symmetric: bool = True, scale_init: str = "mse") -> PackedRowsLinear:
+        """Post-training quantization of a float layer with one width per output row (`row_bits`, (out,)),
+        e.g. for benchmarks; each width's rows as `PackedLinear.from_float` packs them."""
+        w, group_size = float_weight_oi(module, group_size)
+        row_bits = row_bits.to(w.device).long()
+        widths = row_bits.unique().tolist()
+        rows = {b: (row_bits == b).nonzero().squeeze(1) for b in widths}
+        bias = module.bias
+        packed = cls(w.shape[1], w.shape[0], bias is not None, {b: len(r) for b, r in rows.items()}, group_size,
+                     symmetric, device=w.device, dtype=w.dtype)
+        part_layer = nn.Linear(w.shape[1], 1, bias=False, device="meta")
+        parts = []
+        for b in widths:
+            part_layer.weight = nn.Parameter(w[rows[b]], requires_grad=False)
+            parts.append(PackedLinear.from_float(part_layer, b, group_size, symmetric, scale_init))
+        packed.parts = nn.ModuleList(parts)
+        packed.output_order.copy_(torch.argsort(torch.cat([rows[b] for b in widths])).to(torch.int32))
+        if bias is not None:
+            packed.bias.copy_(bias)
+        return packed
+
+    @classmethod
     def from_entry(cls, in_features: int, out_features: int, bias: bool, entry: dict[str, Any],
                    config: QATConfig, device=None, dtype=None) -> PackedRowsLinear:
         return cls(in_features, out_features, bias, {int(b): int(n) for b, n in entry["row_bits"].items()},
@@ -221,8 +250,29 @@ class PackedRowsLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:
             x = fake_quantize_activations(x, self.activation_bits)
-        y = torch.cat([part(x) for part in self.parts], -1).index_select(-1, self.output_order)
-        return y + self.bias if self.bias is not None else y
+        if self._prepared_key != (x.device, x.dtype, self.force_backend):
+            self._prepare(x.device, x.dtype)
+        return self._matmul(self, x)
+
+    @torch.compiler.disable
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """CUDA: ``triton_rows``, every width block in one launch with the output order applied by the kernel's
+        stores (`hfqat.export.kernels.triton_lowbit.rows_backend`). Elsewhere, or with a backend forced (it then
+        applies to the parts): each part on its own backend, then concatenation and reordering (``parts``)."""
+        fused = None
+        if self.force_backend in (None, "triton", "triton_rows") and device.type == "cuda":
+            try:
+                from .kernels import triton_lowbit
+            except ImportError:  # triton missing or too old
+                triton_lowbit = None
+            fused = triton_lowbit and triton_lowbit.rows_backend(self, device, dtype)
+        if fused is not None:
+            self.backend, self._matmul = "triton_rows", fused
+        else:
+            for part in self.parts:
+                part._prepare(device, dtype)
+            self.backend, self._matmul = "parts", _parts_matmul
+        self._prepared_key = (device, dtype, self.force_backend)
 
     def to_float(self) -> nn.Linear:
         return float_linear(self, self.output_order.device)
@@ -230,6 +280,11 @@ class PackedRowsLinear(nn.Module):
     def extra_repr(self) -> str:
         rows = ", ".join(f"{part.bits}-bit: {part.out_features}" for part in self.parts)
         return f"in_features={self.in_features}, out_features={self.out_features}, rows=({rows})"
+
+
+def _parts_matmul(layer: PackedRowsLinear, x: torch.Tensor) -> torch.Tensor:
+    y = torch.cat([part(x) for part in layer.parts], -1).index_select(-1, layer.output_order)
+    return y + layer.bias if layer.bias is not None else y
 
 
 def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
@@ -240,7 +295,8 @@ def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
 
 
 # weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
-PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear)}
+PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear,
+                                                                                  PackedFP8Linear)}
 PACKED_TYPES = tuple(PACKED_CLASSES.values())
 
 
@@ -251,9 +307,20 @@ def packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear | Packe
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
-    """Pin every packed layer to `backend` (a name from `hfqat.export.kernels.BACKENDS`), or None for auto."""
+    """Pin every packed layer to `backend` (a name from `hfqat.export.kernels.BACKENDS`), or None for auto.
+
+    A per-row layer (`PackedRowsLinear`) runs its fused ``triton_rows`` path for None and "triton", and otherwise
+    passes `backend` to each of its width blocks."""
     for _, layer in packed_modules(model):
         layer.force_backend = backend
+    for _, layer in rows_modules(model):
+        layer.force_backend = backend
+
+
+def rows_modules(model: nn.Module) -> Iterator[tuple[str, PackedRowsLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, PackedRowsLinear):
+            yield name, module
 
 
 def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
@@ -266,12 +333,20 @@ def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict
         act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
         layer._prepare(layer.qweight.device, act_dtype)
         chosen[name] = layer.backend
+    for name, layer in rows_modules(model):
+        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
+        layer._prepare(layer.output_order.device, act_dtype)
+        chosen[name] = layer.backend
     return chosen
 
 
 def backends_in_use(model: nn.Module) -> dict[str, str | None]:
-    """Packed layer name → backend it ran with last (None before its first forward)."""
-    return {name: layer.backend for name, layer in packed_modules(model)}
+    """Packed layer name → backend it ran with last (None before its first forward). A per-row layer on its
+    fused path is listed by its own name (``triton_rows``), its width blocks then stay unused (None)."""
+    fused = {name for name, layer in rows_modules(model) if layer.backend == "triton_rows"}
+    used = {name: layer.backend for name, layer in packed_modules(model)
+            if name.rsplit(".parts.", 1)[0] not in fused}
+    return used | {name: "triton_rows" for name in fused}
 
 
 def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]:

@@ -17,6 +17,7 @@ from transformers.quantizers.auto import (
 
 from ..config import QUANT_METHOD, QATConfig
 from ..quant.finite import check_finite_weights
+from ..quant.experts import qat_experts, restore_float
 from ..quant.modeling import (
     fit_belongs_on_accelerator,
     init_quant_params,
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # Quant params a plain checkpoint does not have; they are fitted after loading, so no "missing keys" noise.
 QUANT_PARAM_PATTERNS = (r"\.weight_scale$", r"\.weight_zero_point$", r"\.weight_bits$", r"\.weight_codebook$",
-                        r"\.weight_row_bits$")
+                        r"\.weight_row_bits$", r"\.routed_tokens$")
 
 
 class QATHfQuantizer(HfQuantizer):
@@ -84,6 +85,8 @@ class QATHfQuantizer(HfQuantizer):
                 model.set_submodule(name, float_layer if dtype is None else float_layer.to(dtype))
 
         replace(qat_layers(model))
+        for _, experts in list(qat_experts(model)):
+            restore_float(experts, dtype)
         # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
         replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
         replace(packed_modules(model))
