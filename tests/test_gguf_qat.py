@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 
 import hfqat
 from hfqat import QATConfig
+from hfqat.config import GGUF_TYPES
 from hfqat.quant.gguf_grids import GGUF_GRIDS, fit_grid, gguf_codes, gguf_fake_quantize, pack_blocks
 from hfqat.quant.gguf_layers import GGUFMixin
 from hfqat.quant.modeling import qat_layers
@@ -92,7 +93,8 @@ def test_straight_through_gradients_reach_weights_scales_and_mins(tiny256):
 
 @pytest.mark.parametrize("name", ISSUE_TYPES)
 def test_export_loads_in_transformers_with_exactly_the_fake_quant_weights(tiny256, tmp_path, name):
-    model = _load(tiny256, gguf_type=name, modules_to_not_convert=[])  # the head too: every matrix on the grid
+    # the head too (layer_bits naming it converts it; its bits select this type): every matrix on the grid
+    model = _load(tiny256, gguf_type=name, layer_bits={"lm_head": GGUF_TYPES[name][0]})
     _train_steps(model)
     model.eval()
     path = hfqat.export_gguf(model, tmp_path / "model.gguf", float_type="F32")

@@ -240,6 +240,29 @@ def test_non_finite_skip_keeps_those_layers_float_and_reloads(nan_model_dir, tmp
         hfqat.QATConfig(non_finite="ignore")
 
 
+def test_non_finite_expert_weights_raise_or_stay_float(tmp_path):
+    from moe_archs import tiny_moe_config
+
+    from hfqat.quant.experts import qat_experts
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("mixtral"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj.view(-1)[:5] = float("nan")
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: 5 NaN and 0 inf"):
+        _qat(tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the recorded skip entry names a parameter that exists
+        model = _qat(tmp_path / "float", non_finite="skip")
+    quantized = {name: sorted(m.quantizers) for name, m in qat_experts(model)}
+    assert quantized == {"model.layers.0.mlp.experts": ["down_proj"],
+                         "model.layers.1.mlp.experts": ["down_proj", "gate_up_proj"]}
+    model.save_pretrained(tmp_path / "qat")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "qat")
+    assert {name: sorted(m.quantizers) for name, m in qat_experts(reloaded)} == quantized
+
+
 def test_save_packed_refuses_non_finite_weights_naming_the_layer(packed_reference, tmp_path):
     model = _qat(packed_reference[0])  # a model of its own: the shared one stays finite
     layer = model.get_submodule("model.layers.0.mlp.up_proj")

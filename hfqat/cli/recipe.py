@@ -34,6 +34,7 @@ from ..config import (
     ACTIVATION_BITS,
     BITS_GRANULARITIES,
     CLAMPING_MODES,
+    NON_FINITE_POLICIES,
     RAGGED_GROUP_POLICIES,
     ROUNDING_MODES,
     SCALE_INITS,
@@ -108,6 +109,8 @@ class QuantArguments:
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "Kept in full precision."})
     layer_bits: dict | str | None = field(
         default=None, metadata={"help": 'Per-layer bits, e.g. \'{"down_proj": 8}\' (regex or name -> bits).'})
+    non_finite: str = field(default="error", metadata={
+        "help": f"One of {list(NON_FINITE_POLICIES)}: a layer with NaN / inf weights stops the run or stays float."})
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_bits, str):

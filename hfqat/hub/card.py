@@ -270,9 +270,15 @@ def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
         ("activations", (("FP8 e4m3" if quant.get("weight_format") == "fp8" else f"int{act_bits}")
                          + " dynamic per token") if act_bits else "float"),
-        ("kept in full precision", ", ".join(quant.get("modules_to_not_convert") or []) or "output head (default)"),
+        ("kept in full precision", _kept_float(quant)),
     ]
     return [(key, str(value)) for key, value in rows if value is not None]
+
+
+def _kept_float(quant: dict[str, Any]) -> str:
+    """The default skip (the output head, unless it was packed) and the user's `modules_to_not_convert`."""
+    head = [] if "lm_head" in (quant.get("packed_layers") or {}) else ["output head (default)"]
+    return ", ".join(head + list(quant.get("modules_to_not_convert") or [])) or "none"
 
 
 def _average_bits(layers: list[dict[str, Any]]) -> float:

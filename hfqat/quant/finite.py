@@ -1,9 +1,10 @@
 """Non-finite (NaN / inf) weights, found at conversion instead of as NaN scales, NaN logits and a NaN loss later.
 
 A fake-quantized layer fitted to a weight holding a NaN gets NaN scales, and every output of the model turns NaN.
-`QATConfig.non_finite` says what happens to such layers: "error" (default) raises naming every such layer and its
-count of NaN and inf; "skip" turns them back into plain float layers (so the rest of the model trains), records
-them in ``config.modules_to_not_convert`` (so a saved checkpoint reloads them as float) and logs them by name.
+`QATConfig.non_finite` says what happens to such layers: "error" (default) raises naming every such layer (or fused
+expert parameter) and its count of NaN and inf; "skip" turns them back into plain float layers (expert parameters:
+their quantizer is dropped) so the rest of the model trains, records them in ``config.modules_to_not_convert`` (so a
+saved checkpoint reloads them as float) and logs them by name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import QATConfig
 from ..distributed import local_tensor
+from .experts import drop_quantizer, qat_experts
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ def non_finite_counts(tensor: torch.Tensor | None) -> tuple[int, int]:
     if tensor is None or tensor.is_meta:
         return 0, 0
     t = local_tensor(tensor.detach())
-    if t.numel() == 0 or not t.is_floating_point():
+    if t.numel() == 0 or not t.is_floating_point() or bool(torch.isfinite(t).all()):  # one pass when all is well
         return 0, 0
     return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
 
@@ -66,6 +68,8 @@ def check_finite_weights(model: nn.Module, config: QATConfig, quant_params: bool
     raises a `ValueError` naming them ("error")."""
     attrs = FLOAT_TENSORS + (QUANT_PARAMS if quant_params else ())
     bad = non_finite_layers(((n, m) for n, m in model.named_modules() if isinstance(m, QAT_LAYER_TYPES)), attrs)
+    bad_experts = _non_finite_experts(model, quant_params)
+    bad.update(bad_experts)
     if not bad:
         return []
     listing = "; ".join(f"{name}: {describe_counts(*counts)}" for name, counts in bad.items())
@@ -73,7 +77,26 @@ def check_finite_weights(model: nn.Module, config: QATConfig, quant_params: bool
         raise ValueError(f"non-finite weights in {len(bad)} layer(s) to be quantized ({listing}); fix the checkpoint, "
                          "or pass QATConfig(non_finite='skip') to keep these layers in full precision")
     for name in bad:
-        model.set_submodule(name, _float_twin(model.get_submodule(name)))
+        if name in bad_experts:
+            module_name, param = name.rsplit(".", 1)
+            drop_quantizer(model.get_submodule(module_name), param)
+        else:
+            model.set_submodule(name, _float_twin(model.get_submodule(name)))
     config.modules_to_not_convert = list(dict.fromkeys([*(config.modules_to_not_convert or []), *bad]))
     logger.warning("hfqat: non_finite='skip': kept in full precision, not quantized (non-finite weights): %s", listing)
     return list(bad)
+
+
+def _non_finite_experts(model: nn.Module, quant_params: bool) -> dict[str, tuple[int, int]]:
+    """{"<experts module>.<parameter>": (nan, inf)} of fake-quantized expert parameters that are not all finite."""
+    found = {}
+    for name, module in qat_experts(model):
+        for param, quantizer in module.quantizers.items():
+            tensors = [module._parameters[param]]
+            if quant_params:
+                tensors += [quantizer.weight_scale, quantizer.weight_zero_point]
+            counts = [non_finite_counts(t) for t in tensors]
+            nan, inf = sum(c[0] for c in counts), sum(c[1] for c in counts)
+            if nan or inf:
+                found[f"{name}.{param}"] = (nan, inf)
+    return found

@@ -20,7 +20,7 @@ from .finite import check_finite_weights
 from .fp8 import FP8Conv1D, FP8Linear
 from .gguf_layers import GGUFConv1D, GGUFLinear
 from .coverage import has_own_forward, is_router, parent_of, warn_if_float
-from .experts import qat_experts, replace_experts_with_qat
+from .experts import expert_param_layouts, qat_experts, replace_experts_with_qat
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
@@ -71,6 +71,7 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
 def _warn_unmatched_patterns(model: nn.Module, config: QATConfig, converted: list[str]) -> None:
     """A skip entry that names no module, or a layer_bits key that selects no converted layer, is a typo."""
     names = [name for name, _ in model.named_modules() if name]
+    names += [f"{name}.{param}" for name, module in model.named_modules() for param in expert_param_layouts(module)]
     warn_unmatched("modules_to_not_convert", config.modules_to_not_convert or [], names, skip_matches)
     if converted:
         warn_unmatched("layer_bits", config.layer_bits or {}, converted, layer_bits_matches)
