@@ -12,7 +12,8 @@ with ``hfqat.save_packed``, reloaded with ``AutoModelForCausalLM.from_pretrained
 
 Variants (``--widths``): bf16, W4, W3, W2 (g128 sym) and ``mixed`` (per-row widths 3/4/5 in equal thirds,
 average 4.0, rows shuffled: what row re-allocation produces; packed as `PackedRowsLinear`). ``w4@gemlite``
-etc. pins a backend (`hfqat.export.packed.set_backend`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
+etc. pins a backend (`hfqat.export.packed.set_backend`); ``w4@fastest`` times tinygemm/triton/gemlite on each
+layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
 through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs hfqat's kernels vs the
 maintained PyPI kernels that install without compiling (gemlite, torchao int4, humming), on the 8B shapes
 at M=1 and M=16. The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
@@ -39,8 +40,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hfqat
@@ -48,6 +49,7 @@ from hfqat.export.packed import (
     PackedLinear,
     PackedRowsLinear,
     backends_in_use,
+    pin_fastest_backends,
     prepare_backends,
     save_packed,
     set_backend,
@@ -125,7 +127,7 @@ def mixed_row_bits(out_features: int, widths: tuple[int, ...], generator: torch.
     share = out_features // len(widths)
     counts = [share] * len(widths)
     counts[len(widths) // 2] += out_features - share * len(widths)
-    bits = torch.cat([torch.full((c,), b) for b, c in zip(widths, counts)])
+    bits = torch.cat([torch.full((c,), b) for b, c in zip(widths, counts, strict=True)])
     return bits[torch.randperm(out_features, generator=generator)]
 
 
@@ -196,21 +198,26 @@ def measure_generate(bench: Bench, model, label: str, mode: str) -> dict:
 def measure_prefill(bench: Bench, model, batch: int, length: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=bench.device)
     with torch.no_grad():
-        run = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+        def run():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
         run()
         run()
         seconds = bench.timed(run, repeat=3)
     return {"tokens_per_s": batch * length / seconds, "ms": 1e3 * seconds}
 
 
-def exactness_check(bench: Bench, model, label: str, backend: str | None) -> float:
+def exactness_check(bench: Bench, model, label: str) -> float:
     """First-forward logits of the chosen kernels vs the exact dequantize fallback, relative L2 error."""
     ids = torch.randint(0, model.config.vocab_size, (1, bench.args.prompt_len), device=bench.device)
+    layers = [m for m in model.modules() if hasattr(m, "force_backend")]
+    pinned = [(m, m.force_backend) for m in layers]
     with torch.no_grad():
         fast = model(input_ids=ids).logits.float()
         set_backend(model, "dequant")
         exact = model(input_ids=ids).logits.float()
-        set_backend(model, backend)
+        for m, backend in pinned:
+            m.force_backend = backend
         prepare_backends(model, torch.bfloat16)
     rel = ((fast - exact).norm() / exact.norm()).item()
     bench.results["checks"][label] = {"logits_rel_err_vs_exact": rel}
@@ -230,7 +237,12 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             t0 = time.perf_counter()
             model = load_variant(bench, config, width, workdir)
             if width != "bf16":
-                set_backend(model, backend)
+                if backend == "fastest":  # time tinygemm / triton / gemlite per layer shape, pin the fastest
+                    for key, times in pin_fastest_backends(model, torch.bfloat16).items():
+                        bench.log(f"  fastest at M=1 for (in, out, bits, group, sym)={key}: "
+                                  + ", ".join(f"{b} {us:.1f} us" for b, us in times.items()))
+                else:
+                    set_backend(model, backend)
                 prepare_backends(model, torch.bfloat16)  # kernel set-up outside any compiled region
                 if "tune" in args.sections:
                     tune_decode_kernels(model)
@@ -239,7 +251,7 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             gb = weight_bytes(model) / 1e9
             note = ""
             if width != "bf16":
-                note = f", logits rel err vs exact {exactness_check(bench, model, spec, backend):.1e}"
+                note = f", logits rel err vs exact {exactness_check(bench, model, spec):.1e}"
             bench.log(f"{spec}: built+saved+loaded in {bench.results['setup_s'][spec]:.0f}s, decoder weights "
                       f"{gb:.3f} GB, backends {used}{note}")
             for mode in modes:
@@ -361,21 +373,21 @@ def run_kernels(bench: Bench) -> None:
         table = bench.results["kernels"].setdefault(f"{k}x{n}", {})
         xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in (1, 16)}
         for m, x in xs.items():
-            table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x: F.linear(x, linear.weight)),
+            table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w)),
                                                       "GB": linear.weight.numel() * 2 / 1e9}
         for bits in widths:
             label = "mixed345" if isinstance(bits, tuple) else f"W{bits}"
             candidates = {}
             if "ours" in backends:
-                candidates["hfqat"] = lambda bits=bits: _ours(linear, bits, None)
+                candidates["hfqat"] = lambda bits=bits, lin=linear: _ours(lin, bits, None)
                 if bits == 4 and bench.device.type == "cuda":
-                    candidates["hfqat-triton"] = lambda bits=bits: _ours(linear, bits, "triton")
+                    candidates["hfqat-triton"] = lambda bits=bits, lin=linear: _ours(lin, bits, "triton")
             if not isinstance(bits, tuple):
                 if "gemlite" in backends:
-                    candidates["gemlite"] = lambda bits=bits: _ours(linear, bits, "gemlite")
+                    candidates["gemlite"] = lambda bits=bits, lin=linear: _ours(lin, bits, "gemlite")
                 for name in ("torchao", "humming"):
                     if name in backends:
-                        candidates[name] = lambda bits=bits, name=name: _external(name, linear, bits)
+                        candidates[name] = lambda bits=bits, name=name, lin=linear: _external(name, lin, bits)
             for name, make in candidates.items():
                 try:
                     module = make()

@@ -437,7 +437,7 @@ def _(x, qweight, scales, zeros, bits, group_size):
 
 
 def _rows_mm(x, qweights, scales, zeros, bits, group_size: int, out_index):
-    parts = [Part(q, s, zeros[i] if zeros else None, b) for i, (q, s, b) in enumerate(zip(qweights, scales, bits))]
+    parts = [Part(q, s, zeros[i] if zeros else None, b) for i, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True))]
     return _parts_mm(x, parts, group_size, out_index)
 
 
@@ -470,7 +470,10 @@ def applies(layer, dtype: torch.dtype) -> bool:
 
 
 def backend(layer, device: torch.device, dtype: torch.dtype):
-    return _triton_matmul if applies(layer, dtype) else None
+    if not applies(layer, dtype):
+        return None
+    _workspace(device, layer.out_features)  # now, not inside a CUDA-graph capture or warm-up
+    return _triton_matmul
 
 
 def _op(name: str):
@@ -496,6 +499,7 @@ def rows_backend(layer, device: torch.device, dtype: torch.dtype):
         return None
     out_index = torch.argsort(layer.output_order.long()).to(torch.int32)
     layer.register_buffer("_out_index", out_index, persistent=False)
+    _workspace(device, layer.out_features)
     return _triton_rows_matmul
 
 
