@@ -16,7 +16,7 @@ etc. pins a backend (`hfqat.export.packed.set_backend`); ``w4@fastest`` times ti
 layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
 through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs hfqat's kernels vs the
 maintained PyPI kernels that install without compiling (gemlite, torchao int4, humming), on the 8B shapes
-at M=1 and M=16. The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
+at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
 optional table (``--hand-loop``). Every line is printed as soon as it is measured; a time budget
 (``--budget-s``) skips what is left and says so; the final table holds tokens/s and the ratio vs bf16.
 
@@ -75,7 +75,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.start = time.perf_counter()
         self.results = {"args": vars(args), "torch": torch.__version__, "generate": {}, "prefill": {},
-                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "setup_s": {}}
+                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "errors": {}, "setup_s": {}}
         if self.device.type == "cuda":
             self.results["device"] = torch.cuda.get_device_name(self.device)
 
@@ -88,6 +88,17 @@ class Bench:
             self.log(f"time budget ({self.args.budget_s:.0f}s) reached: {what} skipped")
             return True
         return False
+
+    def attempt(self, what: str, fn, *args):
+        """fn(*args), or None with the error logged and recorded: one failure does not end a GPU run."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - reported, and the run goes on with the next item
+            self.results["errors"][what] = f"{type(err).__name__}: {err}"[:2000]
+            self.log(f"{what} FAILED: {type(err).__name__}: {str(err)[:500]}")
+            torch._dynamo.reset()
+            self.free()
+            return None
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -235,17 +246,13 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             if bench.over_budget(f"variant {spec}"):
                 continue
             t0 = time.perf_counter()
-            model = load_variant(bench, config, width, workdir)
-            if width != "bf16":
-                if backend == "fastest":  # time tinygemm / triton / gemlite per layer shape, pin the fastest
-                    for key, times in pin_fastest_backends(model, torch.bfloat16).items():
-                        bench.log(f"  fastest at M=1 for (in, out, bits, group, sym)={key}: "
-                                  + ", ".join(f"{b} {us:.1f} us" for b, us in times.items()))
-                else:
-                    set_backend(model, backend)
-                prepare_backends(model, torch.bfloat16)  # kernel set-up outside any compiled region
-                if "tune" in args.sections:
-                    tune_decode_kernels(model)
+            model = bench.attempt(f"variant {spec}", load_variant, bench, config, width, workdir)
+            if model is None:
+                continue
+            if width != "bf16" and bench.attempt(f"{spec} backends", prepare_variant, bench, model, backend) is None:
+                del model
+                bench.free()
+                continue
             bench.results["setup_s"][spec] = time.perf_counter() - t0
             used = sorted({b for b in backends_in_use(model).values() if b}) if width != "bf16" else ["cuBLAS"]
             gb = weight_bytes(model) / 1e9
@@ -257,7 +264,9 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             for mode in modes:
                 if bench.over_budget(f"{spec} generate {mode}"):
                     continue
-                row = measure_generate(bench, model, spec, mode)
+                row = bench.attempt(f"{spec} generate {mode}", measure_generate, bench, model, spec, mode)
+                if row is None:
+                    continue
                 row.update(weights_GB=gb, backends=used)
                 bench.results["generate"].setdefault(spec, {})[mode] = row
                 base = bench.results["generate"].get("bf16", {}).get(mode, {}).get("tokens_per_s")
@@ -268,14 +277,19 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
                 for batch, length in prefill:
                     if bench.over_budget(f"{spec} prefill {batch}x{length}"):
                         continue
-                    row = measure_prefill(bench, model, batch, length)
+                    row = bench.attempt(f"{spec} prefill {batch}x{length}", measure_prefill, bench, model, batch,
+                                        length)
+                    if row is None:
+                        continue
                     key = f"{batch}x{length}"
                     bench.results["prefill"].setdefault(spec, {})[key] = row
                     base = bench.results["prefill"].get("bf16", {}).get(key, {}).get("tokens_per_s")
                     ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
                     bench.log(f"  prefill {key:8s} {row['tokens_per_s']:10.0f} tok/s{ratio}  ({row['ms']:.1f} ms)")
+            row = None
             if "hand" in args.sections and not bench.over_budget(f"{spec} hand loop"):
-                row = hand_loop(bench, model)
+                row = bench.attempt(f"{spec} hand loop", hand_loop, bench, model)
+            if row is not None:
                 bench.results["hand_loop"][spec] = row
                 base = bench.results["hand_loop"].get("bf16", {}).get("tokens_per_s")
                 ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
@@ -285,6 +299,21 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             bench.free()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def prepare_variant(bench: Bench, model, backend: str | None) -> bool:
+    """Pin `backend` (or time and pin the fastest per layer shape) and set every packed layer up now, outside
+    any compiled region."""
+    if backend == "fastest":
+        for key, times in pin_fastest_backends(model, torch.bfloat16).items():
+            bench.log(f"  fastest at M=1 for (in, out, bits, group, sym)={key}: "
+                      + ", ".join(f"{b} {us:.1f} us" for b, us in times.items()))
+    else:
+        set_backend(model, backend)
+    prepare_backends(model, torch.bfloat16)
+    if "tune" in bench.args.sections:
+        tune_decode_kernels(model)
+    return True
 
 
 def tune_decode_kernels(model) -> None:
@@ -371,7 +400,7 @@ def run_kernels(bench: Bench) -> None:
         linear = nn.Linear(k, n, bias=False, device=bench.device, dtype=torch.bfloat16)
         nn.init.normal_(linear.weight, std=0.02)
         table = bench.results["kernels"].setdefault(f"{k}x{n}", {})
-        xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in (1, 16)}
+        xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in args.kernel_m}
         for m, x in xs.items():
             table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w)),
                                                       "GB": linear.weight.numel() * 2 / 1e9}
@@ -398,8 +427,9 @@ def run_kernels(bench: Bench) -> None:
                     table[key] = {"unavailable": module}
                     bench.log(f"  {k}x{n} {key}: unavailable ({module})")
                     continue
-                nbytes = sum(t.numel() * t.element_size() for t in module.buffers() if t.dtype != torch.bfloat16
-                             or not t.is_floating_point()) if not isinstance(module, nn.Sequential) else None
+                nbytes = None  # bytes a GEMV must read: the stored packed words and scales (ours)
+                if isinstance(module, (PackedLinear, PackedRowsLinear)):
+                    nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
                 for m, x in xs.items():
                     with torch.no_grad():
                         us = _time_us(bench, lambda x=x, module=module: module(x))
@@ -410,8 +440,15 @@ def run_kernels(bench: Bench) -> None:
                                                           "backend": backend}
                     base = table["bf16"][f"M={m}"]["us"]
                     bw = f", {nbytes / us / 1e3:5.0f} GB/s" if nbytes else ""
-                    bench.log(f"  {k:5d}x{n:<6d} M={m:2d} {key:22s} {us:8.1f} us  x{base / us:.2f} vs bf16 "
+                    bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {key:22s} {us:8.1f} us  x{base / us:.2f} vs bf16 "
                               f"({base:.1f} us){bw}  [{backend}] err {rel:.1e}")
+                    own = getattr(module, "_gemlite", None)
+                    if own is not None and m > 64:  # our layer hands large M to dequant+cuBLAS; gemlite's own GEMM
+                        with torch.no_grad():
+                            own_us = _time_us(bench, lambda x=x, own=own: own(x))
+                        table[key][f"M={m} gemlite GEMM"] = {"us": own_us, "backend": "gemlite own GEMM"}
+                        bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {key + ' own GEMM':22s} {own_us:8.1f} us  "
+                                  f"x{base / own_us:.2f} vs bf16")
                 del module
         del linear
         bench.free()
@@ -564,11 +601,13 @@ def summary(bench: Bench) -> str:
                 for m, cell in row.items():
                     if not isinstance(cell, dict):
                         continue
-                    base = table["bf16"][m]["us"]
+                    base = table["bf16"][m.split(" ")[0]]["us"]
                     cells.append(f"{m} {cell['us']:7.1f} us x{base / cell['us']:.2f}")
                 lines.append(f"{shape:11s} {key:22s} " + "   ".join(cells))
     if r["skipped"]:
         lines.append(f"skipped (time budget): {r['skipped']}")
+    for what, err in r["errors"].items():
+        lines.append(f"FAILED {what}: {err[:300]}")
     return "\n".join(lines)
 
 
@@ -585,6 +624,7 @@ def main():
                              "(tune Triton GEMV launches before timing)")
     parser.add_argument("--prefill", default=None, help="BxL list (default 16x128,1x2048; smoke 2x16,1x64)")
     parser.add_argument("--backends", default="ours,gemlite,torchao,humming", help="kernel table backends")
+    parser.add_argument("--kernel-m", default="1,16,2048", help="rows (tokens) of the kernel table's inputs")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; smoke 8")
     parser.add_argument("--budget-s", type=float, default=480, help="skip what is left after this many seconds")
@@ -598,6 +638,7 @@ def main():
     args.modes = args.modes or ("eager" if args.smoke else "eager,static")
     args.prefill = args.prefill or ("2x16,1x64" if args.smoke else "16x128,1x2048")
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
+    args.kernel_m = [int(m) for m in args.kernel_m.split(",") if m]
     bench = Bench(args)
     torch.set_grad_enabled(False)
     import torch._dynamo.config as dynamo_config
