@@ -314,13 +314,12 @@ def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     Do this before ``torch.compile`` or CUDA-graph capture so that neither sees the one-time set-up.
     """
     chosen = {}
-    for name, layer in packed_modules(model):
+    layers = [(name, layer, layer.qweight.device) for name, layer in packed_modules(model)]
+    layers += [(name, layer, layer.output_order.device) for name, layer in rows_modules(model)]
+    for name, layer, device in layers:
         act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
-        layer._prepare(layer.qweight.device, act_dtype)
-        chosen[name] = layer.backend
-    for name, layer in rows_modules(model):
-        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
-        layer._prepare(layer.output_order.device, act_dtype)
+        if layer._prepared_key != (device, act_dtype, layer.force_backend):  # set up already: keep it
+            layer._prepare(device, act_dtype)
         chosen[name] = layer.backend
     return chosen
 

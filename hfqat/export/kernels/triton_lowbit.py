@@ -30,6 +30,7 @@ tinygemm does 4-bit faster (16.9 / 5.9 us), so it is preferred there. The fused 
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -272,8 +273,7 @@ class GemvConfig:
     split: int  # programs along K; 1 = no split (no atomics)
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):  # a NamedTuple: built on every eager call, cheaper than a dataclass
     """One packed matrix of a launch: (K·bits/32, N) int32 words, (groups, N) fp32 scales, int16 zeros or None."""
 
     qweight: torch.Tensor
@@ -509,7 +509,10 @@ def _op(name: str):
     op's dispatch would cost more than a decode GEMV takes."""
     if torch.compiler.is_compiling():
         return getattr(torch.ops.hfqat, name)
-    return {"lowbit_mm": _lowbit_mm, "lowbit_rows_mm": _rows_mm}[name]
+    return _EAGER[name]
+
+
+_EAGER = {"lowbit_mm": _lowbit_mm, "lowbit_rows_mm": _rows_mm}
 
 
 def _triton_matmul(layer, x: torch.Tensor) -> torch.Tensor:
