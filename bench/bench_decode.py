@@ -165,7 +165,7 @@ def load_variant(bench: Bench, config: LlamaConfig, width: str, workdir: Path):
     if width == "bf16":
         return float_model(bench, config)
     path = packed_checkpoint(bench, config, width, workdir / width)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=bench.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=str(bench.device)).eval()
     shutil.rmtree(path, ignore_errors=True)
     return model
 
