@@ -569,7 +569,7 @@ def summary(bench: Bench) -> str:
     header = "| model | weights GB | " + " | ".join(f"generate {m}" for m in modes) + "".join(
         f" | prefill {p}" for p in prefill) + " |"
     lines += [header, "|" + "---|" * (2 + len(modes) + len(prefill))]
-    for spec in bench.args.widths.split(","):
+    for spec in dict.fromkeys(["bf16", *bench.args.widths.split(",")]):  # bf16 first, measured or --baseline
         gen, pre = r["generate"].get(spec, {}), r["prefill"].get(spec, {})
         if not gen and not pre:
             continue
@@ -616,7 +616,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes (CPU test)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; smoke 2)")
-    parser.add_argument("--widths", default="bf16,w4,w3,w2,mixed",
+    parser.add_argument("--widths", default="bf16,w4,mixed,w3,w2",
                         help=f"variants, comma-separated, from {list(WIDTHS)}; width@backend pins a backend")
     parser.add_argument("--modes", default=None, help="generate modes: eager,static (default both; smoke eager)")
     parser.add_argument("--sections", default="generate,prefill,kernels",
@@ -627,7 +627,11 @@ def main():
     parser.add_argument("--kernel-m", default="1,16,2048", help="rows (tokens) of the kernel table's inputs")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; smoke 8")
-    parser.add_argument("--budget-s", type=float, default=480, help="skip what is left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="start nothing new after this many seconds (an item already begun finishes)")
+    parser.add_argument("--baseline", default=None,
+                        help="bench_decode.json of an earlier run on the same machine: its bf16 rows are the "
+                             "reference when this run does not measure bf16 (split long runs)")
     parser.add_argument("--workdir", default=None, help="where packed checkpoints are written (then deleted)")
     parser.add_argument("--check", action="store_true", help="hand loop == generate on a tiny model, then exit")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_decode.json")
@@ -640,6 +644,12 @@ def main():
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
     args.kernel_m = [int(m) for m in args.kernel_m.split(",") if m]
     bench = Bench(args)
+    if args.baseline:
+        earlier = json.loads(Path(args.baseline).read_text())
+        for section in ("generate", "prefill", "hand_loop"):
+            if "bf16" in earlier.get(section, {}):
+                bench.results[section]["bf16"] = earlier[section]["bf16"]
+        bench.log(f"bf16 reference rows from {args.baseline}")
     torch.set_grad_enabled(False)
     import torch._dynamo.config as dynamo_config
 
