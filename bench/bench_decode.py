@@ -12,18 +12,25 @@ with ``hfqat.save_packed``, reloaded with ``AutoModelForCausalLM.from_pretrained
 
 Variants (``--widths``): bf16, W4, W3, W2 (g128 sym) and ``mixed`` (per-row widths 3/4/5 in equal thirds,
 average 4.0, rows shuffled: what row re-allocation produces; packed as `PackedRowsLinear`). ``w4@gemlite``
-etc. pins a backend (`hfqat.export.packed.set_backend`); ``w4@fastest`` times tinygemm/triton/gemlite on each
-layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
-through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs hfqat's kernels vs the
-maintained PyPI kernels that install without compiling (gemlite, torchao int4, humming), on the 8B shapes
-at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
-optional table (``--hand-loop``). Every line is printed as soon as it is measured; a time budget
-(``--budget-s``) skips what is left and says so; the final table holds tokens/s and the ratio vs bf16.
+etc. pins a backend (`hfqat.export.packed.set_backend`); ``w4@fastest`` times tinygemm/triton/gemlite on
+each layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends`). Prefill (``--prefill``):
+16×128 and 1×2048 tokens through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs
+hfqat's kernels vs the maintained PyPI kernels that install without compiling (gemlite, torchao int4,
+humming), on the 8B shapes at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled
+layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). Every line is printed
+as soon as it is measured; a time budget (``--budget-s``) skips what is left and says so; the final table holds
+tokens/s and the ratio vs bf16.
 
-GPU (H200; ~8 min for everything at 32 layers; split it with --sections if needed):
-    PYTHONPATH=. python bench/bench_decode.py --device cuda
-    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections generate --modes static
-    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections kernels --backends ours,gemlite,torchao
+GPU (H200). Static-cache generate compiles the 32-layer model once per variant (~1 min each), so the full run is
+split in three commands of under 10 minutes (indented lines continue the command above); the later ones take
+bf16 from the first (``--baseline``):
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes eager --out $OUT
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths bf16,w4,mixed
+        --out $OUT/static1
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths w3,w2,w4@fastest
+        --baseline $OUT/static1/bench_decode.json --out $OUT/static2
+(optional backends for the kernel table and ``@gemlite`` / ``@fastest``: ``pip install hfqat[gemlite]``, torchao,
+humming-kernels; a missing one is reported in the table, not fatal).
 CPU smoke (tiny model, a few seconds; what tests/test_bench_decode.py runs):
     PYTHONPATH=. python bench/bench_decode.py --device cpu --smoke
 """
@@ -402,8 +409,8 @@ def run_kernels(bench: Bench) -> None:
         table = bench.results["kernels"].setdefault(f"{k}x{n}", {})
         xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in args.kernel_m}
         for m, x in xs.items():
-            table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w)),
-                                                      "GB": linear.weight.numel() * 2 / 1e9}
+            us = _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w))
+            table.setdefault("bf16", {})[f"M={m}"] = {"us": us, "GB": linear.weight.numel() * 2 / 1e9}
         for bits in widths:
             label = "mixed345" if isinstance(bits, tuple) else f"W{bits}"
             candidates = {}

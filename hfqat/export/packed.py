@@ -349,7 +349,8 @@ def pin_fastest_backends(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                 layer.force_backend = name
                 layer._prepare(device, dtype)
                 layer(x)  # compile / autotune outside the graph
-                timings[key][name] = do_bench_cudagraph(lambda layer=layer, x=x: layer(x), rep=20, return_mode="median") * 1e3
+                seconds = do_bench_cudagraph(lambda layer=layer, x=x: layer(x), rep=20, return_mode="median") / 1e3
+                timings[key][name] = seconds * 1e6
         layer.force_backend = min(timings[key], key=timings[key].get) if timings[key] else None
         layer._prepare(device, dtype)
     return timings

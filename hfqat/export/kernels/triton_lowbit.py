@@ -465,7 +465,8 @@ def _(x, qweight, scales, zeros, bits, group_size):
 
 
 def _rows_mm(x, qweights, scales, zeros, bits, group_size: int, out_index):
-    parts = [Part(q, s, zeros[i] if zeros else None, b) for i, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True))]
+    parts = [Part(q, s, zeros[i] if zeros else None, b)
+             for i, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True))]
     return _parts_mm(x, parts, group_size, out_index)
 
 
