@@ -13,11 +13,13 @@ type" and loads plain float layers, dropping the quantization).
 from ._version import __version__
 from .config import QATConfig
 from .export.compressed_tensors import export_compressed_tensors
+from .export.gguf import export_gguf
 from .export.packed import save_packed
 from .hub.card import write_model_card
 from .hub.push import HubUploadError, push_to_hub
 from .integrations.peft import apply_lora
 from .integrations.transformers import register as _register
+from .quant.coverage import coverage
 from .quant.modeling import (
     average_bits,
     bit_allocation,
@@ -36,7 +38,9 @@ __all__ = [
     "apply_lora",
     "average_bits",
     "bit_allocation",
+    "coverage",
     "export_compressed_tensors",
+    "export_gguf",
     "push_to_hub",
     "quantize_model",
     "save_packed",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..atomic import atomic_directory
 from ..config import QATConfig
 from ..distributed import barrier, is_sharded
+from ..quant.finite import FLOAT_TENSORS, QUANT_PARAMS, describe_counts, non_finite_layers
 from ..quant.layers import FakeQuantMixin
 from ..quant.modeling import qat_layers
 from ..quant.primitives import (
@@ -56,14 +59,25 @@ from ..quant.primitives import (
     init_scales,
     quantize,
 )
-from .checkpoint import _check_plain_model, _write_checkpoint, atomic_directory
+from .checkpoint import _check_plain_model, _write_checkpoint
 from .codebook import PackedCodebookLinear
 from .packed_layer import PackedLayer, float_linear, float_weight_oi
 from .packing import LAYOUT, code_offset, unpack_kn
 from .unshard import unsharded_model
+from .w8a8 import PackedFP8Linear
 
 WEIGHTS_NAME = "model.safetensors"
 ZERO_DTYPE = torch.int16
+# Written in place of every packed layer's float ``<name>.weight``: a tensor of the wrong shape, so that a loader
+# without hfqat's quantizer (no ``import hfqat``, or ``quantization_config`` removed from config.json) stops with a
+# size-mismatch error instead of bringing the model up with random linear weights. The extra key's name says why.
+GUARD_SHAPE = (0,)
+GUARD_KEY = "hfqat_packed_checkpoint.load_after_import_hfqat"
+
+
+def guard_keys_pattern(packed_names: list[str]) -> str:
+    """The checkpoint keys of the guard tensors, for the loader with hfqat to ignore (nothing else ignored)."""
+    return "^(" + "|".join([re.escape(GUARD_KEY), *(re.escape(n) + r"\.weight" for n in packed_names)]) + ")$"
 CT_BITS = (4, 8)
 
 
@@ -281,7 +295,8 @@ def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
 
 
 # weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
-PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear)}
+PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear,
+                                                                                  PackedFP8Linear)}
 PACKED_TYPES = tuple(PACKED_CLASSES.values())
 
 
@@ -440,14 +455,21 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     if not layers:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
+    bad = non_finite_layers(layers, FLOAT_TENSORS + QUANT_PARAMS)
+    if bad:  # NaN codes would be out of range; NaN scales would pack but make every output NaN
+        listing = "; ".join(f"{name}: {describe_counts(*counts)}" for name, counts in bad.items())
+        raise ValueError(f"cannot pack non-finite weights or scales ({listing}); the training diverged or the "
+                         "checkpoint is damaged: export an earlier checkpoint")
     owned = {f"{name}.{suffix}" for name, _ in layers
              for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_row_bits",
                               "weight_codebook", "bias")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
+    state[GUARD_KEY] = torch.empty(GUARD_SHAPE, dtype=torch.int8)
     for name, layer in layers:
         packed = packed_class(layer).from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
+        state[f"{name}.weight"] = torch.empty(GUARD_SHAPE, dtype=torch.int8)
         packed_layers[name] = packed.config_entry()
     qconfig = _base_qat_config(model, layers)
     qconfig.checkpoint_format = "packed"

@@ -29,6 +29,7 @@ from torch import nn
 
 from .._version import __version__
 from ..quant.modeling import qat_layers
+from .bitmap import BIT_MAP_NAME, plot_bit_map
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def write_model_card(
     plot_paths = _check_plots(plots)
     columns, metric_rows = _metrics_table(metrics)
     export_config = _read_export_config(out_dir)
-    layers = _layer_rows(model, export_config)
+    layers = _layer_rows(model, export_config) or _ct_layer_rows(out_dir, export_config)
     if not layers:
         raise ValueError(
             "write_model_card found no quantized layer: pass an hfqat model (QAT or packed) or an out_dir "
@@ -109,6 +110,10 @@ def write_model_card(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = []
+    if not any(p.name == BIT_MAP_NAME for p in plot_paths):  # drawn from the allocation itself, history or not
+        plot_bit_map(layers, out_dir / PLOTS_DIR / BIT_MAP_NAME,
+                     title=f"weight bits per layer (average {average_bits:.2f})")
+        embedded.append({"title": "Bit map", "path": f"{PLOTS_DIR}/{BIT_MAP_NAME}"})
     for src in plot_paths:
         dst = out_dir / PLOTS_DIR / src.name
         dst.parent.mkdir(exist_ok=True)
@@ -188,6 +193,33 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
                                                                                                   None)}
         rows += [{"name": name, "bits": int(b), "group_size": entry.get("group_size"),
                   "params": in_features * n if in_features and n else None} for b, n in counts.items()]
+    return rows
+
+
+def _ct_layer_rows(out_dir: Path, export_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Card rows of a compressed-tensors export (`export_compressed_tensors`) read without a model: each quantized
+    layer's width from its config group, its size from the weights file."""
+    if export_config.get("quant_method") != "compressed-tensors":
+        return []
+    from safetensors import safe_open
+
+    groups = [(g.get("targets") or [], g.get("weights") or {}) for g in (export_config.get("config_groups") or {})
+              .values()]
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            keys = set(f.keys())
+            for name in (key[:-len(".weight_scale")] for key in keys if key.endswith(".weight_scale")):
+                shapes[name] = ([int(v) for v in f.get_tensor(f"{name}.weight_shape").tolist()]
+                                if f"{name}.weight_shape" in keys else list(f.get_slice(f"{name}.weight").get_shape()))
+    rows = []
+    for name in sorted(shapes, key=_natural_key):
+        weights = next((w for targets, w in groups if any(
+            t == "Linear" or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in targets)), None)
+        if weights:
+            out_features, in_features = shapes[name]
+            rows.append({"name": name, "bits": int(weights["num_bits"]),
+                         "group_size": weights.get("group_size") or -1, "params": out_features * in_features})
     return rows
 
 

@@ -14,6 +14,10 @@ the fake-quantized layer computes), so every layer runs somewhere.
 | cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
 | cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
+| w8a8_int8  | both  | 8 bit sym per channel + activation_bits=8 (first)  | int8 × int8 → int32, exact      |
+
+FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) have `FP8_BACKENDS`: ``fp8_scaled_mm`` (CUDA ≥ sm89, bf16, W8A8:
+``torch._scaled_mm`` row-wise) and ``dequant`` (anywhere, fp32). See `hfqat.export.kernels.w8a8`.
 
 Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own table, `CODEBOOK_BACKENDS`:
 
@@ -77,6 +81,12 @@ def _cpu_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | Non
     return torch_ops.cpu_int8_backend(layer, device, dtype)
 
 
+def _w8a8_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import w8a8
+
+    return w8a8.w8a8_int8_backend(layer, device, dtype)
+
+
 def _dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
     from . import torch_ops
 
@@ -89,9 +99,10 @@ BACKENDS: dict[str, BackendFactory] = {
     "cpu_int4": _cpu_int4,
     "cpu_int8": _cpu_int8,
     "dequant": _dequant,
+    "w8a8_int8": _w8a8_int8,
     "gemlite": _gemlite,  # optional (hfqat[gemlite]); chosen by set_backend only, see gemlite_ops
 }
-AUTO_ORDER: tuple[str, ...] = ("tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
+AUTO_ORDER: tuple[str, ...] = ("w8a8_int8", "tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
 
 
 def _triton_lut(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
@@ -132,3 +143,19 @@ def select_backend(layer, device: torch.device, dtype: torch.dtype, force: str |
         if fn is not None:
             return name, fn
     return order[-1], backends[order[-1]](layer, device, dtype)  # dequant: applies everywhere
+
+
+def _fp8_scaled_mm(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import w8a8
+
+    return w8a8.fp8_scaled_mm_backend(layer, device, dtype)
+
+
+def _fp8_dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
+    from . import w8a8
+
+    return w8a8.fp8_dequant_matmul
+
+
+FP8_BACKENDS: dict[str, BackendFactory] = {"fp8_scaled_mm": _fp8_scaled_mm, "dequant": _fp8_dequant}
+FP8_AUTO_ORDER: tuple[str, ...] = ("fp8_scaled_mm", "dequant")
