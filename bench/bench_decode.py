@@ -263,6 +263,7 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             bench.results["setup_s"][spec] = time.perf_counter() - t0
             used = sorted({b for b in backends_in_use(model).values() if b}) if width != "bf16" else ["cuBLAS"]
             gb = weight_bytes(model) / 1e9
+            head_gb = sum(p.numel() * p.element_size() for p in model.lm_head.state_dict().values()) / 1e9
             note = ""
             if width != "bf16":
                 note = f", logits rel err vs exact {exactness_check(bench, model, spec):.1e}"
@@ -274,7 +275,8 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
                 row = bench.attempt(f"{spec} generate {mode}", measure_generate, bench, model, spec, mode)
                 if row is None:
                     continue
-                row.update(weights_GB=gb, backends=used)
+                # bytes each decode step must read (decoder weights + head), at this speed: how far from HBM peak
+                row.update(weights_GB=gb, backends=used, streamed_GBps=(gb + head_gb) * row["tokens_per_s"])
                 bench.results["generate"].setdefault(spec, {})[mode] = row
                 base = bench.results["generate"].get("bf16", {}).get(mode, {}).get("tokens_per_s")
                 ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
@@ -411,6 +413,8 @@ def run_kernels(bench: Bench) -> None:
         for m, x in xs.items():
             us = _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w))
             table.setdefault("bf16", {})[f"M={m}"] = {"us": us, "GB": linear.weight.numel() * 2 / 1e9}
+            bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {'bf16 cuBLAS':22s} {us:8.1f} us, "
+                      f"{linear.weight.numel() * 2 / us / 1e3:5.0f} GB/s")
         for bits in widths:
             label = "mixed345" if isinstance(bits, tuple) else f"W{bits}"
             candidates = {}
@@ -570,7 +574,8 @@ def run_check() -> None:
 # -- report ---------------------------------------------------------------------------------------------------
 def summary(bench: Bench) -> str:
     r = bench.results
-    lines = ["", "== generate (batch 1, greedy, tokens/s; x = ratio vs bf16) =="]
+    lines = ["", "== generate (batch 1, greedy, tokens/s; x = ratio vs bf16; GB/s = weights + head read per token "
+                 "x tokens/s, H200 HBM peak 4800) =="]
     modes = [m for m in bench.args.modes.split(",") if m]
     prefill = [s for s in bench.args.prefill.split(",") if s] if "prefill" in bench.args.sections else []
     header = "| model | weights GB | " + " | ".join(f"generate {m}" for m in modes) + "".join(
@@ -585,7 +590,8 @@ def summary(bench: Bench) -> str:
         for m in modes:
             row, base = gen.get(m), r["generate"].get("bf16", {}).get(m)
             cells.append("-" if row is None else f"{row['tokens_per_s']:.1f}" + (
-                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""))
+                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else "") + (
+                f", {row['streamed_GBps']:.0f} GB/s" if "streamed_GBps" in row else ""))
         for p in prefill:
             row, base = pre.get(p), r["prefill"].get("bf16", {}).get(p)
             cells.append("-" if row is None else f"{row['tokens_per_s']:.0f}" + (
