@@ -12,17 +12,25 @@ with ``hfqat.save_packed``, reloaded with ``AutoModelForCausalLM.from_pretrained
 
 Variants (``--widths``): bf16, W4, W3, W2 (g128 sym) and ``mixed`` (per-row widths 3/4/5 in equal thirds,
 average 4.0, rows shuffled: what row re-allocation produces; packed as `PackedRowsLinear`). ``w4@gemlite``
-etc. pins a backend (`hfqat.export.packed.set_backend`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
-through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs hfqat's kernels vs the
-maintained PyPI kernels that install without compiling (gemlite, torchao int4, humming), on the 8B shapes
-at M=1 and M=16. The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
-optional table (``--hand-loop``). Every line is printed as soon as it is measured; a time budget
-(``--budget-s``) skips what is left and says so; the final table holds tokens/s and the ratio vs bf16.
+etc. pins a backend (`hfqat.export.packed.set_backend`); ``w4@fastest`` times tinygemm/triton/gemlite on
+each layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends`). Prefill (``--prefill``):
+16×128 and 1×2048 tokens through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs
+hfqat's kernels vs the maintained PyPI kernels that install without compiling (gemlite, torchao int4,
+humming), on the 8B shapes at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled
+layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). Every line is printed
+as soon as it is measured; a time budget (``--budget-s``) skips what is left and says so; the final table holds
+tokens/s and the ratio vs bf16.
 
-GPU (H200; ~8 min for everything at 32 layers; split it with --sections if needed):
-    PYTHONPATH=. python bench/bench_decode.py --device cuda
-    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections generate --modes static
-    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections kernels --backends ours,gemlite,torchao
+GPU (H200). Static-cache generate compiles the 32-layer model once per variant (~1 min each), so the full run is
+split in three commands of under 10 minutes (indented lines continue the command above); the later ones take
+bf16 from the first (``--baseline``):
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes eager --out $OUT
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths bf16,w4,mixed
+        --out $OUT/static1
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths w3,w2,w4@fastest
+        --baseline $OUT/static1/bench_decode.json --out $OUT/static2
+(optional backends for the kernel table and ``@gemlite`` / ``@fastest``: ``pip install hfqat[gemlite]``, torchao,
+humming-kernels; a missing one is reported in the table, not fatal).
 CPU smoke (tiny model, a few seconds; what tests/test_bench_decode.py runs):
     PYTHONPATH=. python bench/bench_decode.py --device cpu --smoke
 """
@@ -39,8 +47,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hfqat
@@ -48,6 +56,7 @@ from hfqat.export.packed import (
     PackedLinear,
     PackedRowsLinear,
     backends_in_use,
+    pin_fastest_backends,
     prepare_backends,
     save_packed,
     set_backend,
@@ -73,7 +82,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.start = time.perf_counter()
         self.results = {"args": vars(args), "torch": torch.__version__, "generate": {}, "prefill": {},
-                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "setup_s": {}}
+                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "errors": {}, "setup_s": {}}
         if self.device.type == "cuda":
             self.results["device"] = torch.cuda.get_device_name(self.device)
 
@@ -86,6 +95,17 @@ class Bench:
             self.log(f"time budget ({self.args.budget_s:.0f}s) reached: {what} skipped")
             return True
         return False
+
+    def attempt(self, what: str, fn, *args):
+        """fn(*args), or None with the error logged and recorded: one failure does not end a GPU run."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - reported, and the run goes on with the next item
+            self.results["errors"][what] = f"{type(err).__name__}: {err}"[:2000]
+            self.log(f"{what} FAILED: {type(err).__name__}: {str(err)[:500]}")
+            torch._dynamo.reset()
+            self.free()
+            return None
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -125,7 +145,7 @@ def mixed_row_bits(out_features: int, widths: tuple[int, ...], generator: torch.
     share = out_features // len(widths)
     counts = [share] * len(widths)
     counts[len(widths) // 2] += out_features - share * len(widths)
-    bits = torch.cat([torch.full((c,), b) for b, c in zip(widths, counts)])
+    bits = torch.cat([torch.full((c,), b) for b, c in zip(widths, counts, strict=True)])
     return bits[torch.randperm(out_features, generator=generator)]
 
 
@@ -152,7 +172,7 @@ def load_variant(bench: Bench, config: LlamaConfig, width: str, workdir: Path):
     if width == "bf16":
         return float_model(bench, config)
     path = packed_checkpoint(bench, config, width, workdir / width)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=bench.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=str(bench.device)).eval()
     shutil.rmtree(path, ignore_errors=True)
     return model
 
@@ -196,21 +216,26 @@ def measure_generate(bench: Bench, model, label: str, mode: str) -> dict:
 def measure_prefill(bench: Bench, model, batch: int, length: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=bench.device)
     with torch.no_grad():
-        run = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+        def run():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
         run()
         run()
         seconds = bench.timed(run, repeat=3)
     return {"tokens_per_s": batch * length / seconds, "ms": 1e3 * seconds}
 
 
-def exactness_check(bench: Bench, model, label: str, backend: str | None) -> float:
+def exactness_check(bench: Bench, model, label: str) -> float:
     """First-forward logits of the chosen kernels vs the exact dequantize fallback, relative L2 error."""
     ids = torch.randint(0, model.config.vocab_size, (1, bench.args.prompt_len), device=bench.device)
+    layers = [m for m in model.modules() if hasattr(m, "force_backend")]
+    pinned = [(m, m.force_backend) for m in layers]
     with torch.no_grad():
         fast = model(input_ids=ids).logits.float()
         set_backend(model, "dequant")
         exact = model(input_ids=ids).logits.float()
-        set_backend(model, backend)
+        for m, backend in pinned:
+            m.force_backend = backend
         prepare_backends(model, torch.bfloat16)
     rel = ((fast - exact).norm() / exact.norm()).item()
     bench.results["checks"][label] = {"logits_rel_err_vs_exact": rel}
@@ -228,25 +253,30 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             if bench.over_budget(f"variant {spec}"):
                 continue
             t0 = time.perf_counter()
-            model = load_variant(bench, config, width, workdir)
-            if width != "bf16":
-                set_backend(model, backend)
-                prepare_backends(model, torch.bfloat16)  # kernel set-up outside any compiled region
-                if "tune" in args.sections:
-                    tune_decode_kernels(model)
+            model = bench.attempt(f"variant {spec}", load_variant, bench, config, width, workdir)
+            if model is None:
+                continue
+            if width != "bf16" and bench.attempt(f"{spec} backends", prepare_variant, bench, model, backend) is None:
+                del model
+                bench.free()
+                continue
             bench.results["setup_s"][spec] = time.perf_counter() - t0
             used = sorted({b for b in backends_in_use(model).values() if b}) if width != "bf16" else ["cuBLAS"]
             gb = weight_bytes(model) / 1e9
+            head_gb = sum(p.numel() * p.element_size() for p in model.lm_head.state_dict().values()) / 1e9
             note = ""
             if width != "bf16":
-                note = f", logits rel err vs exact {exactness_check(bench, model, spec, backend):.1e}"
+                note = f", logits rel err vs exact {exactness_check(bench, model, spec):.1e}"
             bench.log(f"{spec}: built+saved+loaded in {bench.results['setup_s'][spec]:.0f}s, decoder weights "
                       f"{gb:.3f} GB, backends {used}{note}")
             for mode in modes:
                 if bench.over_budget(f"{spec} generate {mode}"):
                     continue
-                row = measure_generate(bench, model, spec, mode)
-                row.update(weights_GB=gb, backends=used)
+                row = bench.attempt(f"{spec} generate {mode}", measure_generate, bench, model, spec, mode)
+                if row is None:
+                    continue
+                # bytes each decode step must read (decoder weights + head), at this speed: how far from HBM peak
+                row.update(weights_GB=gb, backends=used, streamed_GBps=(gb + head_gb) * row["tokens_per_s"])
                 bench.results["generate"].setdefault(spec, {})[mode] = row
                 base = bench.results["generate"].get("bf16", {}).get(mode, {}).get("tokens_per_s")
                 ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
@@ -256,14 +286,19 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
                 for batch, length in prefill:
                     if bench.over_budget(f"{spec} prefill {batch}x{length}"):
                         continue
-                    row = measure_prefill(bench, model, batch, length)
+                    row = bench.attempt(f"{spec} prefill {batch}x{length}", measure_prefill, bench, model, batch,
+                                        length)
+                    if row is None:
+                        continue
                     key = f"{batch}x{length}"
                     bench.results["prefill"].setdefault(spec, {})[key] = row
                     base = bench.results["prefill"].get("bf16", {}).get(key, {}).get("tokens_per_s")
                     ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
                     bench.log(f"  prefill {key:8s} {row['tokens_per_s']:10.0f} tok/s{ratio}  ({row['ms']:.1f} ms)")
+            row = None
             if "hand" in args.sections and not bench.over_budget(f"{spec} hand loop"):
-                row = hand_loop(bench, model)
+                row = bench.attempt(f"{spec} hand loop", hand_loop, bench, model)
+            if row is not None:
                 bench.results["hand_loop"][spec] = row
                 base = bench.results["hand_loop"].get("bf16", {}).get("tokens_per_s")
                 ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
@@ -273,6 +308,21 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
             bench.free()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def prepare_variant(bench: Bench, model, backend: str | None) -> bool:
+    """Pin `backend` (or time and pin the fastest per layer shape) and set every packed layer up now, outside
+    any compiled region."""
+    if backend == "fastest":
+        for key, times in pin_fastest_backends(model, torch.bfloat16).items():
+            bench.log(f"  fastest at M=1 for (in, out, bits, group, sym)={key}: "
+                      + ", ".join(f"{b} {us:.1f} us" for b, us in times.items()))
+    else:
+        set_backend(model, backend)
+    prepare_backends(model, torch.bfloat16)
+    if "tune" in bench.args.sections:
+        tune_decode_kernels(model)
+    return True
 
 
 def tune_decode_kernels(model) -> None:
@@ -359,23 +409,25 @@ def run_kernels(bench: Bench) -> None:
         linear = nn.Linear(k, n, bias=False, device=bench.device, dtype=torch.bfloat16)
         nn.init.normal_(linear.weight, std=0.02)
         table = bench.results["kernels"].setdefault(f"{k}x{n}", {})
-        xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in (1, 16)}
+        xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in args.kernel_m}
         for m, x in xs.items():
-            table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x: F.linear(x, linear.weight)),
-                                                      "GB": linear.weight.numel() * 2 / 1e9}
+            us = _time_us(bench, lambda x=x, w=linear.weight: F.linear(x, w))
+            table.setdefault("bf16", {})[f"M={m}"] = {"us": us, "GB": linear.weight.numel() * 2 / 1e9}
+            bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {'bf16 cuBLAS':22s} {us:8.1f} us, "
+                      f"{linear.weight.numel() * 2 / us / 1e3:5.0f} GB/s")
         for bits in widths:
             label = "mixed345" if isinstance(bits, tuple) else f"W{bits}"
             candidates = {}
             if "ours" in backends:
-                candidates["hfqat"] = lambda bits=bits: _ours(linear, bits, None)
+                candidates["hfqat"] = lambda bits=bits, lin=linear: _ours(lin, bits, None)
                 if bits == 4 and bench.device.type == "cuda":
-                    candidates["hfqat-triton"] = lambda bits=bits: _ours(linear, bits, "triton")
+                    candidates["hfqat-triton"] = lambda bits=bits, lin=linear: _ours(lin, bits, "triton")
             if not isinstance(bits, tuple):
                 if "gemlite" in backends:
-                    candidates["gemlite"] = lambda bits=bits: _ours(linear, bits, "gemlite")
+                    candidates["gemlite"] = lambda bits=bits, lin=linear: _ours(lin, bits, "gemlite")
                 for name in ("torchao", "humming"):
                     if name in backends:
-                        candidates[name] = lambda bits=bits, name=name: _external(name, linear, bits)
+                        candidates[name] = lambda bits=bits, name=name, lin=linear: _external(name, lin, bits)
             for name, make in candidates.items():
                 try:
                     module = make()
@@ -386,8 +438,9 @@ def run_kernels(bench: Bench) -> None:
                     table[key] = {"unavailable": module}
                     bench.log(f"  {k}x{n} {key}: unavailable ({module})")
                     continue
-                nbytes = sum(t.numel() * t.element_size() for t in module.buffers() if t.dtype != torch.bfloat16
-                             or not t.is_floating_point()) if not isinstance(module, nn.Sequential) else None
+                nbytes = None  # bytes a GEMV must read: the stored packed words and scales (ours)
+                if isinstance(module, (PackedLinear, PackedRowsLinear)):
+                    nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
                 for m, x in xs.items():
                     with torch.no_grad():
                         us = _time_us(bench, lambda x=x, module=module: module(x))
@@ -398,8 +451,15 @@ def run_kernels(bench: Bench) -> None:
                                                           "backend": backend}
                     base = table["bf16"][f"M={m}"]["us"]
                     bw = f", {nbytes / us / 1e3:5.0f} GB/s" if nbytes else ""
-                    bench.log(f"  {k:5d}x{n:<6d} M={m:2d} {key:22s} {us:8.1f} us  x{base / us:.2f} vs bf16 "
+                    bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {key:22s} {us:8.1f} us  x{base / us:.2f} vs bf16 "
                               f"({base:.1f} us){bw}  [{backend}] err {rel:.1e}")
+                    own = getattr(module, "_gemlite", None)
+                    if own is not None and m > 64:  # our layer hands large M to dequant+cuBLAS; gemlite's own GEMM
+                        with torch.no_grad():
+                            own_us = _time_us(bench, lambda x=x, own=own: own(x))
+                        table[key][f"M={m} gemlite GEMM"] = {"us": own_us, "backend": "gemlite own GEMM"}
+                        bench.log(f"  {k:5d}x{n:<6d} M={m:<4d} {key + ' own GEMM':22s} {own_us:8.1f} us  "
+                                  f"x{base / own_us:.2f} vs bf16")
                 del module
         del linear
         bench.free()
@@ -514,13 +574,14 @@ def run_check() -> None:
 # -- report ---------------------------------------------------------------------------------------------------
 def summary(bench: Bench) -> str:
     r = bench.results
-    lines = ["", "== generate (batch 1, greedy, tokens/s; x = ratio vs bf16) =="]
+    lines = ["", "== generate (batch 1, greedy, tokens/s; x = ratio vs bf16; GB/s = weights + head read per token "
+                 "x tokens/s, H200 HBM peak 4800) =="]
     modes = [m for m in bench.args.modes.split(",") if m]
     prefill = [s for s in bench.args.prefill.split(",") if s] if "prefill" in bench.args.sections else []
     header = "| model | weights GB | " + " | ".join(f"generate {m}" for m in modes) + "".join(
         f" | prefill {p}" for p in prefill) + " |"
     lines += [header, "|" + "---|" * (2 + len(modes) + len(prefill))]
-    for spec in bench.args.widths.split(","):
+    for spec in dict.fromkeys(["bf16", *bench.args.widths.split(",")]):  # bf16 first, measured or --baseline
         gen, pre = r["generate"].get(spec, {}), r["prefill"].get(spec, {})
         if not gen and not pre:
             continue
@@ -529,7 +590,8 @@ def summary(bench: Bench) -> str:
         for m in modes:
             row, base = gen.get(m), r["generate"].get("bf16", {}).get(m)
             cells.append("-" if row is None else f"{row['tokens_per_s']:.1f}" + (
-                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""))
+                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else "") + (
+                f", {row['streamed_GBps']:.0f} GB/s" if "streamed_GBps" in row else ""))
         for p in prefill:
             row, base = pre.get(p), r["prefill"].get("bf16", {}).get(p)
             cells.append("-" if row is None else f"{row['tokens_per_s']:.0f}" + (
@@ -552,11 +614,13 @@ def summary(bench: Bench) -> str:
                 for m, cell in row.items():
                     if not isinstance(cell, dict):
                         continue
-                    base = table["bf16"][m]["us"]
+                    base = table["bf16"][m.split(" ")[0]]["us"]
                     cells.append(f"{m} {cell['us']:7.1f} us x{base / cell['us']:.2f}")
                 lines.append(f"{shape:11s} {key:22s} " + "   ".join(cells))
     if r["skipped"]:
         lines.append(f"skipped (time budget): {r['skipped']}")
+    for what, err in r["errors"].items():
+        lines.append(f"FAILED {what}: {err[:300]}")
     return "\n".join(lines)
 
 
@@ -565,7 +629,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes (CPU test)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; smoke 2)")
-    parser.add_argument("--widths", default="bf16,w4,w3,w2,mixed",
+    parser.add_argument("--widths", default="bf16,w4,mixed,w3,w2",
                         help=f"variants, comma-separated, from {list(WIDTHS)}; width@backend pins a backend")
     parser.add_argument("--modes", default=None, help="generate modes: eager,static (default both; smoke eager)")
     parser.add_argument("--sections", default="generate,prefill,kernels",
@@ -573,9 +637,14 @@ def main():
                              "(tune Triton GEMV launches before timing)")
     parser.add_argument("--prefill", default=None, help="BxL list (default 16x128,1x2048; smoke 2x16,1x64)")
     parser.add_argument("--backends", default="ours,gemlite,torchao,humming", help="kernel table backends")
+    parser.add_argument("--kernel-m", default="1,16,2048", help="rows (tokens) of the kernel table's inputs")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128; smoke 8")
-    parser.add_argument("--budget-s", type=float, default=480, help="skip what is left after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="start nothing new after this many seconds (an item already begun finishes)")
+    parser.add_argument("--baseline", default=None,
+                        help="bench_decode.json of an earlier run on the same machine: its bf16 rows are the "
+                             "reference when this run does not measure bf16 (split long runs)")
     parser.add_argument("--workdir", default=None, help="where packed checkpoints are written (then deleted)")
     parser.add_argument("--check", action="store_true", help="hand loop == generate on a tiny model, then exit")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_decode.json")
@@ -586,7 +655,14 @@ def main():
     args.modes = args.modes or ("eager" if args.smoke else "eager,static")
     args.prefill = args.prefill or ("2x16,1x64" if args.smoke else "16x128,1x2048")
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
+    args.kernel_m = [int(m) for m in args.kernel_m.split(",") if m]
     bench = Bench(args)
+    if args.baseline:
+        earlier = json.loads(Path(args.baseline).read_text())
+        for section in ("generate", "prefill", "hand_loop"):
+            if "bf16" in earlier.get(section, {}):
+                bench.results[section]["bf16"] = earlier[section]["bf16"]
+        bench.log(f"bf16 reference rows from {args.baseline}")
     torch.set_grad_enabled(False)
     import torch._dynamo.config as dynamo_config
 

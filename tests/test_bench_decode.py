@@ -33,6 +33,17 @@ def test_smoke_run_measures_every_variant(tmp_path):
     assert not any(p.name.startswith("hfqat_bench_") for p in tmp_path.iterdir())  # checkpoints cleaned up
 
 
+def test_split_run_takes_bf16_from_a_baseline(tmp_path):
+    assert _run("--device", "cpu", "--smoke", "--widths", "bf16", "--sections", "generate", "--out",
+                str(tmp_path / "a"), tmp_path=tmp_path).returncode == 0
+    proc = _run("--device", "cpu", "--smoke", "--widths", "w2", "--sections", "generate", "--out", str(tmp_path / "b"),
+                "--baseline", str(tmp_path / "a" / "bench_decode.json"), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "b" / "bench_decode.json").read_text())
+    assert set(results["generate"]) == {"bf16", "w2"} and "| bf16 |" in proc.stdout
+    assert any(line.startswith("| w2 |") and "x)" in line for line in proc.stdout.splitlines())  # a ratio vs bf16
+
+
 def test_hand_loop_equals_generate(tmp_path):
     proc = _run("--check", tmp_path=tmp_path)
     assert proc.returncode == 0 and "check ok" in proc.stdout, proc.stderr[-3000:]

@@ -10,7 +10,14 @@ if not torch.cuda.is_available():
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hfqat  # noqa: E402
-from hfqat.export.packed import PackedLinear, backends_in_use, save_packed, set_backend  # noqa: E402
+from hfqat.export.packed import (  # noqa: E402
+    PackedLinear,
+    PackedRowsLinear,
+    backends_in_use,
+    prepare_backends,
+    save_packed,
+    set_backend,
+)
 from hfqat.quant.modeling import qat_layers  # noqa: E402
 
 triton_lowbit = pytest.importorskip("hfqat.export.kernels.triton_lowbit")
@@ -27,7 +34,7 @@ def _rel_err(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [128, -1])
 def test_triton_matches_fallback(bits, symmetric, group_size):
@@ -60,7 +67,7 @@ def test_split_k_workspace_is_left_clean():
     del triton_lowbit._tuned[key]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 7])
 def test_every_gemv_candidate_config(bits):
     """The tuner may pick any candidate: each one (with and without split-K) must be right."""
     layer = _packed(bits, bits != 3, 256, k=1024, n=320)
@@ -73,7 +80,7 @@ def test_every_gemv_candidate_config(bits):
         for split in (1, 4):
             cfg = triton_lowbit.GemvConfig(block_n, block_r, warps, 1, split)
             y.fill_(float("nan"))
-            triton_lowbit._launch_gemv(x, layer.qweight, layer.scales, layer.zeros, y, bits, 256, cfg)
+            triton_lowbit._launch_gemv(x, triton_lowbit.layer_parts(layer)[0], y, 256, cfg)
             assert _rel_err(y, ref) < 1e-2, cfg
 
 
@@ -137,3 +144,50 @@ def test_packed_model_on_gpu_matches_fake_quant(tiny_model_dir, tmp_path):
     set_backend(packed, "dequant")
     with torch.no_grad():
         assert (packed(ids.to(DEVICE)).logits.cpu() - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("widths", [(3, 4, 5), (2, 3, 4, 6, 8)])  # five widths: two GEMV launches
+def test_rows_layer_runs_in_one_fused_path(widths):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 300, bias=True, device=DEVICE)
+    row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (300,))]
+    layer = PackedRowsLinear.from_float(linear, row_bits, 128, True, scale_init="minmax")
+    reference = layer.dequantized_weight().double()
+    for m, dtype, tol in ((1, torch.bfloat16, 1e-2), (1, torch.float32, 1e-5), (9, torch.bfloat16, 1e-2),
+                          (200, torch.bfloat16, 1e-2)):
+        x = torch.randn(m, 512, device=DEVICE, dtype=dtype)
+        ref = x.double() @ reference.t() + layer.bias.double()
+        y = layer(x)
+        assert layer.backend == "triton_rows" and y.dtype == dtype and _rel_err(y, ref) < tol, (m, dtype)
+    set_backend(torch.nn.Sequential(layer), "dequant")
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
+    assert _rel_err(layer(x), x.double() @ reference.t() + layer.bias.double()) < 1e-2 and layer.backend == "parts"
+    set_backend(torch.nn.Sequential(layer), None)
+    compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
+    assert _rel_err(compiled(x), layer(x) * 2) < 1e-3
+    for _ in range(2):  # split-K workspace reused and left clean across launches and graph replays
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(x)
+        graph.replay()
+        assert _rel_err(static_y, layer(x)) < 1e-3
+
+
+def test_rows_model_on_gpu_matches_fake_quant(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir("llama"), quantization_config=hfqat.QATConfig(bits=4, group_size=32, scale_init="minmax",
+                                                                     bits_granularity="row"))
+    g = torch.Generator().manual_seed(0)
+    for _, layer in qat_layers(model):
+        layer.set_row_bits(torch.tensor((3, 4, 5))[torch.randint(0, 3, (layer.out_features,), generator=g)])
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = model.eval()(ids).logits
+        ref_step = model(ids[:1, :1]).logits
+    save_packed(model, tmp_path / "p")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "p").to(DEVICE).eval()
+    prepare_backends(packed, torch.float32)
+    assert set(backends_in_use(packed).values()) == {"triton_rows"}
+    with torch.no_grad():
+        assert (packed(ids.to(DEVICE)).logits.cpu() - ref).abs().max() <= 1e-4  # GEMM path, one launch per width
+        assert (packed(ids[:1, :1].to(DEVICE)).logits.cpu() - ref_step).abs().max() <= 1e-4  # one fused GEMV

@@ -326,15 +326,46 @@ def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     Do this before ``torch.compile`` or CUDA-graph capture so that neither sees the one-time set-up.
     """
     chosen = {}
-    for name, layer in packed_modules(model):
+    layers = [(name, layer, layer.qweight.device) for name, layer in packed_modules(model)]
+    layers += [(name, layer, layer.output_order.device) for name, layer in rows_modules(model)]
+    for name, layer, device in layers:
         act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
-        layer._prepare(layer.qweight.device, act_dtype)
-        chosen[name] = layer.backend
-    for name, layer in rows_modules(model):
-        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
-        layer._prepare(layer.output_order.device, act_dtype)
+        if layer._prepared_key != (device, act_dtype, layer.force_backend):  # set up already: keep it
+            layer._prepare(device, act_dtype)
         chosen[name] = layer.backend
     return chosen
+
+
+@torch.no_grad()
+def pin_fastest_backends(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                         candidates: tuple[str, ...] = ("tinygemm", "triton", "gemlite"),
+                         tokens: int = 1) -> dict[tuple, dict[str, float]]:
+    """CUDA: time each applicable backend of `candidates` on every distinct integer packed-layer signature (in,
+    out, bits, group size, symmetry) at `tokens` rows, as CUDA-graph replays, and pin the fastest on all layers of
+    that signature. Returns {signature: {backend: microseconds}}. Numerics differ by backend only in float
+    rounding (`hfqat.export.kernels`); per-row layers keep their fused path."""
+    from triton.testing import do_bench_cudagraph
+
+    timings: dict[tuple, dict[str, float]] = {}
+    for _, layer in packed_modules(model):
+        if not isinstance(layer, PackedLinear) or layer.qweight.device.type != "cuda":
+            continue
+        device = layer.qweight.device
+        key = (layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.zeros is None)
+        if key not in timings:
+            x = torch.randn(tokens, layer.in_features, device=device, dtype=dtype)
+            timings[key] = {}
+            for name in candidates:
+                if layer.backends[name](layer, device, dtype) is None:
+                    continue
+                layer.force_backend = name
+                layer._prepare(device, dtype)
+                layer(x)  # compile / autotune outside the graph
+                seconds = do_bench_cudagraph(lambda layer=layer, x=x: layer(x), rep=20, return_mode="median") / 1e3
+                timings[key][name] = seconds * 1e6
+        layer.force_backend = min(timings[key], key=timings[key].get) if timings[key] else None
+        layer._prepare(device, dtype)
+    return timings
 
 
 def backends_in_use(model: nn.Module) -> dict[str, str | None]:

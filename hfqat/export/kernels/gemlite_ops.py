@@ -4,7 +4,8 @@ Applies to 1/2/4/8-bit layers with groups smaller than the row, fp16/bf16 activa
 grid map onto gemlite's ``W = (W_q - zeros) · scales`` directly: symmetric layers take the integer shift
 2^(bits-1), asymmetric ones their zero points. gemlite repacks the codes into its own layout (a second copy of
 the packed words, not saved) and keeps scales and zeros in the activation dtype, so its numerics are those of
-bf16 scales (as tinygemm's). It is not in the automatic order (`hfqat.export.kernels.AUTO_ORDER`) until a
+bf16 scales (as tinygemm's). Batches above `GEMLITE_MAX_M` rows go to the Triton dequantize + cuBLAS path. It is
+not in the automatic order (`hfqat.export.kernels.AUTO_ORDER`) until a
 measured run on the target GPU puts it there (bench/bench_decode.py ``--backends``); ``set_backend(model,
 "gemlite")`` selects it.
 """
@@ -14,8 +15,10 @@ from __future__ import annotations
 import torch
 
 from ..packing import unpack
+from . import torch_ops
 
 GEMLITE_BITS = (1, 2, 4, 8)
+GEMLITE_MAX_M = torch_ops.TINYGEMM_MAX_M  # larger batches (prefill): dequantize once + cuBLAS, as for tinygemm
 GEMLITE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -36,9 +39,12 @@ def backend(layer, device: torch.device, dtype: torch.dtype):
     zeros = 1 << (layer.bits - 1) if layer.zeros is None else layer.zeros.t().contiguous().to(dtype)
     module.pack(codes, scales, zeros, bias=None)
     object.__setattr__(layer, "_gemlite", module)  # not a submodule: nothing of it enters the state dict
+    layer._gemlite_large_m = torch_ops._large_m_matmul(layer, device, dtype)
     return _gemlite_matmul
 
 
 def _gemlite_matmul(layer, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() // x.shape[-1] > GEMLITE_MAX_M:
+        return layer._gemlite_large_m(layer, x)
     y = layer._gemlite(x.reshape(-1, layer.in_features)).reshape(*x.shape[:-1], layer.out_features)
     return y if layer.bias is None else y + layer.bias.to(y.dtype)

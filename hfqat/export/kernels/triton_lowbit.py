@@ -1,18 +1,25 @@
-"""Triton kernels for packed low-bit weights (layout `hfqat.export.packing`): 2/3/4/8 bits, symmetric or with zero
-points, any group size that is a multiple of 32 (per channel included). Codes are unpacked in registers.
+"""Triton kernels for packed low-bit weights (layout `hfqat.export.packing`): every width 2-8 (a width is up to three
+power-of-two bit planes: 2|4|8, then 2 and/or 1), symmetric or with zero points, any group size that is a multiple
+of 32 (per channel included). Codes are unpacked in registers.
 
-- ``M == 1`` (batch-1 decode): `_gemv_kernel`. Each packed word is loaded once (coalesced along the output
+- ``M == 1`` (batch-1 decode): `_gemv_part`. Each packed word is loaded once (coalesced along the output
   channels) and its codes are turned into floats without int→float conversions: a code field ``u`` at bit
   ``pos < 16`` of a word, OR-ed into the exponent bits of 2^23, reads as the float ``2^23 + u·2^pos``; one
   subtraction of ``2^23 + z·2^pos`` gives ``(u - z)·2^pos`` exactly, and the matching activation is pre-scaled
   by ``2^-pos`` (exact). Per code: one AND/OR, one FADD, one FFMA (+ one shift per 16-bit half word). Group
   scales are applied once per tile. Optional split-K: partial sums go to a workspace with fp32 atomics and the
   last program of each column block writes the output and re-zeroes the workspace, so one launch suffices.
-- ``2 ≤ M ≤ GEMM_MAX_M``: `_gemm_kernel`, dequantized tiles fed to ``tl.dot`` (tensor cores).
-- larger M (prefill): `_dequant_kernel` writes the float weight once, then cuBLAS does the matmul.
+  One matrix: `_gemv_one_kernel`. A per-row layer (`hfqat.export.packed.PackedRowsLinear`: one matrix per width,
+  rows grouped by width): `_gemv_kernel` runs up to `MAX_PARTS` of them in one launch, each program branching to
+  its block's width, and stores every output at its row's place (``out_index``), so no concatenation or
+  reordering follows.
+- ``2 ≤ M ≤ GEMM_MAX_M``: `_gemm_kernel`, dequantized tiles fed to ``tl.dot`` (tensor cores); one launch per width.
+- larger M (prefill): `_dequant_kernel` writes the float weight once (per-row layers: every width into one
+  matrix, rows in place), then one cuBLAS matmul.
 
 All math is fp32 apart from the tensor-core inputs (the activation dtype, as in the dequantize fallback).
-The entry point is the custom op ``torch.ops.hfqat.lowbit_mm`` (opaque to torch.compile, CUDA-graph safe).
+Entry points: the custom ops ``torch.ops.hfqat.lowbit_mm`` and ``torch.ops.hfqat.lowbit_rows_mm`` (opaque to
+torch.compile, CUDA-graph safe); eager calls skip the op dispatcher (`_op`), whose cost is that of a GEMV.
 
 Measured on an H100 (bench/bench_decode.py, batch-1 bf16, 8B-Llama shapes, CUDA-graph replays): 4-bit GEMV
 14336x4096 in 19.7 us (1.58 TB/s of packed bytes; bf16 cuBLAS 41.8 us), 4096x4096 in 9.0 us. The kernel is
@@ -21,7 +28,9 @@ tinygemm does 4-bit faster (16.9 / 5.9 us), so it is preferred there. The fused 
 (`FUSED_LARGE_M`) ran prefill at 0.41x of bf16 against 0.88x for dequantize+cuBLAS, hence off by default.
 """
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -133,6 +142,16 @@ def _gemv_part(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, pid,
             tl.store(cnt_ptr + pid, 0)
     else:
         tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _gemv_one_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, group, tiles_per_split,
+                     BITS: tl.constexpr, SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     SPLIT: tl.constexpr):
+    """Batch-1 GEMV of one packed matrix (few arguments: Triton's per-launch cost grows with their number)."""
+    pid = tl.program_id(0)
+    _gemv_part(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, y_ptr, pid, pid, 0, N, K, group,
+               tiles_per_split, BITS, SYM, BLOCK_N, BLOCK_R, SPLIT, False)
 
 
 @triton.jit
@@ -254,8 +273,7 @@ class GemvConfig:
     split: int  # programs along K; 1 = no split (no atomics)
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):  # a NamedTuple: built on every eager call, cheaper than a dataclass
     """One packed matrix of a launch: (K·bits/32, N) int32 words, (groups, N) fp32 scales, int16 zeros or None."""
 
     qweight: torch.Tensor
@@ -287,6 +305,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)  # called on every untuned batch-1 launch
 def default_gemv_config(n: int, k: int, bits: int | tuple[int, ...], group_size: int,
                         device: torch.device) -> GemvConfig:
     """Used when no tuned entry exists (`bits`: one width, or every part's). On an H100 the tuned choices for
@@ -329,6 +348,15 @@ def _launch_gemv(x, parts: list[Part], y, group_size: int, cfg: GemvConfig, out_
     while tiles % split:
         split -= 1
     per_split = tiles // split
+    if len(parts) == 1 and out_index is None:
+        p = parts[0]
+        ws, cnt = _workspace(x.device, p.n) if split > 1 else (y, y)
+        _gemv_one_kernel[(triton.cdiv(p.n, cfg.block_n), split)](
+            x, p.qweight, p.scales, p.scales if p.zeros is None else p.zeros, y, ws, cnt, p.n, k, group_size,
+            per_split, BITS=p.bits, SYM=p.zeros is None, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
+            SPLIT=split > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return
     col = 0
     for first in range(0, len(parts), MAX_PARTS):
         chunk = parts[first:first + MAX_PARTS]
@@ -437,7 +465,8 @@ def _(x, qweight, scales, zeros, bits, group_size):
 
 
 def _rows_mm(x, qweights, scales, zeros, bits, group_size: int, out_index):
-    parts = [Part(q, s, zeros[i] if zeros else None, b) for i, (q, s, b) in enumerate(zip(qweights, scales, bits))]
+    parts = [Part(q, s, zeros[i] if zeros else None, b)
+             for i, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True))]
     return _parts_mm(x, parts, group_size, out_index)
 
 
@@ -470,7 +499,10 @@ def applies(layer, dtype: torch.dtype) -> bool:
 
 
 def backend(layer, device: torch.device, dtype: torch.dtype):
-    return _triton_matmul if applies(layer, dtype) else None
+    if not applies(layer, dtype):
+        return None
+    _workspace(layer.qweight.device, layer.out_features)  # now, not inside a CUDA-graph capture or warm-up
+    return _triton_matmul
 
 
 def _op(name: str):
@@ -478,7 +510,10 @@ def _op(name: str):
     op's dispatch would cost more than a decode GEMV takes."""
     if torch.compiler.is_compiling():
         return getattr(torch.ops.hfqat, name)
-    return {"lowbit_mm": _lowbit_mm, "lowbit_rows_mm": _rows_mm}[name]
+    return _EAGER[name]
+
+
+_EAGER = {"lowbit_mm": _lowbit_mm, "lowbit_rows_mm": _rows_mm}
 
 
 def _triton_matmul(layer, x: torch.Tensor) -> torch.Tensor:
@@ -496,6 +531,7 @@ def rows_backend(layer, device: torch.device, dtype: torch.dtype):
         return None
     out_index = torch.argsort(layer.output_order.long()).to(torch.int32)
     layer.register_buffer("_out_index", out_index, persistent=False)
+    _workspace(out_index.device, layer.out_features)
     return _triton_rows_matmul
 
 
