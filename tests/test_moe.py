@@ -168,3 +168,29 @@ def test_dense_model_is_fully_covered(tiny_model_dir):
     report = hfqat.coverage(model)
     assert report["quantized_fraction"] == 1.0 and not report["float_params"]
     assert {v["reason"] for v in report["excluded"].values()} == {"embedding", "head"}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text", "jetmoe", "qwen2_moe"])
+def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_type, tmp_path, monkeypatch):
+    from hfqat.export.packed_experts import PackedExpertsMixin
+
+    _tiny(model_type).save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 3, 4, 8])
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    modules = [m for m in packed.modules() if isinstance(m, PackedExpertsMixin)]
+    assert modules and not any(isinstance(m, QATExpertsMixin) for m in packed.modules())
+    assert all(not any(p.is_floating_point() and p.ndim == 3 for p in m.parameters(recurse=False)) for m in modules)
+    assert [part.bits for part in modules[0].packed[next(iter(modules[0].layouts))]] == [2, 3, 4, 8]
+    decoded = []
+    monkeypatch.setattr(PackedExpertsMixin, "_decode", lambda self, *a, _f=PackedExpertsMixin._decode:
+                        decoded.append(1) or _f(self, *a))
+    x = _ids(shape=(1, 10))
+    torch.testing.assert_close(packed(x).logits, model(x).logits, atol=1e-4, rtol=0)  # prefill: routed dequant
+    one = x[:, :1]
+    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: per pair
+    standard = hasattr(modules[0], "has_gate")
+    assert bool(decoded) == standard  # the packed per-pair path ran where the class has the standard signature

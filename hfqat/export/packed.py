@@ -48,6 +48,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import QATConfig
 from ..distributed import barrier, is_sharded
+from ..quant.experts import qat_experts
 from ..quant.layers import FakeQuantMixin
 from ..quant.modeling import qat_layers
 from ..quant.primitives import (
@@ -273,6 +274,12 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the checkpoint lists packed layer {name!r}, which this model does not have") from None
+        if "experts" in entry:  # a fused experts module (hfqat.export.packed_experts)
+            from .packed_experts import replace_with_packed_experts
+
+            replace_with_packed_experts(module, entry, config)
+            replaced.append(name)
+            continue
         if isinstance(module, nn.Linear):
             in_features, out_features = module.in_features, module.out_features
         elif isinstance(module, Conv1D):
@@ -332,8 +339,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
             save_packed(full, path, tokenizer)
         barrier()
         return Path(path)
+    from .packed_experts import pack_experts
+
     layers = list(qat_layers(model))
-    if not layers:
+    experts = list(qat_experts(model))
+    if not layers and not experts:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
     owned = {f"{name}.{suffix}" for name, _ in layers
@@ -341,6 +351,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
                               "weight_codebook", "bias")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
+    for name, module in experts:
+        expert_state, packed_layers[name], replaced = pack_experts(module)
+        for key in replaced:
+            state.pop(f"{name}.{key}", None)
+        state.update({f"{name}.{key}": t for key, t in expert_state.items()})
     for name, layer in layers:
         packed = packed_class(layer).from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
