@@ -194,3 +194,51 @@ def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_typ
     torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: per pair
     standard = hasattr(modules[0], "has_gate")
     assert bool(decoded) == standard  # the packed per-pair path ran where the class has the standard signature
+
+
+def test_reallocation_changes_expert_bits_under_a_parameter_budget():
+    from hfqat.train.expert_allocation import (
+        ExpertSensitivity,
+        apply_expert_bits,
+        expert_bits,
+        expert_numels,
+    )
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.train()
+    sensitivity = ExpertSensitivity(bit_choices=(2, 4, 8), min_tokens=4)
+    for step in range(3):
+        model(_ids(step), labels=_ids(step)).loss.backward()
+        sensitivity.observe(model)
+        model.zero_grad()
+    scores = sensitivity.close_window(model)
+    numels = expert_numels(model)
+    assert set(scores) == set(numels) and len(numels) == 2 * 4  # two MoE layers, four experts each
+    assert all(s[2] >= s[4] >= s[8] >= 0 for s in scores.values())
+    bits = sensitivity.allocate(model, budget_bits=3.0)
+    assert len(set(bits.values())) > 1  # experts get different widths
+    assert sum(bits[u] * numels[u] for u in bits) <= 3.0 * sum(numels.values())
+    apply_expert_bits(model, bits)
+    assert expert_bits(model) == bits
+    _, experts = next(qat_experts(model))
+    assert experts.quantizers["gate_up_proj"].weight_bits.tolist() == experts.quantizers["down_proj"].weight_bits.tolist()
+
+
+def test_rarely_routed_experts_get_the_frequency_prior_not_zero_cost():
+    from hfqat.train.expert_allocation import ExpertSensitivity
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.train()
+    sensitivity = ExpertSensitivity(bit_choices=(2, 4, 8), min_tokens=1000)  # every expert under-observed ...
+    model(_ids(), labels=_ids()).loss.backward()
+    _, experts = next(qat_experts(model))
+    experts.routed_tokens[0] += 5000  # ... except expert 0 of the first MoE layer
+    for e in range(1, 4):
+        experts.gate_up_proj.grad[e] = 0  # the rare experts saw no gradient
+        experts.down_proj.grad[e] = 0
+    sensitivity.observe(model)
+    scores = sensitivity.close_window(model)
+    name = next(n for n, _ in qat_experts(model))
+    assert all(scores[f"{name}[{e}]"][2] > 0 for e in range(4))  # the prior, not a free lunch
