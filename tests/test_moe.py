@@ -242,3 +242,22 @@ def test_rarely_routed_experts_get_the_frequency_prior_not_zero_cost():
     scores = sensitivity.close_window(model)
     name = next(n for n, _ in qat_experts(model))
     assert all(scores[f"{name}[{e}]"][2] > 0 for e in range(4))  # the prior, not a free lunch
+
+
+def test_compressed_tensors_export_refuses_fused_experts(tmp_path):
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    with pytest.raises(ValueError, match="experts"):
+        hfqat.export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_deferred_fit_of_experts_runs_on_first_use():
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    _, experts = next(qat_experts(model))
+    fitted = experts.quantizers["down_proj"].weight_scale.detach().clone()
+    experts.init_quant_state(defer=True)
+    experts.quantizers["down_proj"].weight_scale.data.fill_(1.0)  # what an unfitted (just materialised) scale holds
+    model.float()  # a move / cast runs the pending fit
+    torch.testing.assert_close(experts.quantizers["down_proj"].weight_scale, fitted, atol=0, rtol=0)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..quant.layers import FakeQuantMixin, QATConv1D
+from ..quant.experts import qat_experts
 from ..quant.modeling import qat_layers
 from ..quant.primitives import effective_scale, quantize
 from .checkpoint import _check_plain_model, _write_checkpoint, atomic_directory
@@ -92,6 +93,10 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokeniz
     layer's weight dtype), so the loaded model computes what the fake-quantized one does.
     """
     _check_plain_model(model)
+    experts = [name for name, _ in qat_experts(model)]
+    if experts:  # would be written as float tensors: refuse rather than drop their quantization
+        raise ValueError(f"export_compressed_tensors does not write fused MoE experts yet ({experts[0]!r} and "
+                         f"{len(experts) - 1} more); export this model with hfqat.save_packed")
     layers = list(qat_layers(model))
     if not layers:
         raise ValueError("model has no hfqat fake-quantized layers to export")
