@@ -261,3 +261,32 @@ def test_deferred_fit_of_experts_runs_on_first_use():
     experts.quantizers["down_proj"].weight_scale.data.fill_(1.0)  # what an unfitted (just materialised) scale holds
     model.float()  # a move / cast runs the pending fit
     torch.testing.assert_close(experts.quantizers["down_proj"].weight_scale, fitted, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_peft_lora_on_experts_trains_inside_the_quantizer_and_merges_exactly(model_type, tmp_path):
+    """peft's ``target_parameters`` LoRA on fused experts: the experts compute Q(W + s·B·A) (not Q(W) + s·B·A or an
+    unquantized W + s·B·A), so merge_and_unload gives the same logits, and save_packed of the merge matches too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny(model_type)
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[], init_lora_weights=False,
+                                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    x = _ids()
+    peft_model.train()
+    peft_model(input_ids=x, labels=x).loss.backward()
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(x).logits
+        with peft_model.disable_adapter():
+            base = peft_model(x).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapter acts
+    merged = peft_model.merge_and_unload()
+    assert list(qat_experts(merged))
+    torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=0)
+    hfqat.save_packed(merged, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    torch.testing.assert_close(packed(x).logits, adapted, atol=1e-4, rtol=0)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import LayerQuantSpec, QATConfig
 from .primitives import fake_quantize, init_scales
@@ -195,6 +196,18 @@ class ExpertQuantizer(nn.Module):
                 f"transposed={lay.transposed}, bits={bits}, group_size={s.group_size}, symmetric={s.symmetric}")
 
 
+class _QuantizeParametrization(nn.Module):
+    """The quantizer as the last step of a parametrization (LoRA on experts: Q(W + s·B·A)). Holds the quantizer
+    outside its module tree (it is registered under ``quantizers`` already)."""
+
+    def __init__(self, quantizer: ExpertQuantizer) -> None:
+        super().__init__()
+        self.__dict__["quantizer"] = quantizer
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.fake_quantize(w)
+
+
 class QATExpertsMixin:
     """Mixed into a copy of an experts class: its forward runs the class's own forward on fake-quantized weights.
 
@@ -212,13 +225,22 @@ class QATExpertsMixin:
         self.run_pending_fit()
         if self.training and torch.is_grad_enabled():
             self._count_routing(args, kwargs)
-        quantized = {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()}
+        # A tensor peft's LoRA (``target_parameters``) parametrizes for this forward reads W + s·B·A through a property:
+        # the quantizer joins that parametrization (last), so the experts compute Q(W + s·B·A) and a merge is exact.
+        parametrized = [name for name in self.quantizers if parametrize.is_parametrized(self, name)]
+        quantized = {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()
+                     if name not in parametrized}
+        for name in parametrized:
+            parametrize.register_parametrization(self, name, _QuantizeParametrization(self.quantizers[name]),
+                                                 unsafe=True)
         self.__dict__.update(quantized)
         try:
             return super().forward(*args, **kwargs)
         finally:
             for name in quantized:
                 self.__dict__.pop(name, None)
+            for name in parametrized:
+                del self.parametrizations[name][-1]
 
     @torch.no_grad()
     def _count_routing(self, args: tuple, kwargs: dict) -> None:
