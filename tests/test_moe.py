@@ -290,3 +290,19 @@ def test_peft_lora_on_experts_trains_inside_the_quantizer_and_merges_exactly(mod
     hfqat.save_packed(merged, tmp_path / "packed")
     packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
     torch.testing.assert_close(packed(x).logits, adapted, atol=1e-4, rtol=0)
+
+
+def test_model_card_counts_expert_weights_and_shows_the_quantized_fraction(tmp_path):
+    import yaml
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 2, 4, 4])
+    card = hfqat.write_model_card(model, tmp_path / "card").read_text()
+    meta = yaml.safe_load(card.split("---")[1])["hfqat"]
+    assert meta["quantized_fraction"] == pytest.approx(hfqat.coverage(model)["quantized_fraction"], abs=1e-4)
+    assert 2 in meta["bits"] and meta["average_bits"] < 4
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed_card = hfqat.write_model_card(None, tmp_path / "packed").read_text()
+    assert yaml.safe_load(packed_card.split("---")[1])["hfqat"]["average_bits"] == pytest.approx(meta["average_bits"])
