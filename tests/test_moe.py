@@ -306,3 +306,16 @@ def test_model_card_counts_expert_weights_and_shows_the_quantized_fraction(tmp_p
     hfqat.save_packed(model, tmp_path / "packed")
     packed_card = hfqat.write_model_card(None, tmp_path / "packed").read_text()
     assert yaml.safe_load(packed_card.split("---")[1])["hfqat"]["average_bits"] == pytest.approx(meta["average_bits"])
+
+
+def test_routed_tokens_count_every_token_expert_pair_in_training_only():
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    x = _ids()
+    model.eval()
+    model(x)
+    assert all(float(m.routed_tokens.sum()) == 0 for _, m in qat_experts(model))
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all(float(m.routed_tokens.sum()) == x.numel() * model.config.num_experts_per_tok
+               for _, m in qat_experts(model))

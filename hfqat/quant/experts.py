@@ -247,8 +247,11 @@ class QATExpertsMixin:
         index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
             n = self.routed_tokens.numel()
-            counts = torch.bincount(index.flatten().clamp(0, n), minlength=n + 1)[:n]  # index n = "dropped" (EP)
-            self.routed_tokens += counts.to(self.routed_tokens)
+            index = index.flatten().clamp(0, n)  # index n: an expert-parallel "dropped" slot
+            # scatter, not bincount: bincount on CUDA reads the maximum back to the host (a sync per layer)
+            counts = torch.zeros(n + 1, dtype=self.routed_tokens.dtype, device=index.device)
+            counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+            self.routed_tokens += counts[:n].to(self.routed_tokens.device)
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
