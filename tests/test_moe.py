@@ -5,6 +5,7 @@ tested here at once; the few whose tiny config is not derived automatically are 
 (strict xfail: when one starts to pass, the list must shrink).
 """
 
+import copy
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from moe_archs import VOCAB, moe_model_types, tiny_moe_config
 from transformers import AutoModelForCausalLM
 
 import hfqat
+from hfqat.integrations.transformers import QATHfQuantizer
 from hfqat.quant.experts import QATExpertsMixin, qat_experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +68,12 @@ def test_architecture_is_quantized_and_trains(model_type):
     assert experts, "no experts module converted"
     report = hfqat.coverage(model)
     assert report["quantized_fraction"] >= 0.97, sorted(report["float_params"].items(), key=lambda kv: -kv[1])[:5]
+    # the quantized weights are the ones the forward uses: equal to a float copy holding them (no silent float path)
+    model.eval()
+    x = _ids()
+    logits = model(x).logits
+    plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(copy.deepcopy(model))
+    torch.testing.assert_close(plain(x).logits, logits, atol=1e-4, rtol=0)  # float experts: ~1e-2 off
     model.train()
     name, module = experts[-1]
     scales = {p: q.weight_scale.detach().clone() for p, q in module.quantizers.items()}
@@ -111,10 +119,7 @@ def test_forward_is_the_models_own_experts_forward_on_quantized_weights(model_ty
     for impl in ("batched_mm", "grouped_mm"):
         torch.testing.assert_close(outputs[impl], outputs["eager"], atol=1e-5, rtol=1e-5)
     model.config._experts_implementation = "eager"
-    plain = model.hf_quantizer._dequantize(model) if getattr(model, "hf_quantizer", None) else None
-    if plain is None:
-        from hfqat.integrations.transformers import QATHfQuantizer
-        plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(model)
+    plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(model)
     assert not list(qat_experts(plain))
     torch.testing.assert_close(plain(x).logits, outputs["eager"], atol=0, rtol=0)
 

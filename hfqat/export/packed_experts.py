@@ -5,7 +5,7 @@ quantized parameter ``<p>`` and expert ``e``, one `PackedLinear` (same codes, sc
 used, at that expert's width — widths may differ per expert) under ``<experts>.packed.<p>.<e>.`` (``qweight``,
 ``scales``[, ``zeros``]); the float tensor ``<p>`` is not written. Other parameters of the module (gpt_oss' per-expert
 biases) are written as they are. Its ``packed_layers`` entry is ``{"experts": {<p>: {"bits": [per expert],
-"group_size", "symmetric", "num_experts", "out_features", "in_features", "transposed", "flat"}}, "layout"}``.
+"group_size", "symmetric", "num_experts", "out_features", "in_features", "transposed"}}, "layout"}``.
 
 On reload the module becomes `PackedExpertsMixin` over its own class. Forward, on the packed codes:
 
@@ -38,7 +38,7 @@ DECODE_PAIRS = 8  # token-expert pairs up to which the per-pair packed matmul pa
 
 def _layout_entry(layout: ExpertParamLayout) -> dict[str, Any]:
     return {"num_experts": layout.num_experts, "out_features": layout.out_features,
-            "in_features": layout.in_features, "transposed": layout.transposed, "flat": layout.flat}
+            "in_features": layout.in_features, "transposed": layout.transposed}
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ class PackedExpertsMixin:
 
     def _per_pair_ok(self) -> bool:
         names = ("gate_up_proj" if self.has_gate else "up_proj", "down_proj")
-        return all(n in self.layouts and not self.layouts[n].flat for n in names)
+        return all(n in self.layouts for n in names)
 
     def dequantized(self, name: str, experts: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
         """The stored-layout float tensor of ``name``: the listed experts (default all) dequantized, others zero."""
@@ -106,7 +106,7 @@ class PackedExpertsMixin:
         for e in range(lay.num_experts) if experts is None else [e for e in experts if e < lay.num_experts]:
             oi = parts[e].dequantized_weight(dtype)
             w[e] = oi.t() if lay.transposed else oi
-        return w.reshape(lay.num_experts * shape[1], shape[2]) if lay.flat else w
+        return w
 
     def _decode(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ def replace_with_packed_experts(module: nn.Module, entry: dict[str, Any], config
             raise ValueError(f"the checkpoint lists packed expert tensor {name!r}, which {type(module).__name__} "
                              f"does not have")
         lay = ExpertParamLayout(int(spec["num_experts"]), int(spec["out_features"]), int(spec["in_features"]),
-                                bool(spec["transposed"]), bool(spec["flat"]))
+                                bool(spec["transposed"]))
         layouts[name] = lay
         packed[name] = nn.ModuleList(
             PackedLinear(lay.in_features, lay.out_features, False, int(b), int(spec["group_size"]),
