@@ -324,3 +324,21 @@ def test_routed_tokens_count_every_token_expert_pair_in_training_only():
     model(x, labels=x).loss.backward()
     assert all(float(m.routed_tokens.sum()) == x.numel() * model.config.num_experts_per_tok
                for _, m in qat_experts(model))
+
+
+def test_distillation_snapshot_teacher_runs_the_experts_in_float():
+    from hfqat.train.distillation import SnapshotTeacher
+
+    float_model = _tiny("mixtral").eval()
+    model = copy.deepcopy(float_model)
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    teacher = SnapshotTeacher(model)
+    x = _ids()
+    with torch.no_grad():
+        expected = float_model(x).logits
+        student = model(x).logits
+    for _, experts in qat_experts(model):  # training moves the student's float masters; the teacher keeps its copy
+        experts.gate_up_proj.data.add_(0.1)
+    torch.testing.assert_close(teacher.logits((), {"input_ids": x}), expected, atol=1e-5, rtol=0)
+    assert (student - expected).abs().max() > 1e-3
+    assert all("_float_tensors" not in m.__dict__ for _, m in qat_experts(model))

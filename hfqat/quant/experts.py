@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -212,8 +213,11 @@ class QATExpertsMixin:
         # A tensor peft's LoRA (``target_parameters``) parametrizes for this forward reads W + s·B·A through a property:
         # the quantizer joins that parametrization (last), so the experts compute Q(W + s·B·A) and a merge is exact.
         parametrized = [name for name in self.quantizers if parametrize.is_parametrized(self, name)]
-        quantized = {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()
-                     if name not in parametrized}
+        teacher = self.__dict__.get("_float_tensors")  # a distillation teacher pass: float weights, no quantizer
+        if teacher is not None:
+            parametrized = []
+        quantized = teacher or {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()
+                                if name not in parametrized}
         for name in parametrized:
             parametrize.register_parametrization(self, name, _QuantizeParametrization(self.quantizers[name]),
                                                  unsafe=True)
@@ -293,6 +297,26 @@ class QATExpertsMixin:
         """{parameter: exact fake-quantized tensor} (what eval forwards compute)."""
         self.run_pending_fit()
         return {name: q.fake_quantize(self._parameters[name], exact=True) for name, q in self.quantizers.items()}
+
+
+@contextmanager
+def float_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, experts modules compute with the given float tensors ({``<module>.<param>``: tensor}, e.g. a
+    train-start snapshot for the distillation teacher) instead of their fake-quantized weights."""
+    modules = list(qat_experts(model))
+    for name, module in modules:
+        module.__dict__["_float_tensors"] = {p: tensors[f"{name}.{p}"] for p in module.quantizers}
+    try:
+        yield
+    finally:
+        for _, module in modules:
+            module.__dict__.pop("_float_tensors", None)
+
+
+def expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{``<module>.<param>``: detached copy of the float master tensor} of every quantized expert tensor."""
+    return {f"{name}.{p}": module._parameters[p].detach().clone() for name, module in qat_experts(model)
+            for p in module.quantizers}
 
 
 _QAT_CLASSES: dict[type, type] = {}
