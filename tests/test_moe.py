@@ -342,3 +342,18 @@ def test_distillation_snapshot_teacher_runs_the_experts_in_float():
     torch.testing.assert_close(teacher.logits((), {"input_ids": x}), expected, atol=1e-5, rtol=0)
     assert (student - expected).abs().max() > 1e-3
     assert all("_float_tensors" not in m.__dict__ for _, m in qat_experts(model))
+
+
+def test_packed_moe_model_dequantizes_and_reports_coverage(tmp_path):
+    model = _tiny("qwen2_moe")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.eval()
+    x = _ids()
+    logits = model(x).logits
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    assert hfqat.coverage(packed)["quantized_fraction"] == pytest.approx(hfqat.coverage(model)["quantized_fraction"])
+    plain = packed.hf_quantizer._dequantize(packed)
+    assert not any(hasattr(m, "packed") for m in plain.modules())
+    assert plain.model.layers[1].mlp.experts.gate_up_proj.ndim == 3
+    torch.testing.assert_close(plain(x).logits, logits, atol=1e-4, rtol=0)

@@ -159,5 +159,18 @@ def replace_with_packed_experts(module: nn.Module, entry: dict[str, Any], config
     return module
 
 
-def is_experts_entry(entry: dict[str, Any]) -> bool:
-    return "experts" in entry
+@torch.no_grad()
+def restore_float_packed(module: PackedExpertsMixin, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn a packed experts module back into its original class holding the dequantized float tensors."""
+    dtype = dtype or module.packed[next(iter(module.layouts))][0].scales.dtype
+    dense = {name: module.dequantized(name, None, dtype) for name in module.layouts}
+    del module.packed
+    module.__dict__.pop("layouts")
+    module.__class__ = type(module).__mro__[2]  # (Packed<cls>, PackedExpertsMixin, cls, ...)
+    for name, w in dense.items():
+        module._parameters[name] = nn.Parameter(w, requires_grad=False)
+    return module
+
+
+def packed_experts(model: nn.Module) -> list[tuple[str, PackedExpertsMixin]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PackedExpertsMixin)]

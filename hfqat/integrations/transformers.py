@@ -64,6 +64,7 @@ class QATHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """Plain float layers holding exactly the quantized weights (fake-quant or packed)."""
         from ..export.packed import PackedRowsLinear, packed_modules
+        from ..export.packed_experts import packed_experts, restore_float_packed
 
         def replace(layers) -> None:
             for name, layer in list(layers):
@@ -75,6 +76,8 @@ class QATHfQuantizer(HfQuantizer):
             restore_float(experts, dtype)
         # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
         replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
+        for _, experts in packed_experts(model):  # likewise packed experts, before their per-expert matrices
+            restore_float_packed(experts, dtype)
         replace(packed_modules(model))
         return model
 
