@@ -1,59 +1,415 @@
-"""Decode and prefill speed of packed hfqat models vs bf16, side by side in one run.
+"""Decode and prefill speed of packed hfqat models vs bf16 through transformers' own `generate` (issue 21).
 
-GPU (the figures in the export issue):
+Headline (the user path): for each variant a random-weight Llama-3-8B-shaped model (hidden 4096, intermediate
+14336, 32 layers, 32/8 heads, 128256-token untied head kept bf16) is converted with ``hfqat.quantize_model``
+(``QATConfig``, group 128, symmetric, min-max scales: no training, so a checkpoint is ready in seconds), written
+with ``hfqat.save_packed``, reloaded with ``AutoModelForCausalLM.from_pretrained(path)`` and timed in
+``model.generate`` (greedy, batch 1, 16-token prompt, 128 new tokens):
+
+- ``eager``: the default dynamic cache, no compilation;
+- ``static``: ``cache_implementation="static"``, with which generate compiles the decode step
+  (torch.compile, CUDA graphs); the first call (compilation) is reported as set-up time, the second is timed.
+
+Variants (``--widths``): bf16, W4, W3, W2 (g128 sym) and ``mixed`` (per-row widths 3/4/5 in equal thirds,
+average 4.0, rows shuffled: what row re-allocation produces; packed as `PackedRowsLinear`). ``w4@gemlite``
+etc. pins a backend (`hfqat.export.packed.set_backend`). Prefill (``--prefill``): 16×128 and 1×2048 tokens
+through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs hfqat's kernels vs the
+maintained PyPI kernels that install without compiling (gemlite, torchao int4, humming), on the 8B shapes
+at M=1 and M=16. The old hand-written decode loop (compiled layer + one CUDA graph per token) is a last,
+optional table (``--hand-loop``). Every line is printed as soon as it is measured; a time budget
+(``--budget-s``) skips what is left and says so; the final table holds tokens/s and the ratio vs bf16.
+
+GPU (H200; ~8 min for everything at 32 layers; split it with --sections if needed):
     PYTHONPATH=. python bench/bench_decode.py --device cuda
-builds an 8B-Llama-shaped model (hidden 4096, intermediate 14336, 32 layers, 32/8 heads, vocab 128256) with
-random weights directly on the GPU, then for bf16 and for hfqat packed layers (group 128, symmetric, min-max
-scales) runs batch-1 greedy decode of 256 tokens with a static KV cache: each decoder layer compiled with
-torch.compile (one region reused by all layers), the whole token step captured in one CUDA graph.
-Variants: W4 (automatic backend: tinygemm), W4 with the Triton kernel forced, W3, W2 (Triton), and W4 with the
-lm_head quantized too (hfqat keeps lm_head bf16 by default; every other variant does). Prefill is a batch of
-16 prompts of 128 tokens through the plain transformers forward (bf16; W4 with dequantize+cuBLAS; W4 with the
-fused Triton GEMM). Also prints per-shape GEMV times and accuracy, and a Triton-vs-dequantize check of the
-first decode step's logits.
-
-Measured on an H100 80GB (torch 2.11, triton 3.6, transformers 5.17), full 32 layers, 256 tokens:
-    bf16 143.0 tok/s | W4 (tinygemm) 260.6, x1.82 | W4 forced Triton 215.0, x1.50 | W3 170.3, x1.19 |
-    W2 235.9, x1.65 | W4 incl. lm_head 280.3, x1.96; prefill 16x128: W4 x0.88 of bf16 (dequantize+cuBLAS).
-Per token (estimated from the kernel table), bf16 spends ~5.6 ms in GEMVs + lm_head and ~1.4 ms elsewhere (norms,
-rope, attention, launches); that fixed part caps W4 at ~2.3x even with its GEMVs at full HBM bandwidth.
-
-CPU (SmolLM2-135M: fp32 and bf16 vs W4 g64 packed with bf16 activations, i.e. `_weight_int4pack_mm_for_cpu`;
-transformers generate, greedy):
-    PYTHONPATH=. python bench/bench_decode.py --cpu-smollm2
-
-Check that the hand-written decode loop equals transformers' greedy `generate` (tiny model, CPU):
-    PYTHONPATH=. python bench/bench_decode.py --check
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections generate --modes static
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --sections kernels --backends ours,gemlite,torchao
+CPU smoke (tiny model, a few seconds; what tests/test_bench_decode.py runs):
+    PYTHONPATH=. python bench/bench_decode.py --device cpu --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-import hfqat  # noqa: F401
+import hfqat
 from hfqat.export.packed import (
     PackedLinear,
+    PackedRowsLinear,
     backends_in_use,
     prepare_backends,
+    save_packed,
     set_backend,
 )
+from hfqat.quant.modeling import qat_layers
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                 tie_word_embeddings=False)
+SMOKE = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1024)
+KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256))  # (in, out) of the 8B layers
+SMOKE_SHAPES = ((256, 256), (256, 512), (512, 256), (256, 1024))
+WIDTHS = {"bf16": None, "w4": 4, "w3": 3, "w2": 2, "mixed": (3, 4, 5)}
+GROUP_SIZE = 128
 
 
+class Bench:
+    """Shared state of one run: arguments, device, the clock, the log and the results."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.start = time.perf_counter()
+        self.results = {"args": vars(args), "torch": torch.__version__, "generate": {}, "prefill": {},
+                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "setup_s": {}}
+        if self.device.type == "cuda":
+            self.results["device"] = torch.cuda.get_device_name(self.device)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
+
+    def over_budget(self, what: str) -> bool:
+        if time.perf_counter() - self.start > self.args.budget_s:
+            self.results["skipped"].append(what)
+            self.log(f"time budget ({self.args.budget_s:.0f}s) reached: {what} skipped")
+            return True
+        return False
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, fn, repeat: int = 1) -> float:
+        """Seconds per call of `fn` (after the caller's warm-up)."""
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        self.sync()
+        return (time.perf_counter() - t0) / repeat
+
+    def free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- building the variants ------------------------------------------------------------------------------------
+def parse_variant(spec: str) -> tuple[str, str | None]:
+    width, _, backend = spec.partition("@")
+    if width not in WIDTHS:
+        raise ValueError(f"--widths: {width!r} is unknown; allowed values: {list(WIDTHS)} (optionally @backend)")
+    return width, backend or None
+
+
+def float_model(bench: Bench, config: LlamaConfig):
+    torch.manual_seed(0)
+    with torch.device(bench.device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def mixed_row_bits(out_features: int, widths: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Equal shares of each width (the remainder at the middle width, so the average is exact), shuffled."""
+    share = out_features // len(widths)
+    counts = [share] * len(widths)
+    counts[len(widths) // 2] += out_features - share * len(widths)
+    bits = torch.cat([torch.full((c,), b) for b, c in zip(widths, counts)])
+    return bits[torch.randperm(out_features, generator=generator)]
+
+
+def packed_checkpoint(bench: Bench, config: LlamaConfig, width: str, path: Path) -> Path:
+    """QATConfig → quantize_model → save_packed, with no training (min-max scales)."""
+    model = float_model(bench, config)
+    widths = WIDTHS[width]
+    mixed = isinstance(widths, tuple)
+    qconfig = hfqat.QATConfig(bits=max(widths) if mixed else widths, group_size=GROUP_SIZE, scale_init="minmax",
+                              bits_granularity="row" if mixed else "layer")
+    hfqat.quantize_model(model, qconfig)
+    model.config.quantization_config = qconfig
+    if mixed:
+        generator = torch.Generator().manual_seed(0)
+        for _, layer in qat_layers(model):
+            layer.set_row_bits(mixed_row_bits(layer.out_features, widths, generator))
+    save_packed(model, path)
+    del model
+    bench.free()
+    return path
+
+
+def load_variant(bench: Bench, config: LlamaConfig, width: str, workdir: Path):
+    if width == "bf16":
+        return float_model(bench, config)
+    path = packed_checkpoint(bench, config, width, workdir / width)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=bench.device).eval()
+    shutil.rmtree(path, ignore_errors=True)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the decoder's matrix weights as stored (packed words + scales, or bf16)."""
+    total = 0
+    for module in model.model.layers.modules():
+        if isinstance(module, (PackedLinear, nn.Linear)) and not isinstance(module, PackedRowsLinear):
+            tensors = [module.weight] if isinstance(module, nn.Linear) else [module.qweight, module.scales,
+                                                                             module.zeros]
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+# -- measurements -----------------------------------------------------------------------------------------------
+def generate_kwargs(bench: Bench, static: bool, new_tokens: int) -> dict:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def measure_generate(bench: Bench, model, label: str, mode: str) -> dict:
+    args = bench.args
+    ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_len), device=bench.device,
+                        generator=torch.Generator(bench.device).manual_seed(1))
+    static = mode == "static"
+    kwargs = generate_kwargs(bench, static, args.new_tokens)
+    with torch.no_grad():
+        # warm-up: the whole length for static (the cache size is part of the compiled graph), a few tokens else
+        warm_kwargs = kwargs if static else generate_kwargs(bench, False, min(8, args.new_tokens))
+        setup = bench.timed(lambda: model.generate(ids, **warm_kwargs))
+        out = {}
+        seconds = bench.timed(lambda: out.setdefault("ids", model.generate(ids, **kwargs)))
+    tokens = out["ids"][0, ids.shape[1]:].tolist()
+    return {"tokens_per_s": args.new_tokens / seconds, "ms_per_token": 1e3 * seconds / args.new_tokens,
+            "setup_s": setup, "first_tokens": tokens[:8]}
+
+
+def measure_prefill(bench: Bench, model, batch: int, length: int) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), device=bench.device)
+    with torch.no_grad():
+        run = lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+        run()
+        run()
+        seconds = bench.timed(run, repeat=3)
+    return {"tokens_per_s": batch * length / seconds, "ms": 1e3 * seconds}
+
+
+def exactness_check(bench: Bench, model, label: str, backend: str | None) -> float:
+    """First-forward logits of the chosen kernels vs the exact dequantize fallback, relative L2 error."""
+    ids = torch.randint(0, model.config.vocab_size, (1, bench.args.prompt_len), device=bench.device)
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits.float()
+        set_backend(model, "dequant")
+        exact = model(input_ids=ids).logits.float()
+        set_backend(model, backend)
+        prepare_backends(model, torch.bfloat16)
+    rel = ((fast - exact).norm() / exact.norm()).item()
+    bench.results["checks"][label] = {"logits_rel_err_vs_exact": rel}
+    return rel
+
+
+def run_generate(bench: Bench, config: LlamaConfig) -> None:
+    args = bench.args
+    workdir = Path(tempfile.mkdtemp(prefix="hfqat_bench_", dir=args.workdir))
+    modes = [m for m in args.modes.split(",") if m]
+    prefill = [tuple(int(v) for v in s.split("x")) for s in args.prefill.split(",") if s]
+    try:
+        for spec in args.widths.split(","):
+            width, backend = parse_variant(spec)
+            if bench.over_budget(f"variant {spec}"):
+                continue
+            t0 = time.perf_counter()
+            model = load_variant(bench, config, width, workdir)
+            if width != "bf16":
+                set_backend(model, backend)
+                prepare_backends(model, torch.bfloat16)  # kernel set-up outside any compiled region
+                if "tune" in args.sections:
+                    tune_decode_kernels(model)
+            bench.results["setup_s"][spec] = time.perf_counter() - t0
+            used = sorted({b for b in backends_in_use(model).values() if b}) if width != "bf16" else ["cuBLAS"]
+            gb = weight_bytes(model) / 1e9
+            note = ""
+            if width != "bf16":
+                note = f", logits rel err vs exact {exactness_check(bench, model, spec, backend):.1e}"
+            bench.log(f"{spec}: built+saved+loaded in {bench.results['setup_s'][spec]:.0f}s, decoder weights "
+                      f"{gb:.3f} GB, backends {used}{note}")
+            for mode in modes:
+                if bench.over_budget(f"{spec} generate {mode}"):
+                    continue
+                row = measure_generate(bench, model, spec, mode)
+                row.update(weights_GB=gb, backends=used)
+                bench.results["generate"].setdefault(spec, {})[mode] = row
+                base = bench.results["generate"].get("bf16", {}).get(mode, {}).get("tokens_per_s")
+                ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
+                bench.log(f"  generate {mode:6s} {row['tokens_per_s']:8.1f} tok/s{ratio}  "
+                          f"({row['ms_per_token']:.2f} ms/token, first call {row['setup_s']:.0f}s)")
+            if "prefill" in args.sections:
+                for batch, length in prefill:
+                    if bench.over_budget(f"{spec} prefill {batch}x{length}"):
+                        continue
+                    row = measure_prefill(bench, model, batch, length)
+                    key = f"{batch}x{length}"
+                    bench.results["prefill"].setdefault(spec, {})[key] = row
+                    base = bench.results["prefill"].get("bf16", {}).get(key, {}).get("tokens_per_s")
+                    ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
+                    bench.log(f"  prefill {key:8s} {row['tokens_per_s']:10.0f} tok/s{ratio}  ({row['ms']:.1f} ms)")
+            if "hand" in args.sections and not bench.over_budget(f"{spec} hand loop"):
+                row = hand_loop(bench, model)
+                bench.results["hand_loop"][spec] = row
+                base = bench.results["hand_loop"].get("bf16", {}).get("tokens_per_s")
+                ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
+                bench.log(f"  hand loop ({row['mode']}) {row['tokens_per_s']:8.1f} tok/s{ratio}")
+            del model
+            torch._dynamo.reset()  # each variant compiles its own graphs; keep the caches from piling up
+            bench.free()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def tune_decode_kernels(model) -> None:
+    """Tune the Triton GEMV launch of every distinct packed shape (CUDA; a few seconds per shape)."""
+    from hfqat.export.kernels import triton_lowbit
+
+    seen = set()
+    for module in model.model.layers.modules():
+        if isinstance(module, PackedRowsLinear) and module.backend == "triton_rows":
+            key = (module.out_features, module.in_features, tuple(p.bits for p in module.parts))
+        elif isinstance(module, PackedLinear) and module.backend == "triton":
+            key = (module.out_features, module.in_features, module.bits)
+        else:
+            continue
+        if key not in seen:
+            seen.add(key)
+            triton_lowbit.tune_gemv(module, torch.bfloat16)
+
+
+# -- kernels side by side -----------------------------------------------------------------------------------
+def _time_us(bench: Bench, fn) -> float:
+    fn()
+    fn()
+    if bench.device.type == "cuda":
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        try:
+            return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+        except Exception:  # a kernel that cannot be captured: plain timing (launch overhead included)
+            return do_bench(fn, rep=50, return_mode="median") * 1e3
+    return bench.timed(fn, repeat=5) * 1e6
+
+
+def _external(name: str, linear: nn.Linear, bits: int):
+    """A module computing ``x @ W.T`` with a maintained PyPI kernel, or a string saying why not."""
+    try:
+        if name == "torchao":
+            if bits != 4:
+                return "int4 only"
+            import copy
+
+            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+            module = nn.Sequential(copy.deepcopy(linear))
+            try:
+                quantize_(module, Int4WeightOnlyConfig(group_size=GROUP_SIZE, int4_packing_format="tile_packed_to_4d"))
+            except TypeError:  # older torchao: the tile-packed layout is the default
+                quantize_(module, Int4WeightOnlyConfig(group_size=GROUP_SIZE))
+            return module
+        if name == "humming":
+            from humming.layer import HummingLayer
+
+            module = HummingLayer(shape_n=linear.out_features, shape_k=linear.in_features,
+                                  weight_config={"dtype": f"int{bits}", "group_size": GROUP_SIZE},
+                                  torch_dtype=torch.bfloat16).to(linear.weight.device)
+            module.load_from_unquantized(linear.weight.data)
+            module.transform()
+            return module
+    except Exception as err:  # not installed, or it refuses this shape/width: say so in the table
+        return f"{type(err).__name__}: {str(err)[:120]}"
+    return f"unknown backend {name!r}"
+
+
+def _ours(linear: nn.Linear, bits, backend: str | None):
+    if isinstance(bits, tuple):
+        row_bits = mixed_row_bits(linear.out_features, bits, torch.Generator().manual_seed(0))
+        layer = PackedRowsLinear.from_float(linear, row_bits, GROUP_SIZE, True, scale_init="minmax")
+    else:
+        layer = PackedLinear.from_float(linear, bits, GROUP_SIZE, True, scale_init="minmax")
+    set_backend(nn.Sequential(layer), backend)
+    prepare_backends(nn.Sequential(layer), torch.bfloat16)
+    return layer
+
+
+def run_kernels(bench: Bench) -> None:
+    args = bench.args
+    shapes = SMOKE_SHAPES if args.smoke else KERNEL_SHAPES
+    backends = [b for b in args.backends.split(",") if b]
+    widths = [WIDTHS[w] for w in dict.fromkeys(parse_variant(s)[0] for s in args.widths.split(",")) if w != "bf16"]
+    for k, n in shapes:
+        if bench.over_budget(f"kernels {k}x{n}"):
+            continue
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n, bias=False, device=bench.device, dtype=torch.bfloat16)
+        nn.init.normal_(linear.weight, std=0.02)
+        table = bench.results["kernels"].setdefault(f"{k}x{n}", {})
+        xs = {m: torch.randn(m, k, device=bench.device, dtype=torch.bfloat16) for m in (1, 16)}
+        for m, x in xs.items():
+            table.setdefault("bf16", {})[f"M={m}"] = {"us": _time_us(bench, lambda x=x: F.linear(x, linear.weight)),
+                                                      "GB": linear.weight.numel() * 2 / 1e9}
+        for bits in widths:
+            label = "mixed345" if isinstance(bits, tuple) else f"W{bits}"
+            candidates = {}
+            if "ours" in backends:
+                candidates["hfqat"] = lambda bits=bits: _ours(linear, bits, None)
+                if bits == 4 and bench.device.type == "cuda":
+                    candidates["hfqat-triton"] = lambda bits=bits: _ours(linear, bits, "triton")
+            if not isinstance(bits, tuple):
+                if "gemlite" in backends:
+                    candidates["gemlite"] = lambda bits=bits: _ours(linear, bits, "gemlite")
+                for name in ("torchao", "humming"):
+                    if name in backends:
+                        candidates[name] = lambda bits=bits, name=name: _external(name, linear, bits)
+            for name, make in candidates.items():
+                try:
+                    module = make()
+                except Exception as err:  # e.g. gemlite missing: set_backend refuses, the table says so
+                    module = f"{type(err).__name__}: {str(err)[:120]}"
+                key = f"{label} {name}"
+                if isinstance(module, str):
+                    table[key] = {"unavailable": module}
+                    bench.log(f"  {k}x{n} {key}: unavailable ({module})")
+                    continue
+                nbytes = sum(t.numel() * t.element_size() for t in module.buffers() if t.dtype != torch.bfloat16
+                             or not t.is_floating_point()) if not isinstance(module, nn.Sequential) else None
+                for m, x in xs.items():
+                    with torch.no_grad():
+                        us = _time_us(bench, lambda x=x, module=module: module(x))
+                        ref = x.float() @ linear.weight.float().t()
+                        rel = ((module(x).float() - ref).norm() / ref.norm()).item()  # quantization + kernel
+                    backend = getattr(module, "backend", name)
+                    table.setdefault(key, {})[f"M={m}"] = {"us": us, "rel_err_vs_bf16_weight": rel,
+                                                          "backend": backend}
+                    base = table["bf16"][f"M={m}"]["us"]
+                    bw = f", {nbytes / us / 1e3:5.0f} GB/s" if nbytes else ""
+                    bench.log(f"  {k:5d}x{n:<6d} M={m:2d} {key:22s} {us:8.1f} us  x{base / us:.2f} vs bf16 "
+                              f"({base:.1f} us){bw}  [{backend}] err {rel:.1e}")
+                del module
+        del linear
+        bench.free()
+
+
+# -- the hand-written decode loop (second table) --------------------------------------------------------------
 def _layer_step(layer, h, cos, sin, k_cache, v_cache, pos, mask):
     """One Llama decoder layer for one token with a static cache (GQA as grouped queries per KV head)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     attn = layer.self_attn
     n_kv, head_dim = k_cache.shape[1], k_cache.shape[3]
     x = layer.input_layernorm(h)
@@ -100,10 +456,6 @@ class StaticDecoder:
         self.tok.copy_(nxt)
         self.pos.add_(1)
 
-    def reset(self, first_token: int = 1):
-        self.tok.fill_(first_token)
-        self.pos.zero_()
-
     def capture(self):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -117,262 +469,41 @@ class StaticDecoder:
 
     def generate(self, n_tokens: int) -> tuple[list[int], float]:
         """(tokens, seconds) for n greedy tokens after token id 1."""
-        self.reset()
-        if self.graph is None:
-            start = time.perf_counter()
-            for _ in range(n_tokens):
-                self._step()
-            return self.out[:n_tokens].tolist(), time.perf_counter() - start
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        self.tok.fill_(1)
+        self.pos.zero_()
+        step = self._step if self.graph is None else self.graph.replay
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         for _ in range(n_tokens):
-            self.graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return self.out[:n_tokens].tolist(), begin.elapsed_time(end) / 1e3
+            step()
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.out[:n_tokens].tolist(), time.perf_counter() - start
 
 
-# -- model surgery --------------------------------------------------------------------------------------------
-def decoder_linears(model) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, (nn.Linear, PackedLinear))]
-
-
-def swap_in(model, make) -> None:
-    for name, module in decoder_linears(model):
-        model.model.layers.set_submodule(name, make(name, module))
-
-
-def packed_variant(originals: dict, bits: int, group_size: int):
-    def make(name, _):
-        return PackedLinear.from_float(originals[name], bits, group_size, True, scale_init="minmax")
-    return make
-
-
-def linear_bytes(model) -> int:
-    total = 0
-    for _, m in decoder_linears(model):
-        tensors = [m.weight] if isinstance(m, nn.Linear) else [m.qweight, m.scales, m.zeros]
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
-
-
-# -- GPU benchmark ----------------------------------------------------------------------------------------------
-def _setup_dynamo():
-    import torch._dynamo.config as dc
-
-    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(dc, name):
-            setattr(dc, name, 256)
-
-
-def _decode(model, args, compiled, label, results, log):
-    t0 = time.perf_counter()
-    prepare_backends(model, model.dtype)  # kernel set-up stays out of the compiled region and the graph
-    layer_fn, mode = compiled, "compile+graph"
-    try:
-        dec = StaticDecoder(model, args.tokens + 8, layer_fn)
-        dec.generate(2)  # eager warm-up outside the graph: backend selection, compilation
-        dec.capture()
-    except Exception as err:  # keep the run going; say what happened
-        log(f"  {label}: compile/graph failed ({type(err).__name__}: {str(err)[:300]}); eager + graph")
-        layer_fn, mode = _layer_step, "eager+graph"
-        dec = StaticDecoder(model, args.tokens + 8, layer_fn)
-        dec.generate(2)
-        dec.capture()
-    setup = time.perf_counter() - t0
-    dec.generate(args.tokens)  # one timed warm run
-    tokens, seconds = dec.generate(args.tokens)
-    tps = args.tokens / seconds
-    results["decode"][label] = {"tokens_per_s": tps, "ms_per_token": 1e3 * seconds / args.tokens, "mode": mode,
-                                "setup_s": setup, "first_tokens": tokens[:8],
-                                "linear_GB": linear_bytes(model) / 1e9}
-    log(f"  {label:14s} {tps:8.1f} tok/s  {1e3 * seconds / args.tokens:6.2f} ms/token  ({mode}, setup {setup:.0f}s)")
-    del dec
-    torch.cuda.empty_cache()
-    return tokens
-
-
-def _prefill(model, args, label, results, log):
-    ids = torch.randint(0, model.config.vocab_size, (args.prefill_batch, args.prefill_len), device=model.device)
+def hand_loop(bench: Bench, model) -> dict:
+    n = bench.args.new_tokens
+    cuda = bench.device.type == "cuda"
+    layer_fn = torch.compile(_layer_step, dynamic=False) if cuda else _layer_step
     with torch.no_grad():
-        for _ in range(2):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        torch.cuda.synchronize()
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(3):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        end.record()
-        torch.cuda.synchronize()
-    seconds = begin.elapsed_time(end) / 3e3
-    tps = ids.numel() / seconds
-    results["prefill"][label] = {"tokens_per_s": tps, "ms": seconds * 1e3}
-    log(f"  {label:14s} {tps:10.0f} tok/s  {seconds * 1e3:7.1f} ms per batch of {tuple(ids.shape)}")
+        dec = StaticDecoder(model, n + 8, layer_fn)
+        dec.generate(2)
+        if cuda:
+            dec.capture()
+        dec.generate(n)
+        tokens, seconds = dec.generate(n)
+    return {"tokens_per_s": n / seconds, "mode": "compile+graph" if cuda else "eager", "first_tokens": tokens[:8]}
 
 
-def _kernel_table(model, originals, results, log, label):
-    """Per-shape GEMV time (CUDA graph replays) of bf16 F.linear vs the packed layers, and their accuracy."""
-    from triton.testing import do_bench_cudagraph
-
-    seen = {}
-    for name, m in decoder_linears(model):
-        seen.setdefault((m.out_features, m.in_features), (name, m))
-    for (n, k), (name, packed) in seen.items():
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        w = originals[name].weight
-        t_bf16 = do_bench_cudagraph(lambda x=x, w=w: F.linear(x, w)) * 1e-3
-        t_packed = do_bench_cudagraph(lambda x=x, packed=packed: packed(x)) * 1e-3
-        ref = x.double() @ packed.dequantized_weight().double().t()
-        rel = ((packed(x).double() - ref).norm() / ref.norm()).item()
-        nbytes = sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales) if t is not None)
-        row = {"bf16_us": t_bf16 * 1e6, "packed_us": t_packed * 1e6, "bf16_GBps": w.numel() * 2 / t_bf16 / 1e9,
-               "packed_GBps": nbytes / t_packed / 1e9, "speedup": t_bf16 / t_packed, "backend": packed.backend,
-               "rel_err_vs_fp64": rel}
-        results["kernels"].setdefault(label, {})[f"{n}x{k}"] = row
-        log(f"  {label:10s} {packed.backend:8s} N={n:5d} K={k:5d}: bf16 {row['bf16_us']:6.1f} us "
-            f"({row['bf16_GBps']:5.0f} GB/s)  packed {row['packed_us']:6.1f} us ({row['packed_GBps']:5.0f} GB/s)"
-            f"  x{row['speedup']:.2f}  rel err {rel:.1e}")
-
-
-def _tune(model, log):
-    from hfqat.export.kernels import triton_lowbit
-
-    seen = set()
-    for _, m in decoder_linears(model) + [("lm_head", model.lm_head)]:
-        key = (m.out_features, m.in_features, getattr(m, "bits", None))
-        if isinstance(m, PackedLinear) and key not in seen:
-            seen.add(key)
-            triton_lowbit.tune_gemv(m, torch.bfloat16, verbose=True)
-
-
-# (label, bits, forced backend, also quantize lm_head)
-VARIANTS = (("W4", 4, None, False), ("W4-triton", 4, "triton", False), ("W3", 3, None, False),
-            ("W2", 2, None, False), ("W4+head", 4, None, True))
-
-
-def run_gpu(args):
-    from hfqat.export.kernels import triton_lowbit
-
-    start = time.perf_counter()
-    results = {"device": torch.cuda.get_device_name(), "args": vars(args), "decode": {}, "prefill": {},
-               "kernels": {}, "checks": {}, "torch": torch.__version__}
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    _setup_dynamo()
-    cfg = LlamaConfig(**dict(LLAMA_8B, num_hidden_layers=args.layers))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    torch.set_grad_enabled(False)
-    originals = dict(decoder_linears(model))
-    head = model.lm_head
-    log(f"built {args.layers}-layer 8B-shaped model in {time.perf_counter() - start:.0f}s on {results['device']}; "
-        f"decoder linear weights {linear_bytes(model) / 1e9:.2f} GB bf16")
-    compiled = torch.compile(_layer_step, dynamic=False) if args.compile else _layer_step
-
-    log("decode (batch 1, greedy, static cache):")
-    _decode(model, args, compiled, "bf16", results, log)
-    log("prefill:")
-    _prefill(model, args, "bf16", results, log)
-    for label, bits, backend, quantize_head in VARIANTS:
-        if time.perf_counter() - start > args.budget_s:
-            log(f"  (time budget reached: {label} skipped)")
-            continue
-        swap_in(model, packed_variant(originals, bits, 128))
-        if quantize_head:
-            model.lm_head = PackedLinear.from_float(head, bits, 128, True, scale_init="minmax")
-        set_backend(model, backend)
-        _tune(model, log)
-        if label == "W4-triton":
-            # correctness: the Triton kernels vs the exact dequantize fallback on the same packed weights
-            dec = StaticDecoder(model, 8, _layer_step)
-            fast = dec.logits(dec.tok.fill_(1), dec.pos.zero_()).float()
-            set_backend(model, "dequant")
-            exact = dec.logits(dec.tok, dec.pos).float()
-            set_backend(model, backend)
-            rel = ((fast - exact).norm() / exact.norm()).item()
-            results["checks"]["W4 triton vs dequant (bf16), step-1 logits rel err"] = rel
-            log(f"  check W4: triton vs dequant (both bf16) first-step logits rel err {rel:.2e} "
-                f"(argmax {int(fast.argmax())} vs {int(exact.argmax())})")
-            del dec
-        log(f"decode {label} g128:")
-        _decode(model, args, compiled, label, results, log)
-        log(f"  backends: {sorted(set(backends_in_use(model).values()))}")
-        if not quantize_head:
-            _kernel_table(model, originals, results, log, label)
-        if label == "W4":
-            log("prefill:")
-            _prefill(model, args, "W4 (dequant+cuBLAS)", results, log)
-            triton_lowbit.FUSED_LARGE_M = True
-            _prefill(model, args, "W4 (fused GEMM)", results, log)
-            triton_lowbit.FUSED_LARGE_M = False
-        swap_in(model, lambda name, _: originals[name])
-        model.lm_head = head
-        torch.cuda.empty_cache()
-    base = results["decode"]["bf16"]["tokens_per_s"]
-    log("\n== summary (tokens/s, ratio vs bf16) ==")
-    for label, row in results["decode"].items():
-        log(f"decode  {label:22s} {row['tokens_per_s']:8.1f}  x{row['tokens_per_s'] / base:.2f}  "
-            f"{row['ms_per_token']:.2f} ms/token  decoder linear weights {row['linear_GB']:.2f} GB")
-    pbase = results["prefill"]["bf16"]["tokens_per_s"]
-    for label, row in results["prefill"].items():
-        log(f"prefill {label:22s} {row['tokens_per_s']:8.0f}  x{row['tokens_per_s'] / pbase:.2f}")
-    log(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    log(f"total {time.perf_counter() - start:.0f}s; command: PYTHONPATH=. python bench/bench_decode.py --device cuda "
-        f"--layers {args.layers} --tokens {args.tokens}")
-    return results
-
-
-# -- CPU (SmolLM2) ----------------------------------------------------------------------------------------------
-def run_cpu_smollm2(args):
-    from transformers import AutoTokenizer
-
-    from hfqat.export.packed import save_packed
-    from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
-
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    qat, _ = load_gguf_for_qat(embedded_smollm2(), hfqat.QATConfig(bits=4, group_size=64, scale_init="minmax"),
-                            args.smollm2_dir)
-    packed_dir = os.path.join(args.smollm2_dir, "..", "smollm2_w4g64_packed")
-    save_packed(qat.eval(), packed_dir)
-    tok = AutoTokenizer.from_pretrained(args.smollm2_dir)
-    ids = tok("The Python language reference says", return_tensors="pt").input_ids
-    models = {"fp32": AutoModelForCausalLM.from_pretrained(args.smollm2_dir, dtype=torch.float32).eval(),
-              "bf16": AutoModelForCausalLM.from_pretrained(args.smollm2_dir, dtype=torch.bfloat16).eval(),
-              "W4g64-packed-bf16": AutoModelForCausalLM.from_pretrained(packed_dir, dtype=torch.bfloat16).eval()}
-    results = {"decode": {}}
-    for _ in range(args.rounds):  # interleaved rounds, best of each: a shared CPU is noisy
-        for label, model in models.items():
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=4, do_sample=False)
-                start = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=args.cpu_tokens, min_new_tokens=args.cpu_tokens,
-                                     do_sample=False)
-                tps = args.cpu_tokens / (time.perf_counter() - start)
-            best = results["decode"].get(label, {}).get("tokens_per_s", 0.0)
-            results["decode"][label] = {"tokens_per_s": max(tps, best),
-                                        "text": tok.decode(out[0, ids.shape[1]:])[:80]}
-    for label, model in models.items():
-        backends = sorted({b for b in backends_in_use(model).values() if b})
-        row = results["decode"][label]
-        print(f"{label:18s} {row['tokens_per_s']:7.1f} tok/s  backends {backends or '-'}  {row['text']!r}")
-    speed = {label: row["tokens_per_s"] for label, row in results["decode"].items()}
-    results["ratio_vs_bf16"] = speed["W4g64-packed-bf16"] / speed["bf16"]
-    results["ratio_vs_fp32"] = speed["W4g64-packed-bf16"] / speed["fp32"]
-    print(f"CPU decode ratio W4 packed (bf16 activations): x{results['ratio_vs_bf16']:.2f} vs bf16, "
-          f"x{results['ratio_vs_fp32']:.2f} vs fp32 ({torch.get_num_threads()} threads, {args.cpu_tokens} tokens); "
-          "command: PYTHONPATH=. python bench/bench_decode.py --cpu-smollm2")
-    return results
-
-
-def run_check():
+def run_check() -> None:
     """The hand-written static-cache decode equals transformers' greedy generate (tiny random Llama, fp32)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(**dict(LLAMA_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    cfg = LlamaConfig(**dict(SMOKE, hidden_size=64, intermediate_size=128, vocab_size=256))
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    swap_in(model, lambda name, m: PackedLinear.from_float(m, 4, 32, True))
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, nn.Linear):
+            model.model.layers.set_submodule(name, PackedLinear.from_float(module, 4, 32, True))
     with torch.no_grad():
         ref = model.generate(torch.tensor([[1]]), max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, 1:]
         tokens, _ = StaticDecoder(model, 32, _layer_step).generate(24)
@@ -380,30 +511,110 @@ def run_check():
     print("check ok: static decoder == generate:", tokens[:12])
 
 
+# -- report ---------------------------------------------------------------------------------------------------
+def summary(bench: Bench) -> str:
+    r = bench.results
+    lines = ["", "== generate (batch 1, greedy, tokens/s; x = ratio vs bf16) =="]
+    modes = [m for m in bench.args.modes.split(",") if m]
+    prefill = [s for s in bench.args.prefill.split(",") if s] if "prefill" in bench.args.sections else []
+    header = "| model | weights GB | " + " | ".join(f"generate {m}" for m in modes) + "".join(
+        f" | prefill {p}" for p in prefill) + " |"
+    lines += [header, "|" + "---|" * (2 + len(modes) + len(prefill))]
+    for spec in bench.args.widths.split(","):
+        gen, pre = r["generate"].get(spec, {}), r["prefill"].get(spec, {})
+        if not gen and not pre:
+            continue
+        gb = next((row["weights_GB"] for row in gen.values()), float("nan"))
+        cells = []
+        for m in modes:
+            row, base = gen.get(m), r["generate"].get("bf16", {}).get(m)
+            cells.append("-" if row is None else f"{row['tokens_per_s']:.1f}" + (
+                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""))
+        for p in prefill:
+            row, base = pre.get(p), r["prefill"].get("bf16", {}).get(p)
+            cells.append("-" if row is None else f"{row['tokens_per_s']:.0f}" + (
+                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""))
+        lines.append(f"| {spec} | {gb:.3f} | " + " | ".join(cells) + " |")
+    if r["hand_loop"]:
+        lines += ["", "== hand-written loop (compiled layer + one CUDA graph per token) =="]
+        base = r["hand_loop"].get("bf16", {}).get("tokens_per_s")
+        for spec, row in r["hand_loop"].items():
+            lines.append(f"{spec:12s} {row['tokens_per_s']:8.1f} tok/s" + (
+                f"  x{row['tokens_per_s'] / base:.2f}" if base else ""))
+    if r["kernels"]:
+        lines += ["", "== GEMV/GEMM: microseconds (x = speed vs bf16 cuBLAS) =="]
+        for shape, table in r["kernels"].items():
+            for key, row in table.items():
+                if "unavailable" in row:
+                    lines.append(f"{shape:11s} {key:22s} unavailable: {row['unavailable']}")
+                    continue
+                cells = []
+                for m, cell in row.items():
+                    if not isinstance(cell, dict):
+                        continue
+                    base = table["bf16"][m]["us"]
+                    cells.append(f"{m} {cell['us']:7.1f} us x{base / cell['us']:.2f}")
+                lines.append(f"{shape:11s} {key:22s} " + "   ".join(cells))
+    if r["skipped"]:
+        lines.append(f"skipped (time budget): {r['skipped']}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--prefill-batch", type=int, default=16)
-    parser.add_argument("--prefill-len", type=int, default=128)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--budget-s", type=float, default=420, help="skip remaining variants after this")
-    parser.add_argument("--cpu-smollm2", action="store_true")
-    parser.add_argument("--smollm2-dir", default="/tmp/smollm2_f32")
-    parser.add_argument("--cpu-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--check", action="store_true")
-    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--smoke", action="store_true", help="tiny model and shapes (CPU test)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; smoke 2)")
+    parser.add_argument("--widths", default="bf16,w4,w3,w2,mixed",
+                        help=f"variants, comma-separated, from {list(WIDTHS)}; width@backend pins a backend")
+    parser.add_argument("--modes", default=None, help="generate modes: eager,static (default both; smoke eager)")
+    parser.add_argument("--sections", default="generate,prefill,kernels",
+                        help="generate, prefill (needs generate), kernels, hand (hand-written loop), tune "
+                             "(tune Triton GEMV launches before timing)")
+    parser.add_argument("--prefill", default=None, help="BxL list (default 16x128,1x2048; smoke 2x16,1x64)")
+    parser.add_argument("--backends", default="ours,gemlite,torchao,humming", help="kernel table backends")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128; smoke 8")
+    parser.add_argument("--budget-s", type=float, default=480, help="skip what is left after this many seconds")
+    parser.add_argument("--workdir", default=None, help="where packed checkpoints are written (then deleted)")
+    parser.add_argument("--check", action="store_true", help="hand loop == generate on a tiny model, then exit")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_decode.json")
     args = parser.parse_args()
     if args.check:
         return run_check()
-    results = run_cpu_smollm2(args) if args.cpu_smollm2 else run_gpu(args)
-    if args.out:
-        name = "bench_decode_cpu.json" if args.cpu_smollm2 else "bench_decode.json"
-        with open(os.path.join(args.out, name), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    args.layers = args.layers or (2 if args.smoke else 32)
+    args.modes = args.modes or ("eager" if args.smoke else "eager,static")
+    args.prefill = args.prefill or ("2x16,1x64" if args.smoke else "16x128,1x2048")
+    args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
+    bench = Bench(args)
+    torch.set_grad_enabled(False)
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 256)
+    config = LlamaConfig(**dict(SMOKE if args.smoke else LLAMA_8B, num_hidden_layers=args.layers))
+    bench.log(f"{args.layers}-layer {'smoke' if args.smoke else 'Llama-3-8B'}-shaped model on "
+              f"{bench.results.get('device', args.device)}; widths {args.widths}; modes {args.modes}; "
+              f"sections {args.sections}")
+    try:
+        if "generate" in args.sections or "prefill" in args.sections or "hand" in args.sections:
+            run_generate(bench, config)
+        if "kernels" in args.sections:
+            bench.log("kernels (random bf16 weights, g128 sym):")
+            run_kernels(bench)
+    finally:
+        print(summary(bench), flush=True)
+        total = time.perf_counter() - bench.start
+        bench.results["total_s"] = total
+        if bench.device.type == "cuda":
+            bench.results["peak_GiB"] = torch.cuda.max_memory_allocated(bench.device) / 2**30
+        print(f"total {total:.0f}s", flush=True)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+                json.dump(bench.results, f, indent=1, default=str)
+    return bench.results
 
 
 if __name__ == "__main__":

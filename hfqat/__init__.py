@@ -2,17 +2,18 @@
 
 The package is laid out by pipeline stage; each stage hands its results to the next and imports only earlier ones:
 `config` (+ `distributed`) → `quant/` (fake-quant layers) → `train/` (`QATCallback`: distillation, sensitivity,
-allocation) → `export/` (`save_packed`, compressed-tensors) → `hub/` (`push_to_hub`) → `integrations/`
+allocation) → `export/` (`save_packed`, compressed-tensors, GGUF) → `hub/` (`push_to_hub`) → `integrations/`
 (transformers quantizer, peft, trl) → `cli/`.
 
 `import hfqat` registers quant_method "hfqat" with transformers (and hfqat's LoRA layer with peft); a saved
-hfqat checkpoint only loads as such after this import (otherwise transformers warns "Unknown quantization
-type" and loads plain float layers, dropping the quantization).
+hfqat checkpoint only loads as such after this import (a packed one loaded without it stops with a size mismatch
+on its guard tensors instead of coming up with random weights).
 """
 
 from ._version import __version__
 from .config import QATConfig
 from .export.compressed_tensors import export_compressed_tensors
+from .export.gguf import export_gguf
 from .export.packed import save_packed
 from .hub.card import write_model_card
 from .hub.push import HubUploadError, push_to_hub
@@ -39,6 +40,7 @@ __all__ = [
     "bit_allocation",
     "coverage",
     "export_compressed_tensors",
+    "export_gguf",
     "push_to_hub",
     "quantize_model",
     "save_packed",

@@ -22,10 +22,34 @@ ROUNDING_MODES = ("ste", "soft")
 CLAMPING_MODES = ("hard", "soft")
 SCALE_INITS = ("mse", "minmax")
 RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
-WEIGHT_FORMATS = ("int", "codebook")
+WEIGHT_FORMATS = ("int", "codebook", "fp8", "gguf")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
 BITS_GRANULARITIES = ("layer", "row")
 ACTIVATION_BITS = (None, 8)
+NON_FINITE_POLICIES = ("error", "skip")
+# weight_format="gguf": llama.cpp type -> (nominal bits, weights per block); the grids are hfqat.quant.gguf_grids
+GGUF_TYPES = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q5_0": (5, 32), "Q5_1": (5, 32), "Q8_0": (8, 32), "IQ4_NL": (4, 32),
+              "Q2_K": (2, 256), "Q3_K": (3, 256), "Q4_K": (4, 256), "Q5_K": (5, 256), "Q6_K": (6, 256)}
+# the type a nominal width maps to (4 bits: the layer's own 4-bit type when it has one)
+GGUF_TYPE_FOR_BITS = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
+# llama.cpp's substitutes (llama-quant.cpp) for rows that are not a multiple of 256
+GGUF_LLAMA_CPP_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+GGUF_FALLBACKS = ("error", "llama.cpp")
+
+
+def resolve_gguf_type(name: str, in_features: int, fallback: str = "error", layer: str = "") -> str:
+    """The GGUF type a layer of ``in_features`` inputs uses for ``name``: itself, llama.cpp's substitute when
+    ``fallback="llama.cpp"`` and the rows do not split into its blocks, else a ValueError naming the layer."""
+    block = GGUF_TYPES[name][1]
+    if in_features % block == 0:
+        return name
+    if fallback == "llama.cpp" and name in GGUF_LLAMA_CPP_FALLBACK and in_features % 32 == 0:
+        return GGUF_LLAMA_CPP_FALLBACK[name]
+    small = [n for n, (_, b) in GGUF_TYPES.items() if in_features % b == 0]
+    raise ValueError(
+        f"QATConfig.gguf_type={name!r} needs in_features divisible by its block size {block}; layer {layer!r} has "
+        f"in_features={in_features}; allowed: a type whose blocks divide it ({small}), gguf_fallback='llama.cpp' "
+        f"(llama.cpp's substitutes {GGUF_LLAMA_CPP_FALLBACK}), or list the layer in modules_to_not_convert")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -56,6 +80,13 @@ class LayerQuantSpec:
     weight_format: str = "int"  # "int" grid or "codebook" (hfqat.quant.codebook)
     codebook_max_bits: int = 8  # codebook layers: centroid slots allocated = 2**codebook_max_bits
     row_bits: bool = False  # one bit width per output row (``weight_row_bits``) instead of one per layer
+    gguf_type: str | None = None  # weight_format="gguf": the layer's GGUF type (after any llama.cpp fallback)
+    gguf_fallback: str = "error"
+
+    @property
+    def activation_format(self) -> str:
+        """The dynamic per-token activation quantizer's number format: FP8 next to FP8 weights, else int8."""
+        return "fp8" if self.weight_format == "fp8" else "int"
 
 
 @dataclass
@@ -69,15 +100,20 @@ class QATConfig(QuantizationConfigMixin):
         learn_scales: scales and zero points are trainable parameters (LSQ-style gradients).
         rounding: "ste" (round, straight-through gradient) or "soft" (annealed continuous round).
         clamping: "hard" or "soft" (annealed continuous clamp).
-        activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs.
-        modules_to_not_convert: module names (or name suffixes) kept in full precision; default: the output
-            head and tied embeddings.
-        layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix.
+        activation_bits: None, or 8 for dynamic per-token symmetric fake quantization of linear inputs, exactly as
+            vLLM's W8A8 kernels quantize them (int8; FP8 e4m3 with ``weight_format="fp8"``).
+        modules_to_not_convert: module names (or name suffixes, or parent modules) kept in full precision, in
+            addition to the default ones (the output head and tied embeddings); to quantize the head, name it in
+            ``layer_bits`` (``{"lm_head": 8}``). An entry that matches no module warns with the closest names.
+        layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix. A key
+            that selects no converted layer warns with the closest names.
         scale_init: "mse" (clip search minimising weight error) or "minmax".
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
             "per_channel" (one scale per row for those layers, with a warning).
-        weight_format: "int" (uniform integer grid) or "codebook" (weight clustering, `hfqat.quant.codebook`: per output
+        weight_format: "int" (uniform integer grid), "fp8" (e4m3 weights, one scale per output channel, `hfqat.quant.fp8`;
+            ``bits``/``group_size`` become 8/-1; with ``activation_bits=8`` dynamic per-token FP8 activations) or
+            "codebook" (weight clustering, `hfqat.quant.codebook`: per output
             channel or group a learned codebook of 2^bits float centroids, k-means initialised; ``symmetric`` and
             ``scale_init`` do not apply; rounding/clamping must be "ste"/"hard").
         codebook_max_bits: codebook layers only: the largest bit width a layer may take (re-allocation
@@ -91,6 +127,15 @@ class QATConfig(QuantizationConfigMixin):
         checkpoint_format: "fake_quant" (float weights + quant params, trainable) or "packed" (written by
             `hfqat.save_packed`, real low-bit integers for inference).
         packed_layers: for packed checkpoints, {module name: {"bits", "group_size"}} of every packed layer.
+        non_finite: what conversion does with a layer whose loaded weight holds NaN or inf: "error" (default; raises
+            naming each such layer and its NaN / inf counts) or "skip" (keeps it in full precision, logged by name).
+        gguf_type: weight_format="gguf" only: the llama.cpp type every layer trains on (default "Q4_K"; one of
+            `GGUF_TYPES`); ``bits`` becomes the type's nominal width and ``layer_bits`` picks other types per layer
+            (2→Q2_K, 3→Q3_K, 4→this type if 4-bit else Q4_K, 5→Q5_K, 6→Q6_K, 8→Q8_0). The fake quantizer is the
+            GGUF block format itself (`hfqat.quant.gguf_grids`); `hfqat.export_gguf` writes its blocks losslessly.
+        gguf_fallback: layers whose in_features is not a multiple of the type's block size (256 for K-quants):
+            "error" (default, names the layer) or "llama.cpp" (llama.cpp's substitutes: Q4_K→Q5_0, Q5_K→Q5_1,
+            Q6_K→Q8_0, Q2_K/Q3_K→IQ4_NL).
     """
 
     bits: int = 4
@@ -109,6 +154,9 @@ class QATConfig(QuantizationConfigMixin):
     bits_granularity: str = "layer"
     checkpoint_format: str = "fake_quant"
     packed_layers: dict[str, dict[str, int]] | None = None
+    non_finite: str = "error"
+    gguf_type: str | None = None
+    gguf_fallback: str = "error"
     quant_method: str = field(default=QUANT_METHOD, repr=False)
     hfqat_version: str = field(default=__version__, repr=False)
 
@@ -138,7 +186,7 @@ class QATConfig(QuantizationConfigMixin):
                              f"weight_format={self.weight_format!r}: ['layer']")
         _check_choice("checkpoint_format", self.checkpoint_format, CHECKPOINT_FORMATS)
         if self.modules_to_not_convert is not None:
-            if isinstance(self.modules_to_not_convert, str) or not all(
+            if not isinstance(self.modules_to_not_convert, (list, tuple)) or not all(
                 isinstance(m, str) for m in self.modules_to_not_convert
             ):
                 raise ValueError(
@@ -153,6 +201,9 @@ class QATConfig(QuantizationConfigMixin):
                     "{'module name or regex': bits}"
                 )
             for pattern, bits in self.layer_bits.items():
+                if not isinstance(pattern, str):
+                    raise ValueError(f"QATConfig.layer_bits key {pattern!r} is invalid; allowed values: module names "
+                                     "or regexes (strings)")
                 _check_bits(f"layer_bits[{pattern!r}]", bits)
                 try:
                     re.compile(pattern)
@@ -160,6 +211,14 @@ class QATConfig(QuantizationConfigMixin):
                     raise ValueError(f"QATConfig.layer_bits key {pattern!r} is not a valid regex: {err}") from None
         if self.weight_format == "codebook":
             self._check_codebook()
+        _check_choice("non_finite", self.non_finite, NON_FINITE_POLICIES)
+        if self.packed_layers is not None and not isinstance(self.packed_layers, dict):
+            raise ValueError(f"QATConfig.packed_layers={self.packed_layers!r} is invalid; allowed values: None or "
+                             "{module name: {'bits', 'group_size', ...}}")
+        if self.weight_format == "fp8":
+            self._check_fp8()
+        if self.weight_format == "gguf" or self.gguf_type is not None:
+            self._check_gguf()
         if self.checkpoint_format == "packed" and not self.packed_layers:
             raise ValueError("QATConfig.packed_layers must list the packed layers when checkpoint_format='packed'")
 
@@ -177,6 +236,39 @@ class QATConfig(QuantizationConfigMixin):
         if not self.symmetric:
             warnings.warn("QATConfig.symmetric=False is ignored with weight_format='codebook' (codebooks have no zero "
                           "point)")
+
+    def _check_fp8(self) -> None:
+        # e4m3 with one scale per output channel is the whole format: bits and group_size take its values
+        for name in ("rounding", "clamping"):
+            if getattr(self, name) == "soft":
+                raise ValueError(f"QATConfig.{name}='soft' is not supported with weight_format='fp8'; allowed "
+                                 f"values: {['ste' if name == 'rounding' else 'hard']}")
+        if not self.symmetric:
+            raise ValueError("QATConfig.symmetric=False is invalid with weight_format='fp8'; allowed values: [True]")
+        if self.layer_bits and any(b != 8 for b in self.layer_bits.values()):
+            raise ValueError(f"QATConfig.layer_bits={self.layer_bits} is invalid with weight_format='fp8' (e4m3 "
+                             "weights are 8-bit); allowed values: None")
+        if self.bits_granularity != "layer":
+            raise ValueError("QATConfig.bits_granularity must be 'layer' with weight_format='fp8'")
+        self.bits, self.group_size = 8, -1
+
+    def _check_gguf(self) -> None:
+        if self.weight_format != "gguf":
+            raise ValueError(f"QATConfig.gguf_type={self.gguf_type!r} needs weight_format='gguf'; allowed with "
+                             f"weight_format={self.weight_format!r}: [None]")
+        if self.gguf_type is None:
+            self.gguf_type = "Q4_K"
+        _check_choice("gguf_type", self.gguf_type, tuple(GGUF_TYPES))
+        _check_choice("gguf_fallback", self.gguf_fallback, GGUF_FALLBACKS)
+        for name in ("rounding", "clamping"):
+            if getattr(self, name) == "soft":
+                raise ValueError(f"QATConfig.{name}='soft' is not supported with weight_format='gguf'; allowed "
+                                 f"values: {['ste' if name == 'rounding' else 'hard']}")
+        for pattern, bits in (self.layer_bits or {}).items():
+            if bits not in GGUF_TYPE_FOR_BITS:
+                raise ValueError(f"QATConfig.layer_bits[{pattern!r}]={bits} has no GGUF type; allowed values: "
+                                 f"{sorted(GGUF_TYPE_FOR_BITS)} ({GGUF_TYPE_FOR_BITS})")
+        self.bits = GGUF_TYPES[self.gguf_type][0]
 
     # -- per-layer resolution ------------------------------------------------------------------------------
     def bits_for(self, module_name: str) -> int:
@@ -206,6 +298,8 @@ class QATConfig(QuantizationConfigMixin):
         return size
 
     def spec_for(self, module_name: str, in_features: int) -> LayerQuantSpec:
+        if self.weight_format == "gguf":
+            return self._gguf_spec_for(module_name, in_features)
         return LayerQuantSpec(
             bits=self.bits_for(module_name),
             group_size=self.group_size_for(module_name, in_features),
@@ -219,6 +313,17 @@ class QATConfig(QuantizationConfigMixin):
             codebook_max_bits=self.codebook_max_bits,
             row_bits=self.bits_granularity == "row",
         )
+
+    def _gguf_spec_for(self, module_name: str, in_features: int) -> LayerQuantSpec:
+        """GGUF layers: the type from gguf_type / layer_bits, checked against in_features (ValueError naming the
+        layer); the scale slots are per 16 weights (`hfqat.quant.gguf_grids.SLOT`)."""
+        bits = self.bits_for(module_name)
+        name = self.gguf_type if bits == self.bits else GGUF_TYPE_FOR_BITS[bits]
+        name = resolve_gguf_type(name, in_features, self.gguf_fallback, module_name)
+        return LayerQuantSpec(bits=GGUF_TYPES[name][0], group_size=16, symmetric=False,
+                              learn_scales=self.learn_scales, rounding="ste", clamping="hard",
+                              activation_bits=self.activation_bits, scale_init="mse", weight_format="gguf",
+                              gguf_type=name, gguf_fallback=self.gguf_fallback)
 
     # -- serialization --------------------------------------------------------------------------------------
     @classmethod

@@ -165,11 +165,3 @@ def test_invalid_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"QATCallback\.{field}=.*allowed values"):
         QATCallback(**kwargs)
 
-
-def test_per_step_sensitivities_only_at_the_end_of_each_interval():
-    callback = QATCallback(reallocate_every=8, budget_bits=3.0)
-    callback._freeze_step = 20
-    assert [s for s in range(1, 30) if callback._measures(s)] == [7, 8, 15, 16]
-    callback = QATCallback(reallocate_every=1, budget_bits=3.0)
-    callback._freeze_step = 3
-    assert [s for s in range(1, 6) if callback._measures(s)] == [1, 2, 3]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.quant.modeling import qat_layers
+from hfqat.train import fused_kl
 from hfqat.train.callback import QATCallback
 from hfqat.train.distillation import (
     DistillationHook,
@@ -63,24 +64,31 @@ def test_distillation_loss_matches_manual_kl_and_masks():
     assert float(distillation_loss(t, t, T, labels, mask)) == pytest.approx(0.0, abs=1e-6)
 
 
+FUSED_KL = pytest.param("cuda", marks=pytest.mark.skipif(not fused_kl.available(), reason="needs CUDA and Triton"))
+
+
+@pytest.mark.parametrize("device", ["cpu", FUSED_KL])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_kl_gradient_matches_autograd_of_the_plain_formula(monkeypatch, dtype):
+def test_chunked_kl_gradient_matches_autograd_of_the_plain_formula(monkeypatch, dtype, device):
     """The loss and its student gradient, computed chunk by chunk (here 3 rows a chunk, 12 rows: four chunks, masked
-    rows inside them), equal autograd through the plain fp32 expression; a larger teacher vocabulary is cut."""
+    rows inside them) or on CUDA by the fused kernel, equal autograd through the plain fp32 expression; a larger
+    teacher vocabulary is cut."""
     monkeypatch.setattr("hfqat.train.distillation.KL_CHUNK_ELEMENTS", 3 * 11)
     g = torch.Generator().manual_seed(1)
-    s = torch.randn(2, 6, 11, generator=g).to(dtype).requires_grad_()
-    t = torch.randn(2, 6, 13, generator=g).to(dtype)
-    labels = torch.randint(0, 11, (2, 6), generator=g)
+    s = torch.randn(2, 6, 11, generator=g).to(device, dtype).requires_grad_()
+    t = torch.randn(2, 6, 13, generator=g).to(device, dtype)
+    labels = torch.randint(0, 11, (2, 6), generator=g).to(device)
     labels[1, 2] = -100
     T = 1.5
-    distillation_loss(s, t, T, labels, num_items_in_batch=7).backward()
+    loss = distillation_loss(s, t, T, labels, num_items_in_batch=7)
+    loss.backward()
 
     ref = s.detach().clone().requires_grad_()
     valid = F.pad(labels[:, 1:] != -100, (0, 1), value=False)
     log_t = F.log_softmax(t[..., :11][valid].float() / T, -1)
     manual = F.kl_div(F.log_softmax(ref[valid].float() / T, -1), log_t, log_target=True, reduction="sum") * T * T / 7
     manual.backward()
+    torch.testing.assert_close(loss, manual, rtol=1e-5, atol=1e-6)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     torch.testing.assert_close(s.grad.float(), ref.grad.float(), **tol)
     assert s.grad.dtype == dtype and bool((s.grad[~valid] == 0).all())

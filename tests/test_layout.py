@@ -7,7 +7,7 @@ import hfqat
 
 PACKAGE = Path(hfqat.__file__).parent
 # earlier stages first; a module may import its own stage and any earlier one
-STAGES = ["_version", "config", "distributed", "quant", "train", "export", "hub", "integrations", "cli"]
+STAGES = ["_version", "config", "distributed", "atomic", "quant", "train", "export", "hub", "integrations", "cli"]
 
 
 def _stage(module: str) -> str:

@@ -357,3 +357,17 @@ def test_packed_moe_model_dequantizes_and_reports_coverage(tmp_path):
     assert not any(hasattr(m, "packed") for m in plain.modules())
     assert plain.model.layers[1].mlp.experts.gate_up_proj.ndim == 3
     torch.testing.assert_close(plain(x).logits, logits, atol=1e-4, rtol=0)
+
+
+def test_packed_moe_without_quantization_config_does_not_load_float_experts(tmp_path):
+    """Guards stand in for the float expert tensors too (a loader without hfqat stops instead of random experts)."""
+    import json
+
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("mixtral"))
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG), modules_to_not_convert=["lm_head", "self_attn"])
+    hfqat.save_packed(model, tmp_path / "packed")
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "packed" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed")

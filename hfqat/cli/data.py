@@ -84,17 +84,9 @@ def _split_files(files: str | Sequence[str]) -> list[str]:
     return [f.strip() for f in files.split(",") if f.strip()] if isinstance(files, str) else list(files)
 
 
-def load_documents(files: str | Sequence[str] | None = None, text_column: str = "text", default: str = "train"):
-    """A `datasets.Dataset` with one "text" column: the documents of local files, or the stdlib prose.
-
-    `files` are .txt/.md (one document per file), .json/.jsonl or .parquet (one document per row, text in
-    `text_column`), comma-separated or a list, all of one kind. Without files: `stdlib_train_text()` for
-    `default="train"`, `stdlib_eval_text()` for "eval". Nothing is downloaded.
-    """
-    import datasets
-
-    if not files:
-        return datasets.Dataset.from_dict({"text": [STDLIB_TEXTS[default]()]})
+def check_data_files(files: str | Sequence[str]) -> tuple[list[str], str]:
+    """(paths, `datasets` builder name) of comma-separated or listed data files; raises naming a file that does not
+    exist, has an unsupported extension, or is of another format than the others. Cheap: nothing is read."""
     paths = _split_files(files)
     kinds = set()
     for path in paths:
@@ -106,7 +98,21 @@ def load_documents(files: str | Sequence[str] | None = None, text_column: str = 
         kinds.add(BUILDERS[suffix])
     if len(kinds) > 1:
         raise ValueError(f"data files {paths} mix formats {sorted(kinds)}; pass files of one format")
-    builder = kinds.pop()
+    return paths, kinds.pop()
+
+
+def load_documents(files: str | Sequence[str] | None = None, text_column: str = "text", default: str = "train"):
+    """A `datasets.Dataset` with one "text" column: the documents of local files, or the stdlib prose.
+
+    `files` are .txt/.md (one document per file), .json/.jsonl or .parquet (one document per row, text in
+    `text_column`), comma-separated or a list, all of one kind. Without files: `stdlib_train_text()` for
+    `default="train"`, `stdlib_eval_text()` for "eval". Nothing is downloaded.
+    """
+    import datasets
+
+    if not files:
+        return datasets.Dataset.from_dict({"text": [STDLIB_TEXTS[default]()]})
+    paths, builder = check_data_files(files)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
     if text_column not in ds.column_names:

@@ -54,18 +54,43 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
     return name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_tokenizer(path: str, field_name: str = "model.model"):
+    """The tokenizer saved with a model; a local folder without tokenizer files is named as such (transformers
+    would otherwise suggest installing sentencepiece or tiktoken)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise RecipeError(f"{field_name}={path!r} has no tokenizer files (any of {list(TOKENIZER_FILES)}); save the "
+                          "tokenizer there with tokenizer.save_pretrained(folder)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:  # not a folder, no such Hub id, offline
+        raise RecipeError(f"{field_name}={path!r} cannot be loaded: {err}") from None
+    except ValueError as err:
+        raise RecipeError(f"{field_name}={path!r}: no usable tokenizer: {err}") from None
+
+
 def load_model(model_args, quant_config=None):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(model_args.model, model_args.model_cache_dir)
+    tokenizer = load_tokenizer(path)  # first: a folder without one fails before minutes of model loading
     dtype = "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     # On a GPU machine, load onto this process's GPU: the quantizer fits every layer's scales right after loading
     # (an MSE clip search: minutes on a CPU for a 1B model, a second on a GPU); Trainer / accelerate take it from there.
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant_config,
-                                                 device_map=device_map)
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant_config,
+                                                     device_map=device_map)
+    except OSError as err:  # not a model folder, no such Hub id, offline
+        raise RecipeError(f"model.model={model_args.model!r} cannot be loaded: {err}") from None
+    return model, tokenizer
 
 
 def _parse(command: str, argv: list[str]):
@@ -170,7 +195,7 @@ def cmd_eval(argv: list[str]) -> dict:
 
 
 def cmd_export(argv: list[str]) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+    from transformers import AutoModelForCausalLM, HfArgumentParser
 
     from ..export.compressed_tensors import export_compressed_tensors
     from ..export.packed import save_packed
@@ -179,8 +204,9 @@ def cmd_export(argv: list[str]) -> Path:
     exporters = {"packed": save_packed, "compressed-tensors": export_compressed_tensors}
     if args.format not in exporters:
         raise RecipeError(f"export --format={args.format!r} is invalid; allowed values: {list(exporters)}")
+    tokenizer = load_tokenizer(args.checkpoint, "checkpoint")
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
-    path = exporters[args.format](model, args.export_dir, tokenizer=AutoTokenizer.from_pretrained(args.checkpoint))
+    path = exporters[args.format](model, args.export_dir, tokenizer=tokenizer)
     print(f"exported {args.format} checkpoint to {path}")
     return path
 

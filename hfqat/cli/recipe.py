@@ -34,11 +34,13 @@ from ..config import (
     ACTIVATION_BITS,
     BITS_GRANULARITIES,
     CLAMPING_MODES,
+    NON_FINITE_POLICIES,
     RAGGED_GROUP_POLICIES,
     ROUNDING_MODES,
     SCALE_INITS,
     QATConfig,
 )
+from .data import check_data_files
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2",)
@@ -55,6 +57,13 @@ class RecipeError(ValueError):
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise RecipeError(f"{section}.{name}={value!r} is invalid; allowed values: {list(allowed)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id ("org/name"): absolute, relative with ./ ../ ~, or of more than two parts."""
+    if Path(name).exists():
+        return True
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
 @dataclass
@@ -77,6 +86,9 @@ class ModelArguments:
         _choice("model", "dtype", self.dtype, DTYPES)
         if self.model.startswith(EMBEDDED_PREFIX):
             _choice("model", "model", self.model, tuple(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS))
+        elif _looks_like_path(self.model) and not Path(self.model).expanduser().is_dir():
+            raise RecipeError(f"model.model={self.model!r} is not a folder; allowed values: a local checkpoint "
+                              f"folder, a Hub id (org/name) or one of {[EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS]}")
 
 
 @dataclass
@@ -97,6 +109,8 @@ class QuantArguments:
     modules_to_not_convert: list[str] | None = field(default=None, metadata={"help": "Kept in full precision."})
     layer_bits: dict | str | None = field(
         default=None, metadata={"help": 'Per-layer bits, e.g. \'{"down_proj": 8}\' (regex or name -> bits).'})
+    non_finite: str = field(default="error", metadata={
+        "help": f"One of {list(NON_FINITE_POLICIES)}: a layer with NaN / inf weights stops the run or stays float."})
 
     def __post_init__(self) -> None:
         if isinstance(self.layer_bits, str):
@@ -105,7 +119,10 @@ class QuantArguments:
             except json.JSONDecodeError as err:
                 raise RecipeError(f"quant.layer_bits={self.layer_bits!r} is not a JSON object: {err}") from None
         _choice("quant", "activation_bits", self.activation_bits, ACTIVATION_BITS)
-        self.to_qat_config()  # validates every field now, with QATConfig's messages
+        try:
+            self.to_qat_config()  # validates every field now, with QATConfig's messages
+        except ValueError as err:
+            raise RecipeError(f"quant: {err}") from None
 
     def to_qat_config(self) -> QATConfig:
         return QATConfig(**dataclasses.asdict(self))
@@ -134,6 +151,12 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.block_size < 2:
             raise RecipeError(f"data.block_size={self.block_size} is invalid; allowed values: integers >= 2")
+        for name in ("train_file", "eval_file"):  # checked now, not after minutes of model loading
+            if getattr(self, name):
+                try:
+                    check_data_files(getattr(self, name))
+                except (ValueError, FileNotFoundError) as err:
+                    raise RecipeError(f"data.{name}: {err}") from None
 
 
 @dataclass
@@ -291,14 +314,14 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        raw = json.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        raw = yaml.safe_load(text)
-    else:
+    if path.suffix not in (".json", ".yaml", ".yml"):
         raise RecipeError(f"recipe {str(path)!r}: unsupported extension {path.suffix!r}; allowed: .yaml, .yml, .json")
+    import yaml
+
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise RecipeError(f"recipe {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {str(path)!r}: expected a mapping of sections, got {type(raw).__name__}")
     return raw

@@ -27,17 +27,16 @@ weigh layers without the model); `hfqat.integrations.transformers` calls `replac
 loads the weights, so ``AutoModelForCausalLM.from_pretrained(path)`` (after ``import hfqat``) rebuilds it.
 Each reloaded layer picks its matmul kernel on first use (`hfqat.export.kernels`; see `PackedLinear.backend`).
 
-compressed-tensors / vLLM: `export_compressed_tensors` writes the ``pack-quantized`` format for symmetric 4- and
-8-bit weight-only layers (group-wise or per channel), which transformers (``compressed-tensors>=0.9``, extra
-``hfqat[vllm]``) and vLLM load. vLLM's pack-quantized path has no 2/3-bit (or 5-7-bit) and no asymmetric
-(zero-point) variant that hfqat's grid maps onto, and no GPT-2 ``Conv1D``: such a model raises a `ValueError`
-naming the first offending layer before anything is written; export those with `save_packed` instead.
+compressed-tensors / vLLM: `hfqat.export.compressed_tensors.export_compressed_tensors` (its `CT_SCHEMES`).
+W8A8: a layer with ``activation_bits=8`` keeps it in its entry's config; reloaded 8-bit per-channel integer layers run
+``torch._int_mm`` (backend ``w8a8_int8``) and FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) ``torch._scaled_mm``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..atomic import atomic_directory
 from ..config import QATConfig
 from ..distributed import barrier, is_sharded
 from ..quant.experts import qat_experts
+from ..quant.finite import FLOAT_TENSORS, QUANT_PARAMS, describe_counts, non_finite_layers
 from ..quant.layers import FakeQuantMixin
 from ..quant.modeling import qat_layers
 from ..quant.primitives import (
@@ -57,15 +58,32 @@ from ..quant.primitives import (
     init_scales,
     quantize,
 )
-from .checkpoint import _check_plain_model, _write_checkpoint, atomic_directory
+from .checkpoint import _check_plain_model, _write_checkpoint
 from .codebook import PackedCodebookLinear
 from .packed_layer import PackedLayer, float_linear, float_weight_oi
 from .packing import LAYOUT, code_offset, unpack_kn
 from .unshard import unsharded_model
+from .w8a8 import PackedFP8Linear
 
 WEIGHTS_NAME = "model.safetensors"
 ZERO_DTYPE = torch.int16
-CT_BITS = (4, 8)
+# Written in place of every packed layer's float ``<name>.weight``: a tensor of the wrong shape, so that a loader
+# without hfqat's quantizer (no ``import hfqat``, or ``quantization_config`` removed from config.json) stops with a
+# size-mismatch error instead of bringing the model up with random linear weights. The extra key's name says why.
+GUARD_SHAPE = (0,)
+GUARD_KEY = "hfqat_packed_checkpoint.load_after_import_hfqat"
+
+
+def guard_keys_pattern(packed_names: list[str], tensor_keys: list[str] = ()) -> str:
+    """The checkpoint keys of the guard tensors, for the loader with hfqat to ignore (nothing else ignored):
+    ``<name>.weight`` of packed layers, and the full ``tensor_keys`` (packed experts' ``<experts>.<param>``)."""
+    return "^(" + "|".join([re.escape(GUARD_KEY), *(re.escape(n) + r"\.weight" for n in packed_names),
+                            *(re.escape(k) for k in tensor_keys)]) + ")$"
+
+
+def expert_guard_keys(name: str, entry: dict[str, Any]) -> list[str]:
+    """Guard keys of a packed experts entry: one per float expert tensor it replaces."""
+    return [f"{name}.{param}" for param in entry.get("experts", {})]
 
 
 class PackedLinear(PackedLayer):
@@ -161,6 +179,10 @@ class PackedRowsLinear(nn.Module):
         self.register_buffer("output_order", torch.empty(out_features, dtype=torch.int32, device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.force_backend: str | None = None  # "parts": each width block on its own (set_backend sets it)
+        self.backend: str | None = None
+        self._matmul = None
+        self._prepared_key: tuple | None = None
 
     @property
     def bits(self) -> int:
@@ -192,6 +214,30 @@ class PackedRowsLinear(nn.Module):
         return packed
 
     @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Linear | Conv1D, row_bits: torch.Tensor, group_size: int,
+                   symmetric: bool = True, scale_init: str = "mse") -> PackedRowsLinear:
+        """Post-training quantization of a float layer with one width per output row (`row_bits`, (out,)),
+        e.g. for benchmarks; each width's rows as `PackedLinear.from_float` packs them."""
+        w, group_size = float_weight_oi(module, group_size)
+        row_bits = row_bits.to(w.device).long()
+        widths = row_bits.unique().tolist()
+        rows = {b: (row_bits == b).nonzero().squeeze(1) for b in widths}
+        bias = module.bias
+        packed = cls(w.shape[1], w.shape[0], bias is not None, {b: len(r) for b, r in rows.items()}, group_size,
+                     symmetric, device=w.device, dtype=w.dtype)
+        part_layer = nn.Linear(w.shape[1], 1, bias=False, device="meta")
+        parts = []
+        for b in widths:
+            part_layer.weight = nn.Parameter(w[rows[b]], requires_grad=False)
+            parts.append(PackedLinear.from_float(part_layer, b, group_size, symmetric, scale_init))
+        packed.parts = nn.ModuleList(parts)
+        packed.output_order.copy_(torch.argsort(torch.cat([rows[b] for b in widths])).to(torch.int32))
+        if bias is not None:
+            packed.bias.copy_(bias)
+        return packed
+
+    @classmethod
     def from_entry(cls, in_features: int, out_features: int, bias: bool, entry: dict[str, Any],
                    config: QATConfig, device=None, dtype=None) -> PackedRowsLinear:
         return cls(in_features, out_features, bias, {int(b): int(n) for b, n in entry["row_bits"].items()},
@@ -209,8 +255,29 @@ class PackedRowsLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_bits is not None:
             x = fake_quantize_activations(x, self.activation_bits)
-        y = torch.cat([part(x) for part in self.parts], -1).index_select(-1, self.output_order)
-        return y + self.bias if self.bias is not None else y
+        if self._prepared_key != (x.device, x.dtype, self.force_backend):
+            self._prepare(x.device, x.dtype)
+        return self._matmul(self, x)
+
+    @torch.compiler.disable
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """CUDA: ``triton_rows``, every width block in one launch with the output order applied by the kernel's
+        stores (`hfqat.export.kernels.triton_lowbit.rows_backend`). Elsewhere, or with a backend forced (it then
+        applies to the parts): each part on its own backend, then concatenation and reordering (``parts``)."""
+        fused = None
+        if self.force_backend in (None, "triton", "triton_rows") and device.type == "cuda":
+            try:
+                from .kernels import triton_lowbit
+            except ImportError:  # triton missing or too old
+                triton_lowbit = None
+            fused = triton_lowbit and triton_lowbit.rows_backend(self, device, dtype)
+        if fused is not None:
+            self.backend, self._matmul = "triton_rows", fused
+        else:
+            for part in self.parts:
+                part._prepare(device, dtype)
+            self.backend, self._matmul = "parts", _parts_matmul
+        self._prepared_key = (device, dtype, self.force_backend)
 
     def to_float(self) -> nn.Linear:
         return float_linear(self, self.output_order.device)
@@ -218,6 +285,11 @@ class PackedRowsLinear(nn.Module):
     def extra_repr(self) -> str:
         rows = ", ".join(f"{part.bits}-bit: {part.out_features}" for part in self.parts)
         return f"in_features={self.in_features}, out_features={self.out_features}, rows=({rows})"
+
+
+def _parts_matmul(layer: PackedRowsLinear, x: torch.Tensor) -> torch.Tensor:
+    y = torch.cat([part(x) for part in layer.parts], -1).index_select(-1, layer.output_order)
+    return y + layer.bias if layer.bias is not None else y
 
 
 def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
@@ -228,7 +300,8 @@ def packed_class(layer: FakeQuantMixin) -> type[PackedLayer | PackedRowsLinear]:
 
 
 # weight_format -> packed inference class (each has from_qat(layer), from_entry(...) and config_entry())
-PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear)}
+PACKED_CLASSES: dict[str, type[PackedLayer]] = {cls.weight_format: cls for cls in (PackedLinear, PackedCodebookLinear,
+                                                                                  PackedFP8Linear)}
 PACKED_TYPES = tuple(PACKED_CLASSES.values())
 
 
@@ -239,9 +312,20 @@ def packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear | Packe
 
 
 def set_backend(model: nn.Module, backend: str | None) -> None:
-    """Pin every packed layer to `backend` (a name from `hfqat.export.kernels.BACKENDS`), or None for auto."""
+    """Pin every packed layer to `backend` (a name from `hfqat.export.kernels.BACKENDS`), or None for auto.
+
+    A per-row layer (`PackedRowsLinear`) runs its fused ``triton_rows`` path for None and "triton", and otherwise
+    passes `backend` to each of its width blocks."""
     for _, layer in packed_modules(model):
         layer.force_backend = backend
+    for _, layer in rows_modules(model):
+        layer.force_backend = backend
+
+
+def rows_modules(model: nn.Module) -> Iterator[tuple[str, PackedRowsLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, PackedRowsLinear):
+            yield name, module
 
 
 def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
@@ -254,12 +338,20 @@ def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict
         act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
         layer._prepare(layer.qweight.device, act_dtype)
         chosen[name] = layer.backend
+    for name, layer in rows_modules(model):
+        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
+        layer._prepare(layer.output_order.device, act_dtype)
+        chosen[name] = layer.backend
     return chosen
 
 
 def backends_in_use(model: nn.Module) -> dict[str, str | None]:
-    """Packed layer name → backend it ran with last (None before its first forward)."""
-    return {name: layer.backend for name, layer in packed_modules(model)}
+    """Packed layer name → backend it ran with last (None before its first forward). A per-row layer on its
+    fused path is listed by its own name (``triton_rows``), its width blocks then stay unused (None)."""
+    fused = {name for name, layer in rows_modules(model) if layer.backend == "triton_rows"}
+    used = {name: layer.backend for name, layer in packed_modules(model)
+            if name.rsplit(".parts.", 1)[0] not in fused}
+    return used | {name: "triton_rows" for name in fused}
 
 
 def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]:
@@ -346,19 +438,28 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     if not layers and not experts:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
+    bad = non_finite_layers(layers, FLOAT_TENSORS + QUANT_PARAMS)
+    if bad:  # NaN codes would be out of range; NaN scales would pack but make every output NaN
+        listing = "; ".join(f"{name}: {describe_counts(*counts)}" for name, counts in bad.items())
+        raise ValueError(f"cannot pack non-finite weights or scales ({listing}); the training diverged or the "
+                         "checkpoint is damaged: export an earlier checkpoint")
     owned = {f"{name}.{suffix}" for name, _ in layers
              for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_row_bits",
                               "weight_codebook", "bias")}
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
+    state[GUARD_KEY] = torch.empty(GUARD_SHAPE, dtype=torch.int8)
     for name, module in experts:
         expert_state, packed_layers[name], replaced = pack_experts(module)
         for key in replaced:
             state.pop(f"{name}.{key}", None)
         state.update({f"{name}.{key}": t for key, t in expert_state.items()})
+        state.update({key: torch.empty(GUARD_SHAPE, dtype=torch.int8) for key in expert_guard_keys(
+            name, packed_layers[name])})  # in place of the float expert tensors, as for layers below
     for name, layer in layers:
         packed = packed_class(layer).from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})
+        state[f"{name}.weight"] = torch.empty(GUARD_SHAPE, dtype=torch.int8)
         packed_layers[name] = packed.config_entry()
     qconfig = _base_qat_config(model, layers)
     qconfig.checkpoint_format = "packed"

@@ -39,6 +39,7 @@ class PackedLayer(nn.Module):
     weight_format: ClassVar[str]  # the QATConfig.weight_format this class packs
     backends: ClassVar[dict[str, BackendFactory]] = BACKENDS
     auto_order: ClassVar[tuple[str, ...]] = AUTO_ORDER
+    activation_format: ClassVar[str] = "int"  # the dynamic activation quantizer's format (with activation_bits)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  activation_bits: int | None = None, device=None, dtype=None) -> None:
@@ -104,10 +105,12 @@ class PackedLayer(nn.Module):
                 f"backend={self.backend}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits is not None:
-            x = fake_quantize_activations(x, self.activation_bits)
         if self._prepared_key != (x.device, x.dtype, self.force_backend):
             self._prepare(x.device, x.dtype)
+        # W8A8 backends quantize the activations themselves (to real int8 / FP8 codes); the others see them
+        # fake-quantized, with the same quantizer
+        if self.activation_bits is not None and not getattr(self._matmul, "quantizes_input", False):
+            x = fake_quantize_activations(x, self.activation_bits, self.activation_format)
         return self._matmul(self, x)
 
     @torch.compiler.disable

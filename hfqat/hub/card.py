@@ -31,6 +31,7 @@ from .._version import __version__
 from ..quant.coverage import coverage
 from ..quant.experts import qat_experts
 from ..quant.modeling import qat_layers
+from .bitmap import BIT_MAP_NAME, plot_bit_map
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def write_model_card(
     plot_paths = _check_plots(plots)
     columns, metric_rows = _metrics_table(metrics)
     export_config = _read_export_config(out_dir)
-    layers = _layer_rows(model, export_config)
+    layers = _layer_rows(model, export_config) or _ct_layer_rows(out_dir, export_config)
     if not layers:
         raise ValueError(
             "write_model_card found no quantized layer: pass an hfqat model (QAT or packed) or an out_dir "
@@ -112,6 +113,10 @@ def write_model_card(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = []
+    if not any(p.name == BIT_MAP_NAME for p in plot_paths):  # drawn from the allocation itself, history or not
+        plot_bit_map(layers, out_dir / PLOTS_DIR / BIT_MAP_NAME,
+                     title=f"weight bits per layer (average {average_bits:.2f})")
+        embedded.append({"title": "Bit map", "path": f"{PLOTS_DIR}/{BIT_MAP_NAME}"})
     for src in plot_paths:
         dst = out_dir / PLOTS_DIR / src.name
         dst.parent.mkdir(exist_ok=True)
@@ -214,6 +219,33 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
     return rows
 
 
+def _ct_layer_rows(out_dir: Path, export_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Card rows of a compressed-tensors export (`export_compressed_tensors`) read without a model: each quantized
+    layer's width from its config group, its size from the weights file."""
+    if export_config.get("quant_method") != "compressed-tensors":
+        return []
+    from safetensors import safe_open
+
+    groups = [(g.get("targets") or [], g.get("weights") or {}) for g in (export_config.get("config_groups") or {})
+              .values()]
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            keys = set(f.keys())
+            for name in (key[:-len(".weight_scale")] for key in keys if key.endswith(".weight_scale")):
+                shapes[name] = ([int(v) for v in f.get_tensor(f"{name}.weight_shape").tolist()]
+                                if f"{name}.weight_shape" in keys else list(f.get_slice(f"{name}.weight").get_shape()))
+    rows = []
+    for name in sorted(shapes, key=_natural_key):
+        weights = next((w for targets, w in groups if any(
+            t == "Linear" or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in targets)), None)
+        if weights:
+            out_features, in_features = shapes[name]
+            rows.append({"name": name, "bits": int(weights["num_bits"]),
+                         "group_size": weights.get("group_size") or -1, "params": out_features * in_features})
+    return rows
+
+
 def _natural_key(name: str) -> list:
     """Sort key that puts layers.10 after layers.9."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -245,6 +277,9 @@ def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
     if quant.get("weight_format") == "codebook":
         method = "hfqat codebook / weight clustering (per-group learned fp32 centroids, packed indices)"
         grid = "codebook: 2^bits non-uniform centroids per group, k-means initialised, trained"
+    elif quant.get("weight_format") == "fp8":
+        method = "hfqat FP8 (e4m3 weights, one fp32 scale per output channel)"
+        grid = "e4m3"
     else:
         method = "hfqat (uniform integer grid, real packed weights)"
         grid = None if symmetric is None else ("symmetric" if symmetric else "asymmetric (zero point)")
@@ -256,10 +291,17 @@ def _quant_settings(quant: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("grid", grid),
         ("learned scales", quant.get("learn_scales")),
         ("rounding / clamping", f"{quant['rounding']} / {quant['clamping']}" if "rounding" in quant else None),
-        ("activations", f"int{act_bits} dynamic per token" if act_bits else "float"),
-        ("kept in full precision", ", ".join(quant.get("modules_to_not_convert") or []) or "output head (default)"),
+        ("activations", (("FP8 e4m3" if quant.get("weight_format") == "fp8" else f"int{act_bits}")
+                         + " dynamic per token") if act_bits else "float"),
+        ("kept in full precision", _kept_float(quant)),
     ]
     return [(key, str(value)) for key, value in rows if value is not None]
+
+
+def _kept_float(quant: dict[str, Any]) -> str:
+    """The default skip (the output head, unless it was packed) and the user's `modules_to_not_convert`."""
+    head = [] if "lm_head" in (quant.get("packed_layers") or {}) else ["output head (default)"]
+    return ", ".join(head + list(quant.get("modules_to_not_convert") or [])) or "none"
 
 
 def _average_bits(layers: list[dict[str, Any]]) -> float:

@@ -220,7 +220,7 @@ class QATLoraLinear(LoraLinear):
     def _adapter_forward(self, adapters: list[str], x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         if base.spec.activation_bits is not None:
-            x = fake_quantize_activations(x, base.spec.activation_bits)
+            x = fake_quantize_activations(x, base.spec.activation_bits, base.spec.activation_format)
         # Sharpness as the merged layer would use it: annealed in training, exact in eval.
         sharpness = base.soft_sharpness if self.training else math.inf
         build_weight: Callable[[], torch.Tensor] = functools.partial(self._quantized_weight, adapters, sharpness)

@@ -16,6 +16,7 @@ from transformers.quantizers.auto import (
 )
 
 from ..config import QUANT_METHOD, QATConfig
+from ..quant.finite import check_finite_weights
 from ..quant.experts import qat_experts, restore_float
 from ..quant.modeling import (
     fit_belongs_on_accelerator,
@@ -23,6 +24,8 @@ from ..quant.modeling import (
     qat_layers,
     replace_with_qat_layers,
 )
+from ..quant.selection import skip_list
+from .load_checks import check_checkpoint_files, check_packed_finite
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +40,22 @@ class QATHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: QATConfig
 
-    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, checkpoint_files=None,
+                                             **kwargs):
         config = self.quantization_config
+        check_checkpoint_files(checkpoint_files)  # a damaged file is named before transformers reads it
+        # the user's list adds to the defaults (head, tied embeddings); layer_bits naming the head converts it
         self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, config.modules_to_not_convert, keep_in_fp32_modules or model._keep_in_fp32_modules
+            model, skip_list(self.get_modules_to_not_convert(model), config.modules_to_not_convert, config.layer_bits),
+            keep_in_fp32_modules or model._keep_in_fp32_modules
         )
         if config.checkpoint_format == "packed":
-            from ..export.packed import replace_with_packed_layers
+            from ..export.packed import expert_guard_keys, guard_keys_pattern, replace_with_packed_layers
 
-            replace_with_packed_layers(model, config)
+            replaced = replace_with_packed_layers(model, config)
+            experts = [k for n, e in config.packed_layers.items() for k in expert_guard_keys(n, e)]
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+                guard_keys_pattern(replaced, experts)}
             return model
         replace_with_qat_layers(model, config, self.modules_to_not_convert)
         if not self.pre_quantized:
@@ -55,6 +65,11 @@ class QATHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.checkpoint_format == "packed":
+            check_packed_finite(model)
+        if self.quantization_config.checkpoint_format == "fake_quant":
+            # NaN / inf weights (a float checkpoint gone bad, or a corrupted fake-quant one) are named here
+            check_finite_weights(model, self.quantization_config, quant_params=self.pre_quantized)
         if self.quantization_config.checkpoint_format == "fake_quant" and not self.pre_quantized:
             # A float checkpoint: quant params were materialised uninitialised; fit them to the loaded weights (on
             # the GPU the model moves to next, when it was loaded on the CPU of a machine with one).

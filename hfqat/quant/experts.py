@@ -382,3 +382,19 @@ def restore_float(module: QATExpertsMixin, dtype: torch.dtype | None = None) -> 
         param = module._parameters[name]
         module._parameters[name] = nn.Parameter(w.to(dtype or param.dtype), requires_grad=param.requires_grad)
     return module
+
+
+def drop_quantizer(module: QATExpertsMixin, param: str) -> nn.Module:
+    """Leave expert parameter `param` float (its quantizer removed, nothing fitted); with no quantizer left the module
+    is its original class again. For parameters that cannot be quantized (non-finite weights)."""
+    del module.quantizers[param]
+    if len(module.quantizers):
+        return module
+    for key, hook in list(module._state_dict_pre_hooks.items()):
+        if hook is _fit_before_state_dict:
+            del module._state_dict_pre_hooks[key]
+    del module.quantizers
+    del module.routed_tokens
+    module.__dict__.pop("_fit_pending", None)
+    module.__class__ = type(module).__mro__[2]  # (QAT<cls>, QATExpertsMixin, cls, ...)
+    return module

@@ -136,7 +136,7 @@ class FakeQuantMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation_bits is not None:
-            x = fake_quantize_activations(x, self.spec.activation_bits)
+            x = fake_quantize_activations(x, self.spec.activation_bits, self.spec.activation_format)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def quant_parameters(self) -> list[nn.Parameter]:

@@ -16,9 +16,13 @@ from transformers.pytorch_utils import Conv1D
 from ..config import QATConfig
 from ..distributed import full_numel
 from .codebook import CodebookConv1D, CodebookLinear
+from .finite import check_finite_weights
+from .fp8 import FP8Conv1D, FP8Linear
+from .gguf_layers import GGUFConv1D, GGUFLinear
 from .coverage import has_own_forward, is_router, parent_of, warn_if_float
-from .experts import qat_experts, replace_experts_with_qat
+from .experts import expert_param_layouts, qat_experts, replace_experts_with_qat
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
+from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +30,9 @@ logger = logging.getLogger(__name__)
 LAYER_CLASSES: dict[str, tuple[type[QATLinear], type[QATConv1D]]] = {
     "int": (QATLinear, QATConv1D),
     "codebook": (CodebookLinear, CodebookConv1D),
+    "fp8": (FP8Linear, FP8Conv1D),
+    "gguf": (GGUFLinear, GGUFConv1D),
 }
-
-
-def _is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
-    return any(
-        name == key or name.endswith("." + key) or name.startswith(key + ".") for key in modules_to_not_convert
-    )
 
 
 def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str]) -> list[str]:
@@ -45,13 +45,14 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantMixin) or not isinstance(module, (nn.Linear, Conv1D)):
             continue
-        if _is_skipped(name, modules_to_not_convert):
+        if is_skipped(name, modules_to_not_convert):
             continue
         if _keep_router_float(model, name, module, config):
             continue
         in_features = module.in_features if isinstance(module, nn.Linear) else module.nx
         spec = config.spec_for(name, in_features)
-        if spec.group_size != config.group_size and config.group_size not in (-1, in_features):
+        if spec.group_size != config.group_size and config.group_size not in (-1, in_features) and (
+                spec.weight_format != "gguf"):  # GGUF layers' blocks come from their type, not group_size
             ragged.append(f"{name} (in_features={in_features} -> group_size={spec.group_size})")
         linear_cls, conv1d_cls = LAYER_CLASSES[spec.weight_format]
         layer_cls = linear_cls if isinstance(module, nn.Linear) else conv1d_cls
@@ -60,10 +61,20 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
     if ragged:
         logger.warning("hfqat: group_size=%d does not divide these layers; used instead: %s",
                        config.group_size, "; ".join(ragged))
-    converted += replace_experts_with_qat(model, config, lambda n: _is_skipped(n, modules_to_not_convert))
+    converted += replace_experts_with_qat(model, config, lambda n: is_skipped(n, modules_to_not_convert))
     if not converted:
         logger.warning("hfqat: no linear layer was converted (all skipped by modules_to_not_convert?)")
+    _warn_unmatched_patterns(model, config, converted)
     return converted
+
+
+def _warn_unmatched_patterns(model: nn.Module, config: QATConfig, converted: list[str]) -> None:
+    """A skip entry that names no module, or a layer_bits key that selects no converted layer, is a typo."""
+    names = [name for name, _ in model.named_modules() if name]
+    names += [f"{name}.{param}" for name, module in model.named_modules() for param in expert_param_layouts(module)]
+    warn_unmatched("modules_to_not_convert", config.modules_to_not_convert or [], names, skip_matches)
+    if converted:
+        warn_unmatched("layer_bits", config.layer_bits or {}, converted, layer_bits_matches)
 
 
 def _keep_router_float(model: nn.Module, name: str, module: nn.Module, config: QATConfig) -> bool:
@@ -142,9 +153,13 @@ def set_soft_sharpness(model: nn.Module, sharpness: float) -> None:
 
 
 def quantize_model(model: nn.Module, config: QATConfig, modules_to_not_convert: list[str] | None = None) -> list[str]:
-    """Convert an already-loaded model in place (outside `from_pretrained`) and fit its quant params."""
-    skip = modules_to_not_convert if modules_to_not_convert is not None else (
-        config.modules_to_not_convert or ["lm_head"])
+    """Convert an already-loaded model in place (outside `from_pretrained`) and fit its quant params.
+
+    Kept float: `modules_to_not_convert` when given, else the output head plus ``config.modules_to_not_convert``.
+    """
+    skip = modules_to_not_convert if modules_to_not_convert is not None else skip_list(
+        ["lm_head"], config.modules_to_not_convert, config.layer_bits)
     converted = replace_with_qat_layers(model, config, skip)
+    check_finite_weights(model, config)
     init_quant_params(model)
     return converted

@@ -236,9 +236,80 @@ def init_scales(
     return best_scale, best_zero
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Dynamic per-token symmetric fake quantization (scale from each token's max magnitude, STE)."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(SCALE_EPS) / qmax
-    q = torch.clamp(round_ste(x.float() / scale), -qmax - 1, qmax)
-    return (q * scale).to(x.dtype)
+# -- dynamic per-token activation quantizers: exactly what vLLM's W8A8 kernels do at serving time ----------------
+# int8 (csrc/quantization/compressed_tensors/int8_quant_kernels.cu): scale = amax / 127 in fp32, codes
+# round-half-even(x · (127 / amax)) saturated to int8, 0 for an all-zero token. FP8 (QuantFP8.forward_native and
+# its CUDA twin): scale = max(amax / 448, 1 / (448 · 512)), codes = e4m3(clamp(x · (1 / scale), ±448)). A model
+# trained with these sees at train time the very codes it is served with.
+INT8_MAX = 127.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+ACTIVATION_FORMATS = ("int", "fp8")
+
+
+def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, fp32 (..., 1) per-token scales) of vLLM's dynamic per-token int8 quantizer."""
+    amax = x.detach().abs().amax(-1, keepdim=True).float()
+    inverse = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    codes = torch.clamp(torch.round(x.detach().float() * inverse), -INT8_MAX - 1, INT8_MAX)
+    return codes.to(torch.int8), amax / INT8_MAX
+
+
+def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes, fp32 (..., 1) per-token scales) of vLLM's dynamic per-token FP8 quantizer."""
+    amax = x.detach().abs().amax(-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    codes = (x.detach().float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+class _ActivationSTE(torch.autograd.Function):
+    """Forward: a dynamic per-token quantizer's dequantized output; backward: identity (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kind: str) -> torch.Tensor:
+        codes, scale = (quantize_activations_fp8 if kind == "fp8" else quantize_activations_int8)(x)
+        return (codes.float() * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8, kind: str = "int") -> torch.Tensor:
+    """Dynamic per-token symmetric fake quantization with a straight-through gradient: vLLM's int8 quantizer
+    (``kind="int"``, 8 bits) or its FP8 e4m3 one (``kind="fp8"``), bit for bit (see `quantize_activations_int8`)."""
+    if kind not in ACTIVATION_FORMATS:
+        raise ValueError(f"kind={kind!r} is invalid; allowed values: {list(ACTIVATION_FORMATS)}")
+    if kind == "int" and bits != 8:
+        raise ValueError(f"bits={bits!r} is invalid for integer activations; allowed values: [8]")
+    return _ActivationSTE.apply(x, kind)
+
+
+def fake_quantize_fp8_weight(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32
+                             ) -> torch.Tensor:
+    """FP8 e4m3 fake quantization of an (out, in) weight with one scale per output channel, ``scale`` (out, 1):
+    ``ŵ = e4m3(clamp(w / s, ±448)) · s`` (compressed-tensors' ``float-quantized`` codes). Straight-through for the
+    cast, so autograd gives ``w`` the identity inside the range and ``s`` the LSQ gradient ``q - w / s``."""
+    s = effective_scale(scale)
+    x = torch.clamp(w.float() / s, -FP8_MAX, FP8_MAX)
+    q = _CastSTE.apply(x)
+    return (q * s).to(out_dtype)
+
+
+class _CastSTE(torch.autograd.Function):
+    """Round fp32 values to the nearest e4m3 value (exact forward, identity gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.to(FP8_DTYPE).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def fp8_weight_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The e4m3 codes `fake_quantize_fp8_weight` dequantizes (what the FP8 exports store)."""
+    return torch.clamp(w.detach().float() / effective_scale(scale), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)

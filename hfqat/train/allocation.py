@@ -21,17 +21,23 @@ and more), where a DP table is too large: by Lagrangian relaxation. For a price 
 independently picks ``argmin_b cost(b) + λ·n·b``; the bits used fall as ``λ`` rises, and bisection finds the
 smallest ``λ`` that fits the budget. The result never exceeds the budget and is optimal for the budget it
 uses (it lies on every unit's lower convex hull); with many units that is the given budget to within a unit.
+
+Fused shards: vLLM serves q/k/v and gate/up each as one matmul with one scheme. `tied_groups` finds such siblings
+and `allocate_tied_bits` solves the allocation with each group held at one width (a group is one DP item).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from functools import reduce
 
 import numpy as np
 import torch
+from torch import nn
+
+from ..quant.modeling import qat_layers
 
 MAX_CAPACITY_UNITS = 20_000  # DP table width; the table is (layers × units) int8 for the backtrack
 
@@ -171,3 +177,86 @@ def weighted_average_bits(bits: Mapping[str, int], numels: Mapping[str, int]) ->
     """Parameter-weighted average of a bit map."""
     total = sum(numels[n] for n in bits)
     return sum(bits[n] * numels[n] for n in bits) / max(total, 1)
+
+
+# -- fused shards: layers a serving engine runs as one matmul ------------------------------------------------------
+# vLLM loads q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Mixtral-style experts: w1/w3 as ``w13``),
+# and one fused matmul has one quantization scheme: such siblings must get the same width to be served.
+FUSED_SHARDS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "w13": ("w1", "w3"),
+}
+
+
+def tied_name_groups(names: Iterable[str]) -> list[tuple[str, ...]]:
+    """Groups (in order of first appearance, each of ≥ 2 names) of the given module names that a serving engine fuses
+    into one layer: siblings under one parent named by a `FUSED_SHARDS` entry."""
+    present = list(names)
+    by_parent: dict[tuple[str, str], list[str]] = {}
+    for name in present:
+        parent, _, leaf = name.rpartition(".")
+        for fused, shards in FUSED_SHARDS.items():
+            if leaf in shards:
+                by_parent.setdefault((parent, fused), []).append(name)
+    return [tuple(group) for group in by_parent.values() if len(group) > 1]
+
+
+def tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """The fake-quantized layers of `model` that vLLM fuses (q/k/v, gate/up), one tuple of names per fused layer."""
+    return tied_name_groups(name for name, _ in qat_layers(model))
+
+
+def allocate_tied_bits(
+    costs: Mapping[str, Mapping[int, float]],
+    numels: Mapping[str, int],
+    budget_bits: float,
+    groups: Iterable[tuple[str, ...]],
+    current: Mapping[str, int] | None = None,
+    switch_cost: float = 0.0,
+) -> dict[str, int]:
+    """`allocate_bits` with every group of `groups` (e.g. `tied_groups(model)`) held at one width.
+
+    Each group is solved as one layer: its members' costs add up (the predicted loss increases are additive, as in
+    `allocate_bits`), so do their weight counts; the DP stays exact and within the budget. A group's current width is
+    its members' when they agree (otherwise it has none, so every choice pays the switch cost).
+    """
+    owner: dict[str, str] = {}
+    for group in groups:
+        for name in group:
+            if name in owner:
+                raise ValueError(f"allocate_tied_bits: layer {name!r} is in two groups")
+            if name not in costs:
+                raise ValueError(f"allocate_tied_bits: group member {name!r} has no cost")
+            owner[name] = group[0]
+    merged_costs: dict[str, dict[int, float]] = {}
+    merged_numels: dict[str, int] = {}
+    members: dict[str, list[str]] = {}
+    for name in costs:
+        key = owner.get(name, name)
+        members.setdefault(key, []).append(name)
+        row = merged_costs.setdefault(key, {b: 0.0 for b in costs[name]})
+        if sorted(row) != sorted(costs[name]):
+            raise ValueError("allocate_tied_bits: every layer must offer the same bit choices")
+        for b, c in costs[name].items():
+            row[b] += c
+        merged_numels[key] = merged_numels.get(key, 0) + int(numels[name])
+    merged_current = None
+    if current is not None:
+        merged_current = {}
+        for key, names in members.items():
+            widths = {current.get(n) for n in names}
+            if len(widths) == 1:
+                merged_current[key] = widths.pop()
+    merged = allocate_bits(merged_costs, merged_numels, budget_bits, merged_current, switch_cost)
+    return {name: merged[owner.get(name, name)] for name in costs}
+
+
+def tie_bits(bits: Mapping[str, int], groups: Iterable[tuple[str, ...]]) -> dict[str, int]:
+    """A bit map with every group raised to its widest member's width (for a map made without ties, e.g. by hand:
+    the result never loses precision, but its average grows; `allocate_tied_bits` keeps the budget instead)."""
+    tied = dict(bits)
+    for group in groups:
+        width = max(bits[name] for name in group)
+        tied.update({name: width for name in group})
+    return tied

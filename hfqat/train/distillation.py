@@ -70,6 +70,7 @@ from ..distributed import (
 )
 from ..quant.experts import expert_tensors, float_experts
 from ..quant.modeling import qat_layers
+from . import fused_kl
 
 IGNORE_INDEX = -100
 # Inputs that only concern the loss; the teacher is run without them.
@@ -87,14 +88,19 @@ class _ChunkedKL(torch.autograd.Function):
     Why: the plain expression materialises fp32 copies of both logit tensors, both log-softmaxes and the elementwise
     KL (for 8 x 2048 tokens and a 32k vocabulary, ~2 GB each) and walks them again in backward. Here each chunk is
     upcast, reduced and differentiated in one pass: ``∂/∂s_r = w_r · (softmax(s_r/T) - softmax(t_r/T)) / T``, stored
-    in the student's dtype; backward only scales it.
+    in the student's dtype; backward only scales it. On CUDA one Triton program per row does the same in two reads of
+    each row (`hfqat.train.fused_kl`).
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float):
         rows, vocab = student.shape
-        chunk = max(1, KL_CHUNK_ELEMENTS // vocab)
         grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        if fused_kl.supports(student, teacher):
+            total = fused_kl.kl_rows(student, teacher, weight, temperature, grad).sum()
+            ctx.save_for_backward(grad)
+            return total
+        chunk = max(1, KL_CHUNK_ELEMENTS // vocab)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, rows, chunk):
             rows_ = slice(start, start + chunk)

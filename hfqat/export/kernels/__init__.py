@@ -9,10 +9,15 @@ the fake-quantized layer computes), so every layer runs somewhere.
 | backend    | where | applies to                                         | numerics vs fake quant          |
 |------------|-------|----------------------------------------------------|---------------------------------|
 | tinygemm   | CUDA  | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales/zeros               |
-| triton     | CUDA  | 2/3/4/8 bit, sym/asym, groups of 32k, K % 32 == 0  | fp32 accumulate, order differs  |
+| triton     | CUDA  | 2-8 bit, sym/asym, groups of 32k, K % 32 == 0      | fp32 accumulate, order differs  |
+| gemlite    | CUDA  | 1/2/4/8 bit, groups < row, fp16/bf16 (optional)    | bf16 scales, order differs      |
 | cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
 | cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
+| w8a8_int8  | both  | 8 bit sym per channel + activation_bits=8 (first)  | int8 × int8 → int32, exact      |
+
+FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) have `FP8_BACKENDS`: ``fp8_scaled_mm`` (CUDA ≥ sm89, bf16, W8A8:
+``torch._scaled_mm`` row-wise) and ``dequant`` (anywhere, fp32). See `hfqat.export.kernels.w8a8`.
 
 Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own table, `CODEBOOK_BACKENDS`:
 
@@ -24,7 +29,9 @@ Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own ta
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
 Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
-Optional libraries (triton) are imported only when their factory runs.
+Optional libraries (triton, gemlite) are imported only when their factory runs. Per-row layers
+(`hfqat.export.packed.PackedRowsLinear`) run all their width blocks in one Triton launch on CUDA
+(``triton_rows``, `triton_lowbit.rows_backend`), and their parts one by one elsewhere.
 """
 
 from __future__ import annotations
@@ -54,6 +61,14 @@ def _tinygemm(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | Non
     return torch_ops.tinygemm_backend(layer, device, dtype)
 
 
+def _gemlite(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    if device.type != "cuda":
+        return None
+    from . import gemlite_ops
+
+    return gemlite_ops.backend(layer, device, dtype)
+
+
 def _cpu_int4(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
     from . import torch_ops
 
@@ -64,6 +79,12 @@ def _cpu_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | Non
     from . import torch_ops
 
     return torch_ops.cpu_int8_backend(layer, device, dtype)
+
+
+def _w8a8_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import w8a8
+
+    return w8a8.w8a8_int8_backend(layer, device, dtype)
 
 
 def _dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
@@ -78,8 +99,10 @@ BACKENDS: dict[str, BackendFactory] = {
     "cpu_int4": _cpu_int4,
     "cpu_int8": _cpu_int8,
     "dequant": _dequant,
+    "w8a8_int8": _w8a8_int8,
+    "gemlite": _gemlite,  # optional (hfqat[gemlite]); chosen by set_backend only, see gemlite_ops
 }
-AUTO_ORDER: tuple[str, ...] = ("tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
+AUTO_ORDER: tuple[str, ...] = ("w8a8_int8", "tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
 
 
 def _triton_lut(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
@@ -120,3 +143,19 @@ def select_backend(layer, device: torch.device, dtype: torch.dtype, force: str |
         if fn is not None:
             return name, fn
     return order[-1], backends[order[-1]](layer, device, dtype)  # dequant: applies everywhere
+
+
+def _fp8_scaled_mm(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import w8a8
+
+    return w8a8.fp8_scaled_mm_backend(layer, device, dtype)
+
+
+def _fp8_dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
+    from . import w8a8
+
+    return w8a8.fp8_dequant_matmul
+
+
+FP8_BACKENDS: dict[str, BackendFactory] = {"fp8_scaled_mm": _fp8_scaled_mm, "dequant": _fp8_dequant}
+FP8_AUTO_ORDER: tuple[str, ...] = ("fp8_scaled_mm", "dequant")

