@@ -5,6 +5,7 @@ tested here at once; the few whose tiny config is not derived automatically are 
 (strict xfail: when one starts to pass, the list must shrink).
 """
 
+import copy
 import logging
 
 import pytest
@@ -13,6 +14,7 @@ from moe_archs import VOCAB, moe_model_types, tiny_moe_config
 from transformers import AutoModelForCausalLM
 
 import hfqat
+from hfqat.integrations.transformers import QATHfQuantizer
 from hfqat.quant.experts import QATExpertsMixin, qat_experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +68,12 @@ def test_architecture_is_quantized_and_trains(model_type):
     assert experts, "no experts module converted"
     report = hfqat.coverage(model)
     assert report["quantized_fraction"] >= 0.97, sorted(report["float_params"].items(), key=lambda kv: -kv[1])[:5]
+    # the quantized weights are the ones the forward uses: equal to a float copy holding them (no silent float path)
+    model.eval()
+    x = _ids()
+    logits = model(x).logits
+    plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(copy.deepcopy(model))
+    torch.testing.assert_close(plain(x).logits, logits, atol=1e-4, rtol=0)  # float experts: ~1e-2 off
     model.train()
     name, module = experts[-1]
     scales = {p: q.weight_scale.detach().clone() for p, q in module.quantizers.items()}
@@ -111,10 +119,7 @@ def test_forward_is_the_models_own_experts_forward_on_quantized_weights(model_ty
     for impl in ("batched_mm", "grouped_mm"):
         torch.testing.assert_close(outputs[impl], outputs["eager"], atol=1e-5, rtol=1e-5)
     model.config._experts_implementation = "eager"
-    plain = model.hf_quantizer._dequantize(model) if getattr(model, "hf_quantizer", None) else None
-    if plain is None:
-        from hfqat.integrations.transformers import QATHfQuantizer
-        plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(model)
+    plain = QATHfQuantizer(hfqat.QATConfig(**CONFIG))._dequantize(model)
     assert not list(qat_experts(plain))
     torch.testing.assert_close(plain(x).logits, outputs["eager"], atol=0, rtol=0)
 
@@ -168,3 +173,201 @@ def test_dense_model_is_fully_covered(tiny_model_dir):
     report = hfqat.coverage(model)
     assert report["quantized_fraction"] == 1.0 and not report["float_params"]
     assert {v["reason"] for v in report["excluded"].values()} == {"embedding", "head"}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text", "jetmoe", "qwen2_moe"])
+def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_type, tmp_path, monkeypatch):
+    from hfqat.export.packed_experts import PackedExpertsMixin
+
+    _tiny(model_type).save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 3, 4, 8])
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    modules = [m for m in packed.modules() if isinstance(m, PackedExpertsMixin)]
+    assert modules and not any(isinstance(m, QATExpertsMixin) for m in packed.modules())
+    assert all(not any(p.is_floating_point() and p.ndim == 3 for p in m.parameters(recurse=False)) for m in modules)
+    assert [part.bits for part in modules[0].packed[next(iter(modules[0].layouts))]] == [2, 3, 4, 8]
+    decoded = []
+    monkeypatch.setattr(PackedExpertsMixin, "_decode", lambda self, *a, _f=PackedExpertsMixin._decode:
+                        decoded.append(1) or _f(self, *a))
+    x = _ids(shape=(1, 10))
+    torch.testing.assert_close(packed(x).logits, model(x).logits, atol=1e-4, rtol=0)  # prefill: routed dequant
+    one = x[:, :1]
+    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: per pair
+    standard = hasattr(modules[0], "has_gate")
+    assert bool(decoded) == standard  # the packed per-pair path ran where the class has the standard signature
+
+
+def test_reallocation_changes_expert_bits_under_a_parameter_budget():
+    from hfqat.train.expert_allocation import (
+        ExpertSensitivity,
+        apply_expert_bits,
+        expert_bits,
+        expert_numels,
+    )
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.train()
+    sensitivity = ExpertSensitivity(bit_choices=(2, 4, 8), min_tokens=4)
+    for step in range(3):
+        model(_ids(step), labels=_ids(step)).loss.backward()
+        sensitivity.observe(model)
+        model.zero_grad()
+    scores = sensitivity.close_window(model)
+    numels = expert_numels(model)
+    assert set(scores) == set(numels) and len(numels) == 2 * 4  # two MoE layers, four experts each
+    assert all(s[2] >= s[4] >= s[8] >= 0 for s in scores.values())
+    bits = sensitivity.allocate(model, budget_bits=3.0)
+    assert len(set(bits.values())) > 1  # experts get different widths
+    assert sum(bits[u] * numels[u] for u in bits) <= 3.0 * sum(numels.values())
+    apply_expert_bits(model, bits)
+    assert expert_bits(model) == bits
+    _, experts = next(qat_experts(model))
+    assert experts.quantizers["gate_up_proj"].weight_bits.tolist() == experts.quantizers["down_proj"].weight_bits.tolist()
+
+
+def test_rarely_routed_experts_get_the_frequency_prior_not_zero_cost():
+    from hfqat.train.expert_allocation import ExpertSensitivity
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.train()
+    sensitivity = ExpertSensitivity(bit_choices=(2, 4, 8), min_tokens=1000)  # every expert under-observed ...
+    model(_ids(), labels=_ids()).loss.backward()
+    _, experts = next(qat_experts(model))
+    experts.routed_tokens[0] += 5000  # ... except expert 0 of the first MoE layer
+    for e in range(1, 4):
+        experts.gate_up_proj.grad[e] = 0  # the rare experts saw no gradient
+        experts.down_proj.grad[e] = 0
+    sensitivity.observe(model)
+    scores = sensitivity.close_window(model)
+    name = next(n for n, _ in qat_experts(model))
+    assert all(scores[f"{name}[{e}]"][2] > 0 for e in range(4))  # the prior, not a free lunch
+
+
+def test_compressed_tensors_export_refuses_fused_experts(tmp_path):
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    with pytest.raises(ValueError, match="experts"):
+        hfqat.export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_deferred_fit_of_experts_runs_on_first_use():
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    _, experts = next(qat_experts(model))
+    fitted = experts.quantizers["down_proj"].weight_scale.detach().clone()
+    experts.init_quant_state(defer=True)
+    experts.quantizers["down_proj"].weight_scale.data.fill_(1.0)  # what an unfitted (just materialised) scale holds
+    model.float()  # a move / cast runs the pending fit
+    torch.testing.assert_close(experts.quantizers["down_proj"].weight_scale, fitted, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_peft_lora_on_experts_trains_inside_the_quantizer_and_merges_exactly(model_type, tmp_path):
+    """peft's ``target_parameters`` LoRA on fused experts: the experts compute Q(W + s·B·A) (not Q(W) + s·B·A or an
+    unquantized W + s·B·A), so merge_and_unload gives the same logits, and save_packed of the merge matches too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _tiny(model_type)
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[], init_lora_weights=False,
+                                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    x = _ids()
+    peft_model.train()
+    peft_model(input_ids=x, labels=x).loss.backward()
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(x).logits
+        with peft_model.disable_adapter():
+            base = peft_model(x).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapter acts
+    merged = peft_model.merge_and_unload()
+    assert list(qat_experts(merged))
+    torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=0)
+    hfqat.save_packed(merged, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    torch.testing.assert_close(packed(x).logits, adapted, atol=1e-4, rtol=0)
+
+
+def test_model_card_counts_expert_weights_and_shows_the_quantized_fraction(tmp_path):
+    import yaml
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 2, 4, 4])
+    card = hfqat.write_model_card(model, tmp_path / "card").read_text()
+    meta = yaml.safe_load(card.split("---")[1])["hfqat"]
+    assert meta["quantized_fraction"] == pytest.approx(hfqat.coverage(model)["quantized_fraction"], abs=1e-4)
+    assert 2 in meta["bits"] and meta["average_bits"] < 4
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed_card = hfqat.write_model_card(None, tmp_path / "packed").read_text()
+    assert yaml.safe_load(packed_card.split("---")[1])["hfqat"]["average_bits"] == pytest.approx(meta["average_bits"])
+
+
+def test_routed_tokens_count_every_token_expert_pair_in_training_only():
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    x = _ids()
+    model.eval()
+    model(x)
+    assert all(float(m.routed_tokens.sum()) == 0 for _, m in qat_experts(model))
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all(float(m.routed_tokens.sum()) == x.numel() * model.config.num_experts_per_tok
+               for _, m in qat_experts(model))
+
+
+def test_distillation_snapshot_teacher_runs_the_experts_in_float():
+    from hfqat.train.distillation import SnapshotTeacher
+
+    float_model = _tiny("mixtral").eval()
+    model = copy.deepcopy(float_model)
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    teacher = SnapshotTeacher(model)
+    x = _ids()
+    with torch.no_grad():
+        expected = float_model(x).logits
+        student = model(x).logits
+    for _, experts in qat_experts(model):  # training moves the student's float masters; the teacher keeps its copy
+        experts.gate_up_proj.data.add_(0.1)
+    torch.testing.assert_close(teacher.logits((), {"input_ids": x}), expected, atol=1e-5, rtol=0)
+    assert (student - expected).abs().max() > 1e-3
+    assert all("_float_tensors" not in m.__dict__ for _, m in qat_experts(model))
+
+
+def test_packed_moe_model_dequantizes_and_reports_coverage(tmp_path):
+    model = _tiny("qwen2_moe")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.eval()
+    x = _ids()
+    logits = model(x).logits
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    assert hfqat.coverage(packed)["quantized_fraction"] == pytest.approx(hfqat.coverage(model)["quantized_fraction"])
+    plain = packed.hf_quantizer._dequantize(packed)
+    assert not any(hasattr(m, "packed") for m in plain.modules())
+    assert plain.model.layers[1].mlp.experts.gate_up_proj.ndim == 3
+    torch.testing.assert_close(plain(x).logits, logits, atol=1e-4, rtol=0)
+
+
+def test_packed_moe_without_quantization_config_does_not_load_float_experts(tmp_path):
+    """Guards stand in for the float expert tensors too (a loader without hfqat stops instead of random experts)."""
+    import json
+
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("mixtral"))
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG), modules_to_not_convert=["lm_head", "self_attn"])
+    hfqat.save_packed(model, tmp_path / "packed")
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "packed" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed")

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..atomic import atomic_directory
 from ..quant.layers import FakeQuantMixin, QATConv1D
+from ..quant.experts import qat_experts
 from ..quant.modeling import qat_layers
 from ..quant.primitives import effective_scale, fp8_weight_codes, quantize
 from ..train.allocation import tied_groups
@@ -224,6 +225,10 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokeniz
     before anything is written.
     """
     _check_plain_model(model)
+    experts = [name for name, _ in qat_experts(model)]
+    if experts:  # would be written as float tensors: refuse rather than drop their quantization
+        raise ValueError(f"export_compressed_tensors does not write fused MoE experts yet ({experts[0]!r} and "
+                         f"{len(experts) - 1} more); export this model with hfqat.save_packed")
     layers = list(qat_layers(model))
     if not layers:
         raise ValueError("model has no hfqat fake-quantized layers to export")

@@ -48,6 +48,7 @@ from transformers.pytorch_utils import Conv1D
 from ..atomic import atomic_directory
 from ..config import QATConfig
 from ..distributed import barrier, is_sharded
+from ..quant.experts import qat_experts
 from ..quant.finite import FLOAT_TENSORS, QUANT_PARAMS, describe_counts, non_finite_layers
 from ..quant.layers import FakeQuantMixin
 from ..quant.modeling import qat_layers
@@ -73,9 +74,16 @@ GUARD_SHAPE = (0,)
 GUARD_KEY = "hfqat_packed_checkpoint.load_after_import_hfqat"
 
 
-def guard_keys_pattern(packed_names: list[str]) -> str:
-    """The checkpoint keys of the guard tensors, for the loader with hfqat to ignore (nothing else ignored)."""
-    return "^(" + "|".join([re.escape(GUARD_KEY), *(re.escape(n) + r"\.weight" for n in packed_names)]) + ")$"
+def guard_keys_pattern(packed_names: list[str], tensor_keys: list[str] = ()) -> str:
+    """The checkpoint keys of the guard tensors, for the loader with hfqat to ignore (nothing else ignored):
+    ``<name>.weight`` of packed layers, and the full ``tensor_keys`` (packed experts' ``<experts>.<param>``)."""
+    return "^(" + "|".join([re.escape(GUARD_KEY), *(re.escape(n) + r"\.weight" for n in packed_names),
+                            *(re.escape(k) for k in tensor_keys)]) + ")$"
+
+
+def expert_guard_keys(name: str, entry: dict[str, Any]) -> list[str]:
+    """Guard keys of a packed experts entry: one per float expert tensor it replaces."""
+    return [f"{name}.{param}" for param in entry.get("experts", {})]
 
 
 class PackedLinear(PackedLayer):
@@ -389,6 +397,12 @@ def replace_with_packed_layers(model: nn.Module, config: QATConfig) -> list[str]
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the checkpoint lists packed layer {name!r}, which this model does not have") from None
+        if "experts" in entry:  # a fused experts module (hfqat.export.packed_experts)
+            from .packed_experts import replace_with_packed_experts
+
+            replace_with_packed_experts(module, entry, config)
+            replaced.append(name)
+            continue
         if isinstance(module, nn.Linear):
             in_features, out_features = module.in_features, module.out_features
         elif isinstance(module, Conv1D):
@@ -448,8 +462,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
             save_packed(full, path, tokenizer)
         barrier()
         return Path(path)
+    from .packed_experts import pack_experts
+
     layers = list(qat_layers(model))
-    if not layers:
+    experts = list(qat_experts(model))
+    if not layers and not experts:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
     bad = non_finite_layers(layers, FLOAT_TENSORS + QUANT_PARAMS)
@@ -463,6 +480,13 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     state = {name: t for name, t in model.state_dict().items() if name not in owned}
     packed_layers: dict[str, dict[str, Any]] = {}
     state[GUARD_KEY] = torch.empty(GUARD_SHAPE, dtype=torch.int8)
+    for name, module in experts:
+        expert_state, packed_layers[name], replaced = pack_experts(module)
+        for key in replaced:
+            state.pop(f"{name}.{key}", None)
+        state.update({f"{name}.{key}": t for key, t in expert_state.items()})
+        state.update({key: torch.empty(GUARD_SHAPE, dtype=torch.int8) for key in expert_guard_keys(
+            name, packed_layers[name])})  # in place of the float expert tensors, as for layers below
     for name, layer in layers:
         packed = packed_class(layer).from_qat(layer)
         state.update({f"{name}.{key}": t for key, t in packed.state_dict().items()})

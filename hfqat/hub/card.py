@@ -28,6 +28,8 @@ from typing import Any
 from torch import nn
 
 from .._version import __version__
+from ..quant.coverage import coverage
+from ..quant.experts import qat_experts
 from ..quant.modeling import qat_layers
 from .bitmap import BIT_MAP_NAME, plot_bit_map
 
@@ -106,7 +108,8 @@ def write_model_card(
         **({"base_model_relation": "quantized"} if base_model else {}),
         hfqat={"version": __version__, "weight_format": weight_format, "bits": bit_widths,
                "average_bits": round(average_bits, 3), "group_size": quant.get("group_size"),
-               "symmetric": quant.get("symmetric") if weight_format == "int" else None},
+               "symmetric": quant.get("symmetric") if weight_format == "int" else None,
+               **_coverage_field(model)},
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     embedded = []
@@ -149,6 +152,14 @@ def write_model_card(
     return path
 
 
+def _coverage_field(model: nn.Module | None) -> dict[str, float]:
+    """{"quantized_fraction": share of the matrix weights quantized} for a fake-quant model (`hfqat.coverage`);
+    nothing for a packed one (its packed layers hold no float weight to count)."""
+    report = coverage(model) if model is not None else None
+    return {"quantized_fraction": round(report["quantized_fraction"], 4)} if report and report["quantized_params"] \
+        else {}
+
+
 def _check_plots(plots: Sequence[str | os.PathLike] | None) -> list[Path]:
     paths = [Path(p) for p in (plots or [])]
     for p in paths:
@@ -178,6 +189,12 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
                       dict(zip(*(t.tolist() for t in layer.weight_row_bits.unique(return_counts=True)))))
             rows += [{"name": name, "bits": int(b), "group_size": layer.spec.group_size,
                       "params": n * layer.in_features} for b, n in counts.items()]
+        for name, experts in qat_experts(model):  # fused MoE experts: one row per tensor and width
+            for pname, q in experts.quantizers.items():
+                lay = q.layout
+                widths = dict(zip(*(t.tolist() for t in q.weight_bits.unique(return_counts=True))))
+                rows += [{"name": f"{name}.{pname}", "bits": int(b), "group_size": q.spec.group_size,
+                          "params": n * lay.out_features * lay.in_features} for b, n in widths.items()]
         if rows:
             return rows
     packed = export_config.get("packed_layers") or _config_value(model, "packed_layers") or {}
@@ -186,6 +203,12 @@ def _layer_rows(model: nn.Module | None, export_config: Mapping[str, Any]) -> li
     rows = []
     for name in sorted(packed, key=lambda n: (order.get(n, len(order)), _natural_key(n))):
         entry = packed[name]
+        if "experts" in entry:  # fused MoE experts (hfqat.export.packed_experts): per-expert widths
+            for pname, e in entry["experts"].items():
+                widths = {b: e["bits"].count(b) for b in sorted(set(e["bits"]))}
+                rows += [{"name": f"{name}.{pname}", "bits": int(b), "group_size": e["group_size"],
+                          "params": n * e["out_features"] * e["in_features"]} for b, n in widths.items()]
+            continue
         module = _submodule(model, name)
         # exports record their sizes; older ones only through the model
         in_features = entry.get("in_features") or getattr(module, "in_features", None)

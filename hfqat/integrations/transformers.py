@@ -50,11 +50,12 @@ class QATHfQuantizer(HfQuantizer):
             keep_in_fp32_modules or model._keep_in_fp32_modules
         )
         if config.checkpoint_format == "packed":
-            from ..export.packed import guard_keys_pattern, replace_with_packed_layers
+            from ..export.packed import expert_guard_keys, guard_keys_pattern, replace_with_packed_layers
 
             replaced = replace_with_packed_layers(model, config)
+            experts = [k for n, e in config.packed_layers.items() for k in expert_guard_keys(n, e)]
             model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-                guard_keys_pattern(replaced)}
+                guard_keys_pattern(replaced, experts)}
             return model
         replace_with_qat_layers(model, config, self.modules_to_not_convert)
         if not self.pre_quantized:
@@ -78,6 +79,7 @@ class QATHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """Plain float layers holding exactly the quantized weights (fake-quant or packed)."""
         from ..export.packed import PackedRowsLinear, packed_modules
+        from ..export.packed_experts import packed_experts, restore_float_packed
 
         def replace(layers) -> None:
             for name, layer in list(layers):
@@ -89,6 +91,8 @@ class QATHfQuantizer(HfQuantizer):
             restore_float(experts, dtype)
         # a per-row packed layer as a whole, before its parts would be found as packed layers of their own
         replace((name, m) for name, m in model.named_modules() if isinstance(m, PackedRowsLinear))
+        for _, experts in packed_experts(model):  # likewise packed experts, before their per-expert matrices
+            restore_float_packed(experts, dtype)
         replace(packed_modules(model))
         return model
 

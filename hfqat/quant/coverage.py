@@ -17,7 +17,8 @@ Counted ("matrix weights" of the decoder): the weights of every linear layer (``
 
 A module inside a router (e.g. ergo's ``gate.linear``) is a router too.
 
-``quantized_fraction`` = quantized / (quantized + float) over the counted weights.
+``quantized_fraction`` = quantized / (quantized + float) over the counted weights. Packed layers (a ``save_packed``
+reload: packed ``qweight`` codes, no float weight) count as quantized with their in × out weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -86,6 +88,9 @@ def coverage(model: nn.Module) -> dict[str, Any]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantized, float_params, excluded, routers = 0, {}, {}, []
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "out_features"):
+            quantized += module.in_features * module.out_features  # a packed layer (hfqat.export): its codes
+            continue
         own = dict(module.named_parameters(recurse=False))
         kind = _kind(name, module, parent_of(model, name), head)
         if kind == "router":

@@ -1,8 +1,7 @@
 """Fake-quantized Mixture-of-Experts weights: transformers' fused expert tensors, quantized per expert.
 
 transformers stores the experts of an MoE block as a few 3-D parameters of one module (mostly ``gate_up_proj``
-(E, 2I, H) and ``down_proj`` (E, H, I); transposed (E, in, out) in gpt_oss / llama4 / aria; DBRX's flat (E·F, H)
-matrices), and runs them through one batched path (``@use_experts_implementation``: grouped_mm, batched_mm, eager).
+(E, 2I, H) and ``down_proj`` (E, H, I); transposed (E, in, out) in gpt_oss / llama4 / aria), and runs them through one batched path (``@use_experts_implementation``: grouped_mm, batched_mm, eager).
 hfqat keeps that path: a converted experts module keeps its class (a subclass is swapped in, `QATExpertsMixin`) and
 its float parameters (same state-dict names, so float checkpoints load as they are); its forward computes each fake-
 quantized 3-D weight once and lets the model's own experts forward read it in place of the float one. No Python loop
@@ -23,10 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import LayerQuantSpec, QATConfig
 from .primitives import fake_quantize, init_scales
@@ -34,49 +35,37 @@ from .primitives import fake_quantize, init_scales
 
 @dataclass(frozen=True)
 class ExpertParamLayout:
-    """How one expert parameter is stored: ``num_experts`` matrices, each (out, in) or, ``transposed``, (in, out);
-    ``flat``: as one 2-D (E·rows, cols) tensor (DBRX) instead of (E, rows, cols)."""
+    """How one expert parameter is stored: ``num_experts`` matrices, each (out, in) or, ``transposed``, (in, out)."""
 
     num_experts: int
     out_features: int
     in_features: int
     transposed: bool = False
-    flat: bool = False
 
 
-# Experts classes that do not carry transformers' ``is_transposed`` flag but store (E, in, out) or flat matrices.
-# {class name: {parameter: (transposed, flat)}}; parameters not listed follow the class default (first entry "*").
-LAYOUT_OVERRIDES: dict[str, dict[str, tuple[bool, bool]]] = {
-    "Llama4TextExperts": {"*": (True, False)},
-    "DbrxExpertGLU": {"w1": (False, True), "v1": (False, True), "w2": (True, True)},
-}
-# DBRX keeps its expert count under its own name
-NUM_EXPERTS_ATTRS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
+# Experts classes that store (E, in, out) without transformers' ``is_transposed`` flag.
+TRANSPOSED_CLASSES = frozenset({"Llama4TextExperts"})
+# Not converted (so `hfqat.coverage` reports them float): DBRX's ``DbrxExpertGLU`` holds flat (E·F, H) matrices that its
+# *parent* reads and slices before calling it, so a substitution inside the module's own forward would not be seen.
 
 
 def expert_param_layouts(module: nn.Module) -> dict[str, ExpertParamLayout]:
     """{parameter name: layout} of the expert matrices of ``module``, or {} when it is no experts module.
 
-    An experts module is one whose class name says "Expert" and that holds 3-D parameters (or is listed in
-    `LAYOUT_OVERRIDES`); biases (``*_bias``) and norms (2-D per-expert vectors) are not matrices and stay float.
+    An experts module is one whose class name says "Expert" and that holds 3-D parameters, which its own forward
+    reads; biases (``*_bias``) and norms (2-D per-expert vectors) are not matrices and stay float.
     """
     cls_name = type(module).__name__
     if "expert" not in cls_name.lower() or isinstance(module, nn.Linear):
         return {}
-    overrides = LAYOUT_OVERRIDES.get(cls_name, {})
+    transposed = cls_name in TRANSPOSED_CLASSES or bool(getattr(module, "is_transposed", False))
     layouts = {}
     for name, p in module.named_parameters(recurse=False):
-        transposed, flat = overrides.get(name, overrides.get("*", (bool(getattr(module, "is_transposed", False)),
-                                                                    False)))
-        if p.ndim == 3 and not flat:
-            experts, rows, cols = p.shape
-        elif flat and p.ndim == 2 and name in overrides:
-            experts = next(int(getattr(module, a)) for a in NUM_EXPERTS_ATTRS if hasattr(module, a))
-            rows, cols = p.shape[0] // experts, p.shape[1]
-        else:
+        if p.ndim != 3:
             continue
+        experts, rows, cols = p.shape
         out_features, in_features = (cols, rows) if transposed else (rows, cols)
-        layouts[name] = ExpertParamLayout(experts, out_features, in_features, transposed, flat)
+        layouts[name] = ExpertParamLayout(experts, out_features, in_features, transposed)
     return layouts
 
 
@@ -103,18 +92,15 @@ class ExpertQuantizer(nn.Module):
     def rows(self, w: torch.Tensor) -> torch.Tensor:
         """The stored tensor as (E·out, in): every expert's output channels stacked (a view unless transposed)."""
         lay = self.layout
-        w = w.view(lay.num_experts, -1, w.shape[-1]) if lay.flat else w
         if lay.transposed:
             w = w.transpose(1, 2)
         return w.reshape(lay.num_experts * lay.out_features, lay.in_features)
 
-    def stored(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of `rows`: (E·out, in) back to the stored layout and shape of ``like``."""
+    def stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of `rows`: (E·out, in) back to the stored layout."""
         lay = self.layout
         w = rows.view(lay.num_experts, lay.out_features, lay.in_features)
-        if lay.transposed:
-            w = w.transpose(1, 2)
-        return w.reshape(like.shape) if lay.flat else w
+        return w.transpose(1, 2) if lay.transposed else w
 
     # -- bits -----------------------------------------------------------------------------------------------
     def uniform_bits(self) -> int | None:
@@ -151,7 +137,7 @@ class ExpertQuantizer(nn.Module):
         spec = self.spec
         rows = fake_quantize(self.rows(w), self.flat_scale(), self.flat_zero_point(), self.quantizer_bits(),
                              spec.group_size, spec.rounding, spec.clamping, sharpness, out_dtype=w.dtype)
-        return self.stored(rows, w)
+        return self.stored(rows)
 
     @torch.no_grad()
     def reset(self, w: torch.Tensor, experts: torch.Tensor | None = None) -> None:
@@ -195,6 +181,18 @@ class ExpertQuantizer(nn.Module):
                 f"transposed={lay.transposed}, bits={bits}, group_size={s.group_size}, symmetric={s.symmetric}")
 
 
+class _QuantizeParametrization(nn.Module):
+    """The quantizer as the last step of a parametrization (LoRA on experts: Q(W + s·B·A)). Holds the quantizer
+    outside its module tree (it is registered under ``quantizers`` already)."""
+
+    def __init__(self, quantizer: ExpertQuantizer) -> None:
+        super().__init__()
+        self.__dict__["quantizer"] = quantizer
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.fake_quantize(w)
+
+
 class QATExpertsMixin:
     """Mixed into a copy of an experts class: its forward runs the class's own forward on fake-quantized weights.
 
@@ -212,21 +210,36 @@ class QATExpertsMixin:
         self.run_pending_fit()
         if self.training and torch.is_grad_enabled():
             self._count_routing(args, kwargs)
-        quantized = {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()}
+        # A tensor peft's LoRA (``target_parameters``) parametrizes for this forward reads W + s·B·A through a property:
+        # the quantizer joins that parametrization (last), so the experts compute Q(W + s·B·A) and a merge is exact.
+        parametrized = [name for name in self.quantizers if parametrize.is_parametrized(self, name)]
+        teacher = self.__dict__.get("_float_tensors")  # a distillation teacher pass: float weights, no quantizer
+        if teacher is not None:
+            parametrized = []
+        quantized = teacher or {name: q.fake_quantize(self._parameters[name]) for name, q in self.quantizers.items()
+                                if name not in parametrized}
+        for name in parametrized:
+            parametrize.register_parametrization(self, name, _QuantizeParametrization(self.quantizers[name]),
+                                                 unsafe=True)
         self.__dict__.update(quantized)
         try:
             return super().forward(*args, **kwargs)
         finally:
             for name in quantized:
                 self.__dict__.pop(name, None)
+            for name in parametrized:
+                del self.parametrizations[name][-1]
 
     @torch.no_grad()
     def _count_routing(self, args: tuple, kwargs: dict) -> None:
         index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
             n = self.routed_tokens.numel()
-            counts = torch.bincount(index.flatten().clamp(0, n), minlength=n + 1)[:n]  # index n = "dropped" (EP)
-            self.routed_tokens += counts.to(self.routed_tokens)
+            index = index.flatten().clamp(0, n)  # index n: an expert-parallel "dropped" slot
+            # scatter, not bincount: bincount on CUDA reads the maximum back to the host (a sync per layer)
+            counts = torch.zeros(n + 1, dtype=self.routed_tokens.dtype, device=index.device)
+            counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+            self.routed_tokens += counts[:n].to(self.routed_tokens.device)
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -284,6 +297,26 @@ class QATExpertsMixin:
         """{parameter: exact fake-quantized tensor} (what eval forwards compute)."""
         self.run_pending_fit()
         return {name: q.fake_quantize(self._parameters[name], exact=True) for name, q in self.quantizers.items()}
+
+
+@contextmanager
+def float_experts(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, experts modules compute with the given float tensors ({``<module>.<param>``: tensor}, e.g. a
+    train-start snapshot for the distillation teacher) instead of their fake-quantized weights."""
+    modules = list(qat_experts(model))
+    for name, module in modules:
+        module.__dict__["_float_tensors"] = {p: tensors[f"{name}.{p}"] for p in module.quantizers}
+    try:
+        yield
+    finally:
+        for _, module in modules:
+            module.__dict__.pop("_float_tensors", None)
+
+
+def expert_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{``<module>.<param>``: detached copy of the float master tensor} of every quantized expert tensor."""
+    return {f"{name}.{p}": module._parameters[p].detach().clone() for name, module in qat_experts(model)
+            for p in module.quantizers}
 
 
 _QAT_CLASSES: dict[type, type] = {}

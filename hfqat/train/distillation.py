@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -68,6 +68,7 @@ from ..distributed import (
     shard_like,
     zero3_gathered,
 )
+from ..quant.experts import expert_tensors, float_experts
 from ..quant.modeling import qat_layers
 from . import fused_kl
 
@@ -193,6 +194,7 @@ class SnapshotTeacher(Teacher):
                     tensors[f"{name}.weight"] = layer.weight_oi().detach().clone().contiguous()
                     if layer.bias is not None:
                         tensors[f"{name}.bias"] = layer.bias.detach().clone()
+            tensors.update(expert_tensors(model))  # fused MoE experts: their train-start floats too
         missing = [n for n in self.layers if f"{n}.weight" not in tensors]
         if missing:
             raise ValueError(f"teacher snapshot lacks the weights of layers {missing[:3]}...")
@@ -200,6 +202,8 @@ class SnapshotTeacher(Teacher):
 
     def _placed(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         # On the layer's device; under FSDP2 sharded like the layer's own tensor, or whole if replicated.
+        if key.rsplit(".", 1)[0] not in self.layers:  # a fused expert tensor
+            return tensor.to(self.model.get_parameter(key).device)
         layer = self.layers[key.rsplit(".", 1)[0]]
         like = layer.weight_oi() if key.endswith(".weight") else layer.bias
         if self.replicate:
@@ -214,8 +218,10 @@ class SnapshotTeacher(Teacher):
                                     bias=self.tensors.get(f"{name}.bias"))
         was_training = self.model.training
         self.model.eval()  # deterministic teacher (no dropout); also skips gradient checkpointing
+        experts = {k: v for k, v in self.tensors.items() if k.rsplit(".", 1)[0] not in self.layers}
         try:
-            yield
+            with float_experts(self.model, experts) if experts else nullcontext():
+                yield
         finally:
             self.model.train(was_training)
             for layer in self.layers.values():
