@@ -72,7 +72,8 @@ def build_model(args) -> torch.nn.Module:
 class CallbackDriver:
     """Calls a TrainerCallback's events around each step, as Trainer would (no Trainer overhead in the timing).
 
-    ``timed``: also add up the wall time of each event (synchronising the GPU around it), for ``--profile``."""
+    ``seconds``: the time spent in each event once ``timed`` is set (CPU: process time; CUDA: wall time, synchronised
+    around each event only under ``--profile``, ``sync``), i.e. what the callback itself adds to a step."""
 
     def __init__(self, callback, model, max_steps: int, output_dir: str) -> None:
         self.callback, self.model = callback, model
@@ -80,20 +81,22 @@ class CallbackDriver:
         self.args = TrainingArguments(output_dir, max_steps=max_steps, report_to=[], use_cpu=cpu)
         self.state = TrainerState(max_steps=max_steps, is_world_process_zero=True)
         self.control = TrainerControl()
-        self.timed, self.seconds = False, {}
+        self.timed, self.sync, self.seconds = False, False, {}
+        self.clock = time.process_time if cpu else time.perf_counter
         self._event("on_train_begin", model=model)
 
     def _event(self, name: str, **kwargs) -> None:
         if not self.timed:
             getattr(self.callback, name)(self.args, self.state, self.control, **kwargs)
             return
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
+        if self.sync:
+            torch.cuda.synchronize()
+        start = self.clock()
         with torch.profiler.record_function(f"QATCallback.{name}"):
             getattr(self.callback, name)(self.args, self.state, self.control, **kwargs)
-        sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
 
     def before(self):
         self._event("on_step_begin")
@@ -167,10 +170,12 @@ def run_variant(variant: str, args, batch: torch.Tensor) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     profiler = None
+    if driver:
+        driver.timed = True
+        driver.sync = cuda and args.profile
     if args.profile and amortised:
         from torch.profiler import ProfilerActivity, profile
 
-        driver.timed = True
         profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
         profiler.__enter__()
     for _ in range(max(args.steps, interval) if amortised else args.steps):
@@ -181,13 +186,15 @@ def run_variant(variant: str, args, batch: torch.Tensor) -> dict:
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        else:  # CPU: a smoke run of the script itself, or the callback's own cost on a small shape
-            start = time.perf_counter()
+        else:  # CPU: a smoke run, or the callback's own cost on a small shape. Process CPU time (one thread with
+            # OMP_NUM_THREADS=1): what the step computes, not how long other processes held the cores.
+            start = time.process_time()
             losses.append(step())
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     result = {"time": (statistics.mean if amortised else statistics.median)(times), "spread": (max(times) - min(times)) / statistics.median(times),
-              "peak": peak, "peak_ex": peak - excluded, "loss": float(losses[-1])}
+              "peak": peak, "peak_ex": peak - excluded, "loss": float(losses[-1]),
+              "callback": sum(driver.seconds.values()) / len(times) if driver else 0.0}
     if args.profile and variant == "hfqat" and cuda:
         result["profile"] = profile_step(step)
     if profiler is not None:
@@ -278,16 +285,17 @@ def main() -> None:
     base = results.get("bf16", {})
     print(f"\n### Llama {args.hidden}/{args.inter}x{args.layers}, vocab {args.vocab}, batch {args.batch} x seq "
           f"{args.seq} ({tokens} tokens/step), bf16 weights, AdamW fused, {device}")
-    print("| variant | step ms | tokens/s | step vs bf16 | peak GiB | peak vs bf16 (teacher excluded) | spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | step ms | tokens/s | step vs bf16 | peak GiB | peak vs bf16 (teacher excluded) | spread | "
+          "callback events ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant, r in results.items():
         if "error" in r:
-            print(f"| {LABELS[variant]} | {r['error']} | | | | | |")
+            print(f"| {LABELS[variant]} | {r['error']} | | | | | | |")
             continue
         t_ratio = f"{r['time'] / base['time']:.3f}x" if "time" in base else "-"
         m_ratio = f"{r['peak_ex'] / base['peak']:.3f}x" if base.get("peak") else "-"
         print(f"| {LABELS[variant]} | {r['time'] * 1e3:.1f} | {tokens / r['time']:,.0f} | {t_ratio} | "
-              f"{r['peak'] / 2**30:.2f} | {m_ratio} | {r['spread']:.1%} |")
+              f"{r['peak'] / 2**30:.2f} | {m_ratio} | {r['spread']:.1%} | {r['callback'] * 1e3:.2f} |")
     print(f"\ncommand: {command}")
 
 

@@ -50,6 +50,10 @@ from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.primitives import MSE_SHRINK_GRID, SCALE_EPS
 
 CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enough for a sensitivity estimate
+# Groups of each row the clip search reads (evenly spaced): one ratio per layer and width needs no more than a
+# sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
+# same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
+CLIP_GROUPS_PER_ROW = 8
 LayerList = list[tuple[str, FakeQuantMixin]]
 
 
@@ -100,12 +104,16 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
 
 @torch.no_grad()
 def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor | None:
-    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight at each range shrink factor;
+    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight (`CLIP_GROUPS_PER_ROW` groups of
+    each row) at each range shrink factor;
     None for layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`: refitted
     here instead, they need no clip ratio)."""
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
     if layer.refit_candidates(choices):
         return None
+    groups = w.shape[1] // spec.group_size
+    step = max(1, groups // CLIP_GROUPS_PER_ROW)
+    w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
     return torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
                         for c in CLIP_GRID])
 
