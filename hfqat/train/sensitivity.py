@@ -322,7 +322,7 @@ class FisherEstimator(SensitivityEstimator):
 
     def __init__(self, bit_choices: Iterable[int], ema: float = 0.9, per_row: bool = False) -> None:
         super().__init__(bit_choices, ema, per_row)
-        # layer name → (layer, Σ_k (1-ema)·ema^(n-1-k)·g_k² over the n steps since the last flush, n)
+        # layer name → (layer, the steps' g² weighted as the EMA will weigh them, steps since the last flush)
         self._window: dict[str, tuple[FakeQuantMixin, torch.Tensor, int]] = {}
 
     @torch.no_grad()
@@ -333,23 +333,25 @@ class FisherEstimator(SensitivityEstimator):
             grad = layer.weight.grad
             if grad is None:
                 continue
-            _, window, steps = self._window.get(name, (layer, None, 0))
-            if window is None:
-                window = torch.zeros_like(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
-            window.mul_(self.ema).addcmul_(grad, grad, value=1.0 - self.ema)
-            self._window[name] = (layer, window, steps + 1)
+            if name in self._window:
+                _, squares, steps = self._window[name]
+                squares.mul_(self.ema).addcmul_(grad, grad, value=1.0 - self.ema)
+            else:
+                squares, steps = torch.zeros_like(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), 0
+                # the EMA starts at its first observation (weight 1), as in `SensitivityEstimator.update`
+                squares.addcmul_(grad, grad, value=1.0 if name not in self._ema else 1.0 - self.ema)
+            self._window[name] = (layer, squares, steps + 1)
             seen = True
         return seen
 
     @torch.no_grad()
     def flush(self) -> None:
-        # n steps of an EMA from `old`: ema^n · old + window, with window = (1 - ema^n) · (its normalised mean)
+        # n steps of the EMA from `old`: ema^n · old + Σ_k (1 - ema) · ema^(n-1-k) · ½ Σ_i g_ki² e_i²
         window, self._window = self._window, {}
         for name, (layer, squares, steps) in window.items():
-            decay = self.ema ** steps
-            value = self._weighted(layer, name, _as_oi(layer, squares) / (1.0 - decay))
+            value = self._weighted(layer, name, _as_oi(layer, squares))
             old = self._ema.get(name)
-            self._ema[name] = value if old is None else decay * old.to(value.device) + (1.0 - decay) * value
+            self._ema[name] = value if old is None else self.ema ** steps * old.to(value.device) + value
 
     def _measure(self, layers, context):
         raise NotImplementedError("FisherEstimator folds gradients in `update` and weighs them in `flush`")
