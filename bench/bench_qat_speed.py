@@ -11,15 +11,21 @@ vocab 32000), bf16 weights, AdamW (fused), SDPA attention, random tokens. Varian
 - ``hfqat + QATCallback()`` the callback's full defaults (teacher, Fisher sensitivity in the last quarter of each
                          re-allocation interval, calibration and re-allocation every 50 steps): timed over one
                          whole interval (50 steps) and reported as the *mean* step, i.e. amortised
+- ``hfqat + QATCallback() per row`` the same on ``QATConfig(bits_granularity="row")`` (one width per output row)
 - ``torchao QAT``        peer: ``torchao.quantization.qat`` int4 per-group 128 weight fake quant (lm_head excluded)
 
 Each step = forward + backward + optimizer step; the time is the median of CUDA-event timed steps after warm-up
-(the mean for the amortised QATCallback() row);
+(the mean for the amortised QATCallback() rows, which warm up through their first re-allocation and then time one
+whole interval: measured steps, re-allocation and the grid updates of narrow layers on every step);
 memory is the peak allocated during the timed steps (``teacher excluded`` subtracts the snapshot's bytes).
 Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) is
-printed first; ``--profile`` adds the top CUDA kernels of one hfqat step.
+printed first; ``--profile`` adds the top CUDA kernels of one hfqat step and, for the callback rows, the time spent
+in each callback event over the timed interval (synchronised) and the top operators inside them.
 
 Run: python bench/bench_qat_speed.py [--batch 8 --seq 2048 --steps 10 --variants bf16,hfqat,...]
+CPU (a small shape, for profiling the callback's own cost): python bench/bench_qat_speed.py --device cpu --hidden 256
+--inter 1024 --layers 4 --heads 4 --kv-heads 2 --vocab 4096 --seq 512 --batch 8
+--variants hfqat+teacher,hfqat+callback,hfqat+callback-rows --profile
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ from hfqat.quant.modeling import quantize_model
 from hfqat.quant.primitives import dequantize, quantize
 from hfqat.train.callback import QATCallback
 
-VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "torchao")
+VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "hfqat+callback-rows", "torchao")
+AMORTISED = ("hfqat+callback", "hfqat+callback-rows")  # their cost sits on some steps: timed over an interval
 LABELS = {"bf16": "bf16 fine-tune", "hfqat": "hfqat W4 g128", "hfqat-torch": "hfqat W4 g128 (torch path)",
           "hfqat+teacher": "hfqat + distillation teacher", "hfqat+callback": "hfqat + QATCallback() defaults",
-          "torchao": "torchao QAT int4 g128"}
+          "hfqat+callback-rows": "hfqat + QATCallback() per-row widths", "torchao": "torchao QAT int4 g128"}
 
 
 def build_model(args) -> torch.nn.Module:
@@ -63,7 +70,10 @@ def build_model(args) -> torch.nn.Module:
 
 
 class CallbackDriver:
-    """Calls a TrainerCallback's events around each step, as Trainer would (no Trainer overhead in the timing)."""
+    """Calls a TrainerCallback's events around each step, as Trainer would (no Trainer overhead in the timing).
+
+    ``seconds``: the time spent in each event once ``timed`` is set (CPU: process time; CUDA: wall time, synchronised
+    around each event only under ``--profile``, ``sync``), i.e. what the callback itself adds to a step."""
 
     def __init__(self, callback, model, max_steps: int, output_dir: str) -> None:
         self.callback, self.model = callback, model
@@ -71,17 +81,35 @@ class CallbackDriver:
         self.args = TrainingArguments(output_dir, max_steps=max_steps, report_to=[], use_cpu=cpu)
         self.state = TrainerState(max_steps=max_steps, is_world_process_zero=True)
         self.control = TrainerControl()
-        callback.on_train_begin(self.args, self.state, self.control, model=model)
+        self.timed, self.sync, self.seconds = False, False, {}
+        self.clock = time.process_time if cpu else time.perf_counter
+        self._event("on_train_begin", model=model)
+
+    def _event(self, name: str, **kwargs) -> None:
+        if not self.timed:
+            getattr(self.callback, name)(self.args, self.state, self.control, **kwargs)
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = self.clock()
+        with torch.profiler.record_function(f"QATCallback.{name}"):
+            getattr(self.callback, name)(self.args, self.state, self.control, **kwargs)
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
 
     def before(self):
-        self.callback.on_step_begin(self.args, self.state, self.control)
+        self._event("on_step_begin")
 
     def pre_optimizer(self):
-        self.callback.on_pre_optimizer_step(self.args, self.state, self.control)
+        self._event("on_pre_optimizer_step")
+
+    def after_optimizer(self):
+        self._event("on_optimizer_step")
 
     def after(self):
         self.state.global_step += 1
-        self.callback.on_step_end(self.args, self.state, self.control)
+        self._event("on_step_end")
 
 
 def prepare(variant: str, args):
@@ -89,11 +117,12 @@ def prepare(variant: str, args):
     model = build_model(args)
     driver, excluded = None, 0
     if variant.startswith("hfqat"):
-        quantize_model(model, hfqat.QATConfig(bits=4, group_size=128))
+        granularity = "row" if variant == "hfqat+callback-rows" else "layer"
+        quantize_model(model, hfqat.QATConfig(bits=4, group_size=128, bits_granularity=granularity))
     if variant == "hfqat+teacher":
         driver = CallbackDriver(QATCallback(budget_bits=None, reallocate_every=0, write_plots=False), model,
                                 args.warmup + args.steps, "/tmp/bench_qat_speed")
-    elif variant == "hfqat+callback":
+    elif variant in AMORTISED:
         # max_steps far ahead: the timed interval must not reach the freeze (0.8 · max_steps) that ends re-allocation
         driver = CallbackDriver(QATCallback(write_plots=False), model, 100 * (args.warmup + args.steps),
                                 "/tmp/bench_qat_speed")
@@ -125,19 +154,31 @@ def run_variant(variant: str, args, batch: torch.Tensor) -> dict:
         if driver:
             driver.pre_optimizer()
         optimizer.step()
+        if driver:
+            driver.after_optimizer()
         optimizer.zero_grad(set_to_none=True)
         if driver:
             driver.after()
         return loss.detach()
 
-    for _ in range(args.warmup):
+    amortised = variant in AMORTISED
+    interval = driver.callback.reallocate_every if amortised else 0
+    for _ in range(args.warmup + interval):  # amortised: through the first re-allocation (narrow layers from then on)
         step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    amortised = variant == "hfqat+callback"  # its cost sits on some steps: time a whole re-allocation interval
-    for _ in range(max(args.steps, driver.callback.reallocate_every) if amortised else args.steps):
+    profiler = None
+    if driver:
+        driver.timed = True
+        driver.sync = cuda and args.profile
+    if args.profile and amortised:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+        profiler.__enter__()
+    for _ in range(max(args.steps, interval) if amortised else args.steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -145,15 +186,20 @@ def run_variant(variant: str, args, batch: torch.Tensor) -> dict:
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        else:  # CPU: a smoke run of the script itself
-            start = time.perf_counter()
+        else:  # CPU: a smoke run, or the callback's own cost on a small shape. Process CPU time (one thread with
+            # OMP_NUM_THREADS=1): what the step computes, not how long other processes held the cores.
+            start = time.process_time()
             losses.append(step())
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     result = {"time": (statistics.mean if amortised else statistics.median)(times), "spread": (max(times) - min(times)) / statistics.median(times),
-              "peak": peak, "peak_ex": peak - excluded, "loss": float(losses[-1])}
-    if args.profile and variant == "hfqat":
+              "peak": peak, "peak_ex": peak - excluded, "loss": float(losses[-1]),
+              "callback": sum(driver.seconds.values()) / len(times) if driver else 0.0}
+    if args.profile and variant == "hfqat" and cuda:
         result["profile"] = profile_step(step)
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        result["profile"] = callback_profile(driver, profiler, times, cuda)
     fused_fake_quant.ENABLED = True
     return result
 
@@ -165,6 +211,17 @@ def profile_step(step) -> str:
         step()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60)
+
+
+def callback_profile(driver, profiler, times: list[float], cuda: bool) -> str:
+    """Time in each callback event over the timed steps (share of their total) and the top operators."""
+    total = sum(times)
+    lines = [f"    callback events over the {len(times)} timed steps ({total * 1e3:.0f} ms in all, profiler on):"]
+    for name, seconds in sorted(driver.seconds.items(), key=lambda item: -item[1]):
+        lines.append(f"      {name}: {seconds * 1e3:.1f} ms ({seconds / total:.1%})")
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    lines.append(profiler.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    return "\n".join(lines)
 
 
 def exactness_check() -> str:
@@ -228,16 +285,17 @@ def main() -> None:
     base = results.get("bf16", {})
     print(f"\n### Llama {args.hidden}/{args.inter}x{args.layers}, vocab {args.vocab}, batch {args.batch} x seq "
           f"{args.seq} ({tokens} tokens/step), bf16 weights, AdamW fused, {device}")
-    print("| variant | step ms | tokens/s | step vs bf16 | peak GiB | peak vs bf16 (teacher excluded) | spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | step ms | tokens/s | step vs bf16 | peak GiB | peak vs bf16 (teacher excluded) | spread | "
+          "callback events ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for variant, r in results.items():
         if "error" in r:
-            print(f"| {LABELS[variant]} | {r['error']} | | | | | |")
+            print(f"| {LABELS[variant]} | {r['error']} | | | | | | |")
             continue
         t_ratio = f"{r['time'] / base['time']:.3f}x" if "time" in base else "-"
         m_ratio = f"{r['peak_ex'] / base['peak']:.3f}x" if base.get("peak") else "-"
         print(f"| {LABELS[variant]} | {r['time'] * 1e3:.1f} | {tokens / r['time']:,.0f} | {t_ratio} | "
-              f"{r['peak'] / 2**30:.2f} | {m_ratio} | {r['spread']:.1%} |")
+              f"{r['peak'] / 2**30:.2f} | {m_ratio} | {r['spread']:.1%} | {r['callback'] * 1e3:.2f} |")
     print(f"\ncommand: {command}")
 
 

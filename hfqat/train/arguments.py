@@ -37,7 +37,40 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(eq=False)
 class CallbackArguments:
-    """The settings of `QATCallback` (see its docstring for what each one does)."""
+    """The settings of `QATCallback`.
+
+    Args:
+        teacher: "snapshot" (frozen copy of the quantized layers' float weights taken at train start, sharing
+            everything else with the student), a model, a path/hub id loadable by `AutoModelForCausalLM`,
+            or None (no distillation).
+        replicate_teacher: under FSDP2, keep a whole copy of the snapshot teacher on every rank instead of
+            sharding it like the weights (the teacher pass then gathers nothing; costs the quantized layers'
+            full float weights per rank). Other engines keep it whole anyway.
+        distill_weight: α in ``(1-α)·task + α·T²·KL(teacher‖student)``, in [0, 1].
+        temperature: T > 0.
+        budget_bits: parameter-weighted average bits the allocation must not exceed, in [min(bit_choices),
+            max(bit_choices)]; None = the config's bits.
+        bit_choices: bit widths a layer may take (2..8).
+        reallocate_every: re-allocate every this many optimizer steps; 0 turns re-allocation off (then
+            budget_bits must be None).
+        sensitivity: "fisher" | "kfac" | "hutchinson" | "variance" (see `hfqat.train.sensitivity`).
+        calibrate: before each re-allocation, measure the loss increase of every kind of layer at every bit
+            choice on the training set's first examples (the last batch if the dataset cannot be indexed) and
+            rescale the estimator's predictions to it (`hfqat.train.calibration`; ``kinds × bit choices + 1`` extra
+            forward passes per re-allocation). None (default): on for per-layer widths, off for per-row widths
+            (rescaling all rows of a layer by one factor trained worse on SmolLM2: bench/results).
+        grid_lr_power: p in the update factor ``2^(p · (config bits − width))`` of rows narrower than the config's
+            bits (`hfqat.train.grid_updates`); 0 turns it off, 1 keeps updates constant in grid steps; ≥ 0. Costs a copy
+            of those layers' weights during each optimizer step; has no effect under DeepSpeed (its optimizer
+            keeps its own master weights).
+        ema: smoothing of the sensitivity measurements, in [0, 1).
+        hysteresis: a layer only changes bits when the predicted gain of the whole new allocation exceeds
+            ``hysteresis × (mean predicted loss increase per layer)`` for every layer that changes; ≥ 0.
+        freeze_after: fraction of max_steps after which bits are frozen and soft rounding is exact, in (0, 1].
+        soft_anneal: (start, end) sharpness of soft rounding/clamping, or None to leave it alone.
+        seed: seed of the Hutchinson probes (derived per step, so resumed runs draw the same probes).
+        write_plots: write the PNG figures at train end (the JSON history is always written).
+    """
 
     teacher: Any = "snapshot"
     replicate_teacher: bool = False

@@ -6,8 +6,10 @@ then picks the bits. Estimators (``name`` → class in `ESTIMATORS`):
 
 ``fisher``      ``ΔL(b) = ½ Σ_i F_ii (Q_b(w_i) - w_i)²`` with the diagonal empirical Fisher ``F_ii ≈ g_i²``
                 (squared gradient of the float weight, which it receives through the straight-through
-                estimator). Observed at every optimizer step from gradients the step already computed:
-                cost ≈ one quantize→dequantize pass over the weights per bit choice, no extra backward.
+                estimator). Observed at every optimizer step from gradients the step already computed: each
+                step folds ``g²`` into a running EMA (one in-place pass, a buffer the size of the gradients);
+                the quantization errors are weighed once, when the scores are read (`flush`). EMAs are
+                linear, so this equals weighing every step's ``g²`` by the errors of the weights at the read.
 ``kfac``        the same ``½ Σ F_ij e_ij²`` with a per-token Fisher in Kronecker-factored diagonal form,
                 ``F_ij ≈ Σ_t g_ti² · mean_t x_tj²`` (``g``: gradient w.r.t. the layer's output, ``x``: its input),
                 from forward/backward hooks: squared per-token gradients rather than the squared *batch*
@@ -48,6 +50,10 @@ from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.primitives import MSE_SHRINK_GRID, SCALE_EPS
 
 CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enough for a sensitivity estimate
+# Groups of each row the clip search reads (evenly spaced): one ratio per layer and width needs no more than a
+# sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
+# same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
+CLIP_GROUPS_PER_ROW = 8
 LayerList = list[tuple[str, FakeQuantMixin]]
 
 
@@ -98,12 +104,16 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
 
 @torch.no_grad()
 def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor | None:
-    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight at each range shrink factor;
+    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight (`CLIP_GROUPS_PER_ROW` groups of
+    each row) at each range shrink factor;
     None for layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`: refitted
     here instead, they need no clip ratio)."""
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
     if layer.refit_candidates(choices):
         return None
+    groups = w.shape[1] // spec.group_size
+    step = max(1, groups // CLIP_GROUPS_PER_ROW)
+    w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
     return torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
                         for c in CLIP_GRID])
 
@@ -206,6 +216,7 @@ class SensitivityEstimator(ABC):
     @property
     def scores(self) -> dict[str, dict[int, float]]:
         """layer name → {bits: EMA of the predicted loss increase} (plain floats)."""
+        self.flush()
         if not self._ema:
             return {}
         values = torch.stack([v.reshape(len(self.bit_choices), -1).sum(1).cpu() for v in self._ema.values()]).tolist()
@@ -219,6 +230,7 @@ class SensitivityEstimator(ABC):
     @property
     def row_scores(self) -> dict[str, torch.Tensor]:
         """layer name → (bits, out) float64 EMAs of the per-row predictions (``per_row`` estimators)."""
+        self.flush()
         return {name: v.detach().cpu() for name, v in self._ema.items() if v.dim() == 2}
 
     @row_scores.setter
@@ -241,6 +253,10 @@ class SensitivityEstimator(ABC):
         if name not in self._bits:  # e.g. after a resume, before the first re-fit
             self._bits[name] = layer.bits
         return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._bits[name])
+
+    def flush(self) -> None:
+        """Fold observations kept aside into the EMAs (run it where they were observed: the same local view);
+        every reader of the scores calls it first."""
 
     def attach(self, layers: LayerList) -> None:
         """Start collecting statistics during training (hooks); the default needs none."""
@@ -269,7 +285,7 @@ class SensitivityEstimator(ABC):
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"scores": self.scores, "clip": self.clip}
+        return {"scores": self.scores, "clip": self.clip}  # `scores` flushes first
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         def ints(d):
@@ -304,14 +320,41 @@ class FisherEstimator(SensitivityEstimator):
     name = "fisher"
     per_step = True
 
-    def _measure(self, layers, context):
-        out = {}
+    def __init__(self, bit_choices: Iterable[int], ema: float = 0.9, per_row: bool = False) -> None:
+        super().__init__(bit_choices, ema, per_row)
+        # layer name → (layer, the steps' g² weighted as the EMA will weigh them, steps since the last flush)
+        self._window: dict[str, tuple[FakeQuantMixin, torch.Tensor, int]] = {}
+
+    @torch.no_grad()
+    def update(self, layers: LayerList, context: SensitivityContext) -> bool:
+        """Fold this step's squared gradients into the window (no quantization error is computed per step)."""
+        seen = False
         for name, layer in layers:
             grad = layer.weight.grad
             if grad is None:
                 continue
-            out[name] = self._weighted(layer, name, _as_oi(layer, grad.detach()).float().pow(2))
-        return out
+            if name in self._window:
+                _, squares, steps = self._window[name]
+                squares.mul_(self.ema).addcmul_(grad, grad, value=1.0 - self.ema)
+            else:
+                squares, steps = torch.zeros_like(grad, dtype=torch.promote_types(grad.dtype, torch.float32)), 0
+                # the EMA starts at its first observation (weight 1), as in `SensitivityEstimator.update`
+                squares.addcmul_(grad, grad, value=1.0 if name not in self._ema else 1.0 - self.ema)
+            self._window[name] = (layer, squares, steps + 1)
+            seen = True
+        return seen
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        # n steps of the EMA from `old`: ema^n · old + Σ_k (1 - ema) · ema^(n-1-k) · ½ Σ_i g_ki² e_i²
+        window, self._window = self._window, {}
+        for name, (layer, squares, steps) in window.items():
+            value = self._weighted(layer, name, _as_oi(layer, squares))
+            old = self._ema.get(name)
+            self._ema[name] = value if old is None else self.ema ** steps * old.to(value.device) + value
+
+    def _measure(self, layers, context):
+        raise NotImplementedError("FisherEstimator folds gradients in `update` and weighs them in `flush`")
 
 
 @register_estimator

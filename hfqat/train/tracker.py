@@ -2,8 +2,9 @@
 
 It owns the estimator of `hfqat.train.sensitivity` for a list of layers and decides how each observation runs:
 per-step estimators (Fisher, K-FAC) read the step's gradients before the optimizer step, on this rank's rows
-(FSDP2 shards; ZeRO-3 keeps its gradients to itself), and K-FAC's forward hooks are attached only on the steps
-that are measured; the others measure at re-allocation time (Hutchinson runs the model as training sees it, the
+(FSDP2 shards; ZeRO-3 keeps its gradients to itself), Fisher weighs them by the quantization errors only when the
+scores are read (`flush`: at re-allocation, checkpoint and freeze), and K-FAC's forward hooks are attached only on
+the steps that are measured; the others measure at re-allocation time (Hutchinson runs the model as training sees it, the
 variance prior reads the whole weights). Ranks measure different batches or shards: `share` averages the EMAs,
 which are linear, so averaging at a checkpoint changes no later allocation.
 """
@@ -57,7 +58,14 @@ class SensitivityTracker:
         with local_view(layer for _, layer in self.layers):  # e.g. variance: whole (ZeRO-3) weights
             self.estimator.update(self.layers, context)
 
+    def flush(self) -> None:
+        """Weigh what the per-step observations kept aside (Fisher: squared gradients) into the EMAs, on the rows
+        they were observed on."""
+        with local_view((layer for _, layer in self.layers), gather_zero3=False):
+            self.estimator.flush()
+
     def stop(self) -> None:
+        self.flush()
         self.collect(False)
 
     # -- reading ----------------------------------------------------------------------------------------------
@@ -76,6 +84,7 @@ class SensitivityTracker:
     def share(self) -> bool:
         """Average the EMAs over ranks (DDP: different batches; FSDP2: per-shard sums, a common factor). Returns
         whether every layer has scores (collective: call on every rank)."""
+        self.flush()
         names = [name for name, _ in self.layers]
         if not self.estimator.per_row:
             self.estimator.scores = scores = mean_across_ranks(self.estimator.scores)
