@@ -336,6 +336,10 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     if not layers:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
+    gguf = [name for name, layer in layers if layer.spec.weight_format == "gguf"]
+    if gguf:  # their blocks are llama.cpp's, not hfqat's packed integer layout
+        raise ValueError(f"save_packed: layers {gguf[:3]}{'...' if len(gguf) > 3 else ''} are on GGUF grids "
+                         "(weight_format='gguf'); export them with hfqat.export_gguf")
     owned = {f"{name}.{suffix}" for name, _ in layers
              for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_bits", "weight_row_bits",
                               "weight_codebook", "bias")}
