@@ -223,3 +223,8 @@ def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
         expected, got = model.eval()(ids).logits, again(ids).logits
     assert ((got - expected).abs().max() / expected.abs().max()) <= 1e-2  # F16 embeddings: close
     assert isinstance(model.model.layers[0].mlp.down_proj, GGUFMixin)
+
+
+def test_save_packed_points_gguf_models_to_export_gguf(tiny256, tmp_path):
+    with pytest.raises(ValueError, match="on GGUF grids.*hfqat.export_gguf"):
+        hfqat.save_packed(_load(tiny256, gguf_type="Q4_0"), tmp_path / "packed")

@@ -469,6 +469,10 @@ def save_packed(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Pa
     if not layers and not experts:
         raise ValueError("model has no hfqat fake-quantized layers; load it with quantization_config=QATConfig(...) "
                          "or convert it with hfqat.quantize_model first")
+    gguf = [name for name, layer in layers if layer.spec.weight_format == "gguf"]
+    if gguf:  # their blocks are llama.cpp's, not hfqat's packed integer layout
+        raise ValueError(f"save_packed: layers {gguf[:3]}{'...' if len(gguf) > 3 else ''} are on GGUF grids "
+                         "(weight_format='gguf'); export them with hfqat.export_gguf")
     bad = non_finite_layers(layers, FLOAT_TENSORS + QUANT_PARAMS)
     if bad:  # NaN codes would be out of range; NaN scales would pack but make every output NaN
         listing = "; ".join(f"{name}: {describe_counts(*counts)}" for name, counts in bad.items())

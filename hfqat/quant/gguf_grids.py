@@ -129,13 +129,13 @@ class _Fp16STE(torch.autograd.Function):
         return grad
 
 
-class _NearestLevelSTE(torch.autograd.Function):
-    """The nearest of ``levels`` (sorted) for every value; identity gradient (with ŵ = d·k this gives d the
-    LSQ-like gradient ``k - x``)."""
+class _ValueSTE(torch.autograd.Function):
+    """Forward: ``value`` (e.g. the nearest grid level of ``x``, computed without gradient); backward: identity to
+    ``x``. With ŵ = d · value this gives d the LSQ-like gradient ``value − x``."""
 
     @staticmethod
-    def forward(ctx, x, levels):
-        return levels[nearest_level(x, levels)]
+    def forward(ctx, x, value):
+        return value
 
     @staticmethod
     def backward(ctx, grad):
@@ -238,7 +238,8 @@ def gguf_fake_quantize(w: torch.Tensor, scale_slots: torch.Tensor, min_slots: to
     s = codes.scale.unsqueeze(-1)
     if grid.levels is not None:
         x = _safe_div(w.float().reshape(out, -1, grid.sub_block), s)
-        wq = s * _NearestLevelSTE.apply(x, _levels(grid, w.device))
+        level = _levels(grid, w.device)[codes.q.reshape(x.shape)]
+        wq = s * _ValueSTE.apply(x, level)
     else:
         wq = s * codes.q.reshape(out, -1, grid.sub_block)
         if codes.min is not None:
