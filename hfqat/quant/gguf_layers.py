@@ -13,7 +13,15 @@ import math
 
 import torch
 
-from .gguf_grids import GGUF_GRIDS, GGUFCodes, GGUFGrid, fit_grid, gguf_codes, gguf_fake_quantize, grid_for_bits
+from .gguf_grids import (
+    GGUF_GRIDS,
+    GGUFCodes,
+    GGUFGrid,
+    fit_grid,
+    gguf_codes,
+    gguf_fake_quantize,
+    grid_for_bits,
+)
 from .layers import FakeQuantMixin, QATConv1D, QATLinear
 
 
