@@ -3,6 +3,8 @@ of MoE models as allocation units next to the layers (parameter-weighted budget,
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import text_dataset
@@ -13,7 +15,7 @@ import hfqat
 from hfqat.quant.modeling import qat_layers
 from hfqat.train.allocation import tied_groups
 from hfqat.train.allocator import LayerAllocator
-from hfqat.train.callback import QATCallback
+from hfqat.train.callback import HISTORY_FILE, QATCallback
 from hfqat.train.expert_allocation import expert_bits, expert_numels
 from hfqat.train.tracker import SensitivityTracker
 
@@ -43,11 +45,11 @@ def test_fused_shards_end_at_one_width_and_export_to_compressed_tensors(tiny_mod
     callback = QATCallback(budget_bits=3.5, bit_choices=CHOICES, reallocate_every=4)
     _train(model, tmp_path / "run", callback)
     groups = tied_groups(model)
-    assert callback._allocator.groups == groups and len(groups) == 4  # q/k/v and gate/up of both blocks
-    assert len(callback.history) > 2
+    assert len(groups) == 4 and len(callback.history) > 2  # q/k/v and gate/up of both blocks
     for entry in callback.history:  # every allocation of the run, the first one included
         assert all(len({entry["bits"][name] for name in group}) == 1 for group in groups), entry["bits"]
         assert entry["average_bits"] <= 3.5
+    assert callback._allocator.groups == groups
     bits = hfqat.bit_allocation(model)
     assert len(set(bits.values())) > 1 and hfqat.average_bits(model) <= 3.5
     hfqat.export_compressed_tensors(model, tmp_path / "ct")
@@ -148,6 +150,8 @@ def test_moe_reallocation_moves_experts_within_the_budget_and_resumes(tmp_path):
     assert all(entry["average_bits"] <= budget for entry in callback.history)
     assert all(set(expert_numels(model)) <= set(entry["bits"]) for entry in callback.history)
     assert callback.state()["attributes"]["_saved_state"]["estimator"]["experts"]["scores"]
+    record = json.loads((out / HISTORY_FILE).read_text())
+    assert set(record["expert_scores"]) == set(units) and set(units) <= set(record["numels"])
 
     # Resume from the checkpoint at step 8: the same allocations from there on, the same final expert widths.
     # The model comes from the checkpoint through from_pretrained: transformers 5 saves Mixtral's fused experts in the

@@ -112,7 +112,7 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
     # -- public views -----------------------------------------------------------------------------------------
     @property
     def allocation(self) -> dict[str, int]:
-        """The current bits of every quantized layer of the model being trained."""
+        """The current bits of every quantized layer (and MoE expert) of the model being trained."""
         return bit_allocation(self._model) if self._model is not None else {}
 
     @property
@@ -244,6 +244,8 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
                 numels = self._allocator.numels  # with the experts'
             summary = {"budget_bits": budget, "bit_choices": list(self.bit_choices), "sensitivity": self.sensitivity,
                        "numels": numels, "scores": self._tracker.estimator.scores}
+            if self._tracker.experts is not None:
+                summary["expert_scores"] = self._tracker.experts.scores
             self._history.write(args.output_dir, summary, state.log_history, self.write_plots)
 
     # -- pieces -------------------------------------------------------------------------------------------------
