@@ -149,6 +149,7 @@ def test_moe_reallocation_moves_experts_within_the_budget_and_resumes(tmp_path):
     assert hfqat.average_bits(model) <= budget  # parameter-weighted over layers and experts
     assert all(entry["average_bits"] <= budget for entry in callback.history)
     assert all(set(expert_numels(model)) <= set(entry["bits"]) for entry in callback.history)
+    assert all("model.layers.*.mlp.experts" in entry["measured_kind_loss_increase"] for entry in callback.history)
     assert callback.state()["attributes"]["_saved_state"]["estimator"]["experts"]["scores"]
     record = json.loads((out / HISTORY_FILE).read_text())
     assert set(record["expert_scores"]) == set(units) and set(units) <= set(record["numels"])
@@ -165,3 +166,34 @@ def test_moe_reallocation_moves_experts_within_the_budget_and_resumes(tmp_path):
     assert resumed.history == callback.history
     assert expert_bits(resumed_model) == final
     assert hfqat.bit_allocation(resumed_model) == hfqat.bit_allocation(model)
+
+
+def test_expert_kinds_are_measured_and_calibrated_like_layer_kinds(tmp_path):
+    from hfqat.quant.experts import qat_experts
+    from hfqat.train.calibration import _expert_candidates, calibrate, expert_kind, measure_expert_kinds
+
+    model = _mixtral(tmp_path)
+    name, module = next(iter(qat_experts(model)))
+    assert expert_kind(f"{name}[3]") == "model.layers.*.mlp.experts"
+    module.set_expert_bits(torch.tensor([2, 4, 4, 8], dtype=torch.int32))
+    exact = module.quantized_tensors()
+    at4 = _expert_candidates(module, 4)
+    for p, t in at4.items():  # experts at 4 bits compute with their own quantizer, the others with the 4-bit grid
+        rows, own = module.quantizers[p].rows(t), module.quantizers[p].rows(exact[p])
+        out = module.quantizers[p].layout.out_features
+        torch.testing.assert_close(rows[out:3 * out], own[out:3 * out])
+        assert not torch.equal(rows[:out], own[:out])
+    layers = list(qat_layers(model))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    measured = measure_expert_kinds(model, layers, batch, CHOICES, {}, hfqat.bit_allocation(model))
+    assert set(measured) == {"model.layers.*.mlp.experts"} and all(v >= 0 for v in measured[
+        "model.layers.*.mlp.experts"].values())
+    assert all("forward" not in vars(layer) for _, layer in layers)  # the layers compute as before again
+    assert all("_float_tensors" not in vars(m) for _, m in qat_experts(model))  # so do the experts
+    units = list(expert_numels(model))
+    scores = {u: {2: 4.0 * (i + 1), 4: 2.0 * (i + 1), 8: 1.0} for i, u in enumerate(units)}
+    target = {"model.layers.*.mlp.experts": {2: 10.0, 4: 5.0, 8: 0.0}}
+    calibrated = calibrate(scores, target, expert_numels(model), kind_of=expert_kind)
+    assert sum(c[2] for c in calibrated.values()) == pytest.approx(10.0)
+    assert calibrated[units[1]][4] / calibrated[units[0]][4] == pytest.approx(2.0)  # the shares stay the estimator's

@@ -13,10 +13,11 @@ Per-layer widths also cover two things a serving engine cares about:
   item of the exact DP (`allocate_tied_bits`);
 - the experts of MoE models: each expert (``<experts module>[e]``, `hfqat.train.expert_allocation`) is one more item
   of the same allocation, with its weight count in the same budget. Their costs are per-expert Fisher costs, on the
-  scale of the fisher layer estimator (½ Σ g² e² averaged per observed step). Calibration measures kinds of *linear*
-  layers only (an expert's quantizer is not one `measure_kinds` can swap), so each expert cost at ``b`` bits is
-  multiplied by the factor calibration gave the linear layers' total at ``b`` bits (Σ calibrated / Σ predicted): the
-  quadratic model's error at each width, as measured on the layers, is corrected for the experts alike.
+  scale of the fisher layer estimator (½ Σ g² e², averaged per observed step and smoothed per step alike). With
+  calibration, each experts module kind is measured and rescaled like a kind of layer
+  (`hfqat.train.calibration.measure_expert_kinds`): measured loss increases are comparable whatever the estimator.
+  Without calibration the raw Fisher expert costs meet the layer estimator's predictions: the same scale under the
+  default ``fisher`` (and ``kfac``, the same quadratic form), only roughly under ``hutchinson`` / ``variance``.
 
 Per-row widths (`RowAllocator`) leave the experts at their widths (the budget there covers the linear layers' rows).
 """
@@ -33,7 +34,15 @@ from torch import nn
 from ..distributed import broadcast_object, local_view, mean_across_ranks
 from ..quant.modeling import bit_allocation, layer_average_bits, qat_layers
 from .allocation import allocate_tied_bits, allocate_unit_bits, weighted_average_bits
-from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
+from .calibration import (
+    MAX_TOKENS,
+    calibrate,
+    expert_kind,
+    leading_batch,
+    measure_expert_kinds,
+    measure_kinds,
+    split_rows,
+)
 from .expert_allocation import apply_expert_bits, expert_numels, expert_variance_costs
 from .sensitivity import LayerList, gradient_row_costs, weight_variance_costs, weight_variance_row_costs
 
@@ -69,7 +78,10 @@ class LayerAllocator:
         different batches); None without a batch."""
         if batch is None:
             return None
-        measured = measure_kinds(self.model, self.layers, batch, self.bit_choices, clip, bit_allocation(self.model))
+        current = bit_allocation(self.model)
+        measured = measure_kinds(self.model, self.layers, batch, self.bit_choices, clip, current)
+        if self.experts:
+            measured |= measure_expert_kinds(self.model, self.layers, batch, self.bit_choices, clip, current)
         return mean_across_ranks(measured)
 
     def needs_first_allocation(self) -> bool:
@@ -102,18 +114,14 @@ class LayerAllocator:
 
     def _costs(self, layer_costs: Mapping[str, Mapping[int, float]], measured: Measured | None,
                expert_costs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
-        """Layer costs (calibrated when measured) and expert costs, on one scale (module docstring)."""
+        """Layer costs and expert costs (each calibrated by its kinds' measurements when measured), on one scale
+        (module docstring)."""
         costs = {name: dict(per_bits) for name, per_bits in layer_costs.items()}
-        factor = dict.fromkeys(self.bit_choices, 1.0)
+        experts = {unit: dict(expert_costs[unit]) for unit in self.experts}
         if measured:
-            calibrated = calibrate(costs, measured, self.numels)
-            for b in self.bit_choices:
-                predicted = sum(c[b] for c in costs.values())
-                factor[b] = sum(c[b] for c in calibrated.values()) / predicted if predicted > 0 else 1.0
-            costs = calibrated
-        for unit in self.experts:
-            costs[unit] = {b: expert_costs[unit][b] * factor[b] for b in self.bit_choices}
-        return costs
+            costs = calibrate(costs, measured, self.numels)
+            experts = calibrate(experts, measured, self.numels, kind_of=expert_kind)
+        return costs | experts
 
     def _solve(self, costs: Mapping[str, Mapping[int, float]], current: Mapping[str, int] | None = None,
                switch_cost: float = 0.0) -> dict[str, int]:
