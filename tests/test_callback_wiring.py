@@ -197,3 +197,17 @@ def test_expert_kinds_are_measured_and_calibrated_like_layer_kinds(tmp_path):
     calibrated = calibrate(scores, target, expert_numels(model), kind_of=expert_kind)
     assert sum(c[2] for c in calibrated.values()) == pytest.approx(10.0)
     assert calibrated[units[1]][4] / calibrated[units[0]][4] == pytest.approx(2.0)  # the shares stay the estimator's
+
+
+def test_allocator_without_experts_keeps_their_widths_and_budgets_the_layers(tmp_path, caplog):
+    model = _mixtral(tmp_path)
+    layers = list(qat_layers(model))
+    numels = {name: layer.weight.numel() for name, layer in layers}
+    with caplog.at_level("WARNING"):
+        allocator = LayerAllocator(model, layers, numels, CHOICES, 3.0, 0.0, tied_groups(model), experts=False)
+    assert "experts keep their widths" in caplog.text and allocator.experts == {}
+    before = expert_bits(model)
+    costs = {name: {2: 2.0, 4: 1.0, 8: 0.0} for name in numels}
+    bits, _ = allocator.reallocate(costs, None)
+    assert set(bits) == set(numels) and expert_bits(model) == before
+    assert sum(bits[n] * numels[n] for n in numels) <= 3.0 * sum(numels.values())

@@ -19,7 +19,8 @@ Per-layer widths also cover two things a serving engine cares about:
   Without calibration the raw Fisher expert costs meet the layer estimator's predictions: the same scale under the
   default ``fisher`` (and ``kfac``, the same quadratic form), only roughly under ``hutchinson`` / ``variance``.
 
-Per-row widths (`RowAllocator`) leave the experts at their widths (the budget there covers the linear layers' rows).
+Per-row widths (`RowAllocator`) and sharded runs (FSDP2 / ZeRO-3: the expert statistics read whole tensors) leave
+the experts at their widths, reported once; the budget there covers the linear layers.
 """
 
 from __future__ import annotations
@@ -63,13 +64,19 @@ def config_bits(model: nn.Module) -> int:
 
 
 class LayerAllocator:
-    """One width per layer (and per expert); ``groups`` of layers share one width."""
+    """One width per layer and, with ``experts``, per expert of an MoE model; ``groups`` of layers share one width."""
 
     def __init__(self, model: nn.Module, layers: LayerList, numels: Mapping[str, int], bit_choices: tuple[int, ...],
-                 budget: float, hysteresis: float, groups: Sequence[tuple[str, ...]] = ()) -> None:
+                 budget: float, hysteresis: float, groups: Sequence[tuple[str, ...]] = (), experts: bool = True
+                 ) -> None:
         self.model, self.layers = model, layers
-        self.experts = expert_numels(model)  # unit name -> weights; empty for dense models
-        self.numels = dict(numels) | self.experts  # what the budget (and the history's average) counts
+        units = expert_numels(model)  # unit name -> weights; empty for dense models
+        self.numels = dict(numels) | units  # what the history's average counts (the budget, with the experts)
+        self.experts = units if experts else {}  # the experts this allocator moves
+        if units and not experts:
+            logger.warning("QATCallback: the %d experts keep their widths here (allowed for per-expert widths: "
+                           "bits_granularity='layer', single process or DDP); the budget covers the linear layers",
+                           len(units))
         self.bit_choices, self.budget, self.hysteresis = bit_choices, budget, hysteresis
         self.groups = [tuple(group) for group in groups]
 
@@ -86,7 +93,8 @@ class LayerAllocator:
 
     def needs_first_allocation(self) -> bool:
         """Whether the current bits break the budget or use a width outside the choices."""
-        current = bit_allocation(self.model)
+        moved = [name for name, _ in self.layers] + list(self.experts)
+        current = {name: bits for name, bits in bit_allocation(self.model).items() if name in moved}
         return weighted_average_bits(current, self.numels) > self.budget or \
             any(b not in self.bit_choices for b in current.values()) or \
             any(len({current[name] for name in group}) > 1 for group in self.groups)
@@ -105,7 +113,7 @@ class LayerAllocator:
         """Re-choose from the scores (layers, and ``expert_scores`` for every expert of an MoE model) with
         hysteresis; returns (applied bits, predicted total cost)."""
         costs = self._costs({name: scores[name] for name, _ in self.layers}, measured, expert_scores or {})
-        current = bit_allocation(self.model)
+        current = {name: bits for name, bits in bit_allocation(self.model).items() if name in costs}
         at_current = [costs[n].get(b, min(costs[n].values())) for n, b in current.items()]
         margin = self.hysteresis * sum(at_current) / len(at_current)
         with local_view(layer for _, layer in self.layers):
@@ -141,11 +149,11 @@ class RowAllocator(LayerAllocator):
     """One width per output row (``QATConfig(bits_granularity="row")``); single process and DDP. Experts keep their
     widths (reported once)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.experts:
-            logger.warning("QATCallback: per-row widths re-allocate the linear layers' rows only; the %d experts keep "
-                           "their widths (use bits_granularity='layer' to allocate experts too)", len(self.experts))
+    def __init__(self, model: nn.Module, layers: LayerList, numels: Mapping[str, int], bit_choices: tuple[int, ...],
+                 budget: float, hysteresis: float, groups: Sequence[tuple[str, ...]] = (), experts: bool = False
+                 ) -> None:
+        # per-row widths: no fused ties (each row has its own width anyway); experts keep theirs (reported)
+        super().__init__(model, layers, numels, bit_choices, budget, hysteresis, (), experts=False)
 
     def needs_first_allocation(self) -> bool:
         off_choices = any(bool(torch.isin(layer.weight_row_bits, torch.tensor(

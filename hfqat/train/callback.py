@@ -156,13 +156,14 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
             numels = {name: full_numel(layer.weight) for name, layer in layers}
             groups = tied_groups(model) if self.tie_fused and not rows else ()
             self._allocator = (RowAllocator if rows else LayerAllocator)(model, layers, numels, self.bit_choices,
-                                                                         budget, self.hysteresis, groups)
+                                                                         budget, self.hysteresis, groups,
+                                                                         experts=not is_sharded(model))
         self._leading_batch = None
         if self._calibrate and self._allocator is not None:
             self._leading_batch = leading_batch(kwargs.get("train_dataloader"), next(model.parameters()).device)
         if self._tracker is not None:
             self._tracker.stop()
-        experts = ExpertSensitivity(self.bit_choices, self.ema) if self._allocator is not None and not rows and \
+        experts = ExpertSensitivity(self.bit_choices, self.ema) if self._allocator is not None and \
             self._allocator.experts else None
         self._tracker = SensitivityTracker(self.sensitivity, self.bit_choices, self.ema, layers, rows, self.seed,
                                            experts)
