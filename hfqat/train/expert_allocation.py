@@ -6,8 +6,10 @@ weight count ``n_e`` is what the budget counts (``Σ n·b ≤ budget · Σ n``, 
 
 Cost, like the ``fisher`` layer estimator: ``ΔL_e(b) = ½ Σ_i g_i² (Q_b(w_i) - w_i)²`` over the expert's weights, from
 the gradients the float expert weights receive through the straight-through estimator, observed after backward
-(`ExpertSensitivity.observe`) and smoothed by an EMA per re-allocation window. ``Q_b`` is the current quantizer for the
-current width and the min-max grid for the others (as `hfqat.train.sensitivity` does for layers).
+(`ExpertSensitivity.observe`), averaged per observed step and smoothed like the layers' Fisher EMA (``ema^n`` per
+window of ``n`` observed steps), so expert and layer costs share one scale in one allocation
+(`hfqat.train.allocator`). ``Q_b`` is the current quantizer for the current width and the min-max grid for the others
+(as `hfqat.train.sensitivity` does for layers).
 
 Routing frequency. A token routed to expert ``e`` is the only source of its gradient, so the Fisher cost already
 weighs experts by use: an expert that sees 1 % of the tokens contributes about 1 % of the loss change, and lower bits
