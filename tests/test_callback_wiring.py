@@ -24,8 +24,8 @@ CHOICES = (2, 4, 8)
 
 
 def _args(out, **kw):
-    base = dict(max_steps=20, per_device_train_batch_size=4, logging_steps=5, save_strategy="no", report_to=[],
-                learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    base = {"max_steps": 20, "per_device_train_batch_size": 4, "logging_steps": 5, "save_strategy": "no",
+            "report_to": [], "learning_rate": 1e-3, "use_cpu": True, "disable_tqdm": True, "seed": 0, "data_seed": 0}
     return TrainingArguments(str(out), **{**base, **kw})
 
 
@@ -170,7 +170,12 @@ def test_moe_reallocation_moves_experts_within_the_budget_and_resumes(tmp_path):
 
 def test_expert_kinds_are_measured_and_calibrated_like_layer_kinds(tmp_path):
     from hfqat.quant.experts import qat_experts
-    from hfqat.train.calibration import _expert_candidates, calibrate, expert_kind, measure_expert_kinds
+    from hfqat.train.calibration import (
+        _expert_candidates,
+        calibrate,
+        expert_kind,
+        measure_expert_kinds,
+    )
 
     model = _mixtral(tmp_path)
     name, module = next(iter(qat_experts(model)))

@@ -65,8 +65,8 @@ from transformers.trainer_callback import ExportableState
 
 from ..distributed import full_numel, is_sharded, mean_across_ranks
 from ..quant.modeling import bit_allocation, qat_layers, set_soft_sharpness
-from .allocator import LayerAllocator, RowAllocator, config_bits
 from .allocation import tied_groups
+from .allocator import LayerAllocator, RowAllocator, config_bits
 from .arguments import CallbackArguments
 from .calibration import leading_batch
 from .distillation import DistillationHook, SnapshotTeacher
