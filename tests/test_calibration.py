@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
 from hfqat.quant.modeling import bit_allocation, qat_layers
-from hfqat.train.allocation import allocate_bits
+from hfqat.train.allocation import allocate_tied_bits, tied_groups
 from hfqat.train.calibration import calibrate, layer_kind, leading_batch, measure_kinds
 from hfqat.train.sensitivity import (
     candidate_weight,
@@ -145,7 +145,8 @@ def test_first_allocation_is_the_variance_prior_calibrated_on_the_leading_batch(
         assert [recorded[kind][str(b)] for b in CHOICES] == pytest.approx([per_bits[b] for b in CHOICES], abs=1e-6)
     numels = {name: layer.weight.numel() for name, layer in layers}
     costs = calibrate({name: weight_variance_costs(layer, CHOICES) for name, layer in layers}, measured, numels)
-    assert first["bits"] == allocate_bits(costs, numels, 3.0)
+    # tie_fused (the default): q/k/v and gate/up are one item each
+    assert first["bits"] == allocate_tied_bits(costs, numels, 3.0, tied_groups(reference))
     assert len(set(first["bits"].values())) > 1 and first["average_bits"] <= 3.0
 
 

@@ -398,3 +398,24 @@ def drop_quantizer(module: QATExpertsMixin, param: str) -> nn.Module:
     module.__dict__.pop("_fit_pending", None)
     module.__class__ = type(module).__mro__[2]  # (QAT<cls>, QATExpertsMixin, cls, ...)
     return module
+
+
+def expert_unit_name(module_name: str, expert: int) -> str:
+    """The name of expert ``expert`` of the experts module ``module_name`` as one allocation unit (``...experts[3]``)."""
+    return f"{module_name}[{expert}]"
+
+
+def expert_unit_widths(model: nn.Module) -> dict[str, tuple[int | float, int]]:
+    """{unit name: (width, weight count)} of every expert of every converted experts module, in module order. The width
+    is the weight-count-weighted mean over the expert's quantized tensors (one int when they agree, as the
+    allocation sets them)."""
+    out: dict[str, tuple[int | float, int]] = {}
+    for name, module in qat_experts(model):
+        sizes = {p: q.layout.out_features * q.layout.in_features for p, q in module.quantizers.items()}
+        numel = sum(sizes.values())
+        widths = {p: q.weight_bits.tolist() for p, q in module.quantizers.items()}
+        for e in range(module.num_experts_quantized):
+            per_tensor = {widths[p][e] for p in widths}
+            width = per_tensor.pop() if len(per_tensor) == 1 else sum(widths[p][e] * sizes[p] for p in sizes) / numel
+            out[expert_unit_name(name, e)] = (width, numel)
+    return out

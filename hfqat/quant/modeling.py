@@ -20,7 +20,7 @@ from .finite import check_finite_weights
 from .fp8 import FP8Conv1D, FP8Linear
 from .gguf_layers import GGUFConv1D, GGUFLinear
 from .coverage import has_own_forward, is_router, parent_of, warn_if_float
-from .experts import expert_param_layouts, qat_experts, replace_experts_with_qat
+from .experts import expert_param_layouts, expert_unit_widths, qat_experts, replace_experts_with_qat
 from .layers import QAT_LAYER_TYPES, FakeQuantMixin, QATConv1D, QATLinear
 from .selection import is_skipped, layer_bits_matches, skip_list, skip_matches, warn_unmatched
 
@@ -95,8 +95,10 @@ def qat_layers(model: nn.Module) -> Iterator[tuple[str, FakeQuantMixin]]:
 
 def bit_allocation(model: nn.Module) -> dict[str, int | float]:
     """Module name → current weight bits of every fake-quantized layer (with per-row widths,
-    ``bits_granularity="row"``: the mean over the layer's rows; ``layer.weight_row_bits`` has each row's)."""
-    return {name: layer_average_bits(layer) for name, layer in qat_layers(model)}
+    ``bits_granularity="row"``: the mean over the layer's rows; ``layer.weight_row_bits`` has each row's), then
+    every expert of the converted experts modules as ``<experts module>[<expert>]`` (`expert_unit_widths`)."""
+    layers = {name: layer_average_bits(layer) for name, layer in qat_layers(model)}
+    return layers | {unit: width for unit, (width, _) in expert_unit_widths(model).items()}
 
 
 def layer_average_bits(layer: FakeQuantMixin) -> int | float:
@@ -107,10 +109,12 @@ def layer_average_bits(layer: FakeQuantMixin) -> int | float:
 
 
 def average_bits(model: nn.Module) -> float:
-    """Parameter-weighted average weight bits over the fake-quantized layers."""
+    """Parameter-weighted average weight bits over the fake-quantized layers and experts."""
     layers = [layer for _, layer in qat_layers(model)]
-    numel = sum(full_numel(layer.weight) for layer in layers)
-    return sum(layer_average_bits(layer) * full_numel(layer.weight) for layer in layers) / max(numel, 1)
+    experts = expert_unit_widths(model).values()
+    numel = sum(full_numel(layer.weight) for layer in layers) + sum(n for _, n in experts)
+    total = sum(layer_average_bits(layer) * full_numel(layer.weight) for layer in layers)
+    return (total + sum(width * n for width, n in experts)) / max(numel, 1)
 
 
 @torch.no_grad()

@@ -6,21 +6,48 @@ loss increase of each kind of layer (`hfqat.train.calibration`) that rescales th
 (``set_bits`` / ``set_row_bits``: scale parameters keep shape and identity, so the optimizer keeps working).
 Hysteresis: a re-allocation only moves a layer (row) when the predicted gain exceeds ``hysteresis`` times the mean
 cost at the current widths for each one that changes.
+
+Per-layer widths also cover two things a serving engine cares about:
+
+- fused shards (``groups``, e.g. `hfqat.train.allocation.tied_groups`): q/k/v and gate/up each take one width, as one
+  item of the exact DP (`allocate_tied_bits`);
+- the experts of MoE models: each expert (``<experts module>[e]``, `hfqat.train.expert_allocation`) is one more item
+  of the same allocation, with its weight count in the same budget. Their costs are per-expert Fisher costs, on the
+  scale of the fisher layer estimator (½ Σ g² e², averaged per observed step and smoothed per step alike). With
+  calibration, each experts module kind is measured and rescaled like a kind of layer
+  (`hfqat.train.calibration.measure_expert_kinds`): measured loss increases are comparable whatever the estimator.
+  Without calibration the raw Fisher expert costs meet the layer estimator's predictions: the same scale under the
+  default ``fisher`` (and ``kfac``, the same quadratic form), only roughly under ``hutchinson`` / ``variance``.
+
+Per-row widths (`RowAllocator`) and sharded runs (FSDP2 / ZeRO-3: the expert statistics read whole tensors) leave
+the experts at their widths, reported once; the budget there covers the linear layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..distributed import broadcast_object, local_view, mean_across_ranks
-from ..quant.modeling import average_bits, bit_allocation, qat_layers
-from .allocation import allocate_bits, allocate_unit_bits, weighted_average_bits
-from .calibration import MAX_TOKENS, calibrate, leading_batch, measure_kinds, split_rows
+from ..quant.modeling import bit_allocation, layer_average_bits, qat_layers
+from .allocation import allocate_tied_bits, allocate_unit_bits, weighted_average_bits
+from .calibration import (
+    MAX_TOKENS,
+    calibrate,
+    expert_kind,
+    leading_batch,
+    measure_expert_kinds,
+    measure_kinds,
+    split_rows,
+)
+from .expert_allocation import apply_expert_bits, expert_numels, expert_variance_costs
 from .sensitivity import LayerList, gradient_row_costs, weight_variance_costs, weight_variance_row_costs
+
+logger = logging.getLogger(__name__)
 
 Measured = dict[str, dict[int, float]]  # kind → {bits: measured loss increase}
 PRIOR_TOKENS = 4 * MAX_TOKENS  # leading tokens whose gradients choose the first per-row allocation
@@ -37,26 +64,40 @@ def config_bits(model: nn.Module) -> int:
 
 
 class LayerAllocator:
-    """One width per layer."""
+    """One width per layer and, with ``experts``, per expert of an MoE model; ``groups`` of layers share one width."""
 
     def __init__(self, model: nn.Module, layers: LayerList, numels: Mapping[str, int], bit_choices: tuple[int, ...],
-                 budget: float, hysteresis: float) -> None:
-        self.model, self.layers, self.numels = model, layers, dict(numels)
+                 budget: float, hysteresis: float, groups: Sequence[tuple[str, ...]] = (), experts: bool = True
+                 ) -> None:
+        self.model, self.layers = model, layers
+        units = expert_numels(model)  # unit name -> weights; empty for dense models
+        self.numels = dict(numels) | units  # what the history's average counts (the budget, with the experts)
+        self.experts = units if experts else {}  # the experts this allocator moves
+        if units and not experts:
+            logger.warning("QATCallback: the %d experts keep their widths here (allowed for per-expert widths: "
+                           "bits_granularity='layer', single process or DDP); the budget covers the linear layers",
+                           len(units))
         self.bit_choices, self.budget, self.hysteresis = bit_choices, budget, hysteresis
+        self.groups = [tuple(group) for group in groups]
 
     def measure(self, batch: Mapping[str, Any] | None, clip: Mapping[str, Mapping[int, float]]) -> Measured | None:
         """The loss increase of each kind of layer at each bit choice on ``batch``, averaged over ranks (which saw
         different batches); None without a batch."""
         if batch is None:
             return None
-        measured = measure_kinds(self.model, self.layers, batch, self.bit_choices, clip, bit_allocation(self.model))
+        current = bit_allocation(self.model)
+        measured = measure_kinds(self.model, self.layers, batch, self.bit_choices, clip, current)
+        if self.experts:
+            measured |= measure_expert_kinds(self.model, self.layers, batch, self.bit_choices, clip, current)
         return mean_across_ranks(measured)
 
     def needs_first_allocation(self) -> bool:
         """Whether the current bits break the budget or use a width outside the choices."""
-        current = bit_allocation(self.model)
+        moved = [name for name, _ in self.layers] + list(self.experts)
+        current = {name: bits for name, bits in bit_allocation(self.model).items() if name in moved}
         return weighted_average_bits(current, self.numels) > self.budget or \
-            any(b not in self.bit_choices for b in current.values())
+            any(b not in self.bit_choices for b in current.values()) or \
+            any(len({current[name] for name in group}) > 1 for group in self.groups)
 
     def first_allocation(self, measured: Measured | None, clip: Mapping[str, Mapping[int, float]],
                          dataloader: Any = None, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
@@ -64,39 +105,62 @@ class LayerAllocator:
         with local_view(layer for _, layer in self.layers):
             costs = mean_across_ranks({name: weight_variance_costs(layer, self.bit_choices)
                                        for name, layer in self.layers})
-            if measured:
-                costs = calibrate(costs, measured, self.numels)
-            return self.apply(allocate_bits(costs, self.numels, self.budget))
+            costs = self._costs(costs, measured, expert_variance_costs(self.model, self.bit_choices))
+            return self.apply(self._solve(costs))
 
-    def reallocate(self, scores: Mapping[str, Mapping[int, float]], measured: Measured | None
-                   ) -> tuple[dict[str, int], float]:
-        """Re-choose from the scores with hysteresis; returns (applied bits, predicted total cost)."""
-        costs = {name: scores[name] for name in self.numels}
-        if measured:
-            costs = calibrate(costs, measured, self.numels)
-        current = bit_allocation(self.model)
+    def reallocate(self, scores: Mapping[str, Mapping[int, float]], measured: Measured | None,
+                   expert_scores: Mapping[str, Mapping[int, float]] | None = None) -> tuple[dict[str, int], float]:
+        """Re-choose from the scores (layers, and ``expert_scores`` for every expert of an MoE model) with
+        hysteresis; returns (applied bits, predicted total cost)."""
+        costs = self._costs({name: scores[name] for name, _ in self.layers}, measured, expert_scores or {})
+        current = {name: bits for name, bits in bit_allocation(self.model).items() if name in costs}
         at_current = [costs[n].get(b, min(costs[n].values())) for n, b in current.items()]
         margin = self.hysteresis * sum(at_current) / len(at_current)
         with local_view(layer for _, layer in self.layers):
-            bits = self.apply(allocate_bits(costs, self.numels, self.budget, current=current, switch_cost=margin))
+            bits = self.apply(self._solve(costs, current, margin))
         return bits, sum(costs[n][b] for n, b in bits.items())
+
+    def _costs(self, layer_costs: Mapping[str, Mapping[int, float]], measured: Measured | None,
+               expert_costs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+        """Layer costs and expert costs (each calibrated by its kinds' measurements when measured), on one scale
+        (module docstring)."""
+        costs = {name: dict(per_bits) for name, per_bits in layer_costs.items()}
+        experts = {unit: dict(expert_costs[unit]) for unit in self.experts}
+        if measured:
+            costs = calibrate(costs, measured, self.numels)
+            experts = calibrate(experts, measured, self.numels, kind_of=expert_kind)
+        return costs | experts
+
+    def _solve(self, costs: Mapping[str, Mapping[int, float]], current: Mapping[str, int] | None = None,
+               switch_cost: float = 0.0) -> dict[str, int]:
+        return allocate_tied_bits(costs, self.numels, self.budget, self.groups, current, switch_cost)
 
     def apply(self, bits: Mapping[str, int]) -> dict[str, int]:
         """Rank 0's ``bits`` on every rank (whatever float noise chose elsewhere); returns them."""
         bits = broadcast_object(dict(bits))
         for name, layer in self.layers:
             layer.set_bits(bits[name])
+        if self.experts:
+            apply_expert_bits(self.model, {unit: bits[unit] for unit in self.experts})
         return bits
 
 
 class RowAllocator(LayerAllocator):
-    """One width per output row (``QATConfig(bits_granularity="row")``); single process and DDP."""
+    """One width per output row (``QATConfig(bits_granularity="row")``); single process and DDP. Experts keep their
+    widths (reported once)."""
+
+    def __init__(self, model: nn.Module, layers: LayerList, numels: Mapping[str, int], bit_choices: tuple[int, ...],
+                 budget: float, hysteresis: float, groups: Sequence[tuple[str, ...]] = (), experts: bool = False
+                 ) -> None:
+        # per-row widths: no fused ties (each row has its own width anyway); experts keep theirs (reported)
+        super().__init__(model, layers, numels, bit_choices, budget, hysteresis, (), experts=False)
 
     def needs_first_allocation(self) -> bool:
         off_choices = any(bool(torch.isin(layer.weight_row_bits, torch.tensor(
             self.bit_choices, dtype=torch.int8, device=layer.weight_row_bits.device), invert=True).any())
             for _, layer in self.layers)
-        return average_bits(self.model) > self.budget or off_choices
+        rows = {name: layer_average_bits(layer) for name, layer in self.layers}
+        return weighted_average_bits(rows, self.numels) > self.budget or off_choices
 
     def first_allocation(self, measured: Measured | None, clip: Mapping[str, Mapping[int, float]],
                          dataloader: Any = None, batch: Mapping[str, Any] | None = None) -> dict[str, int]:
@@ -110,7 +174,8 @@ class RowAllocator(LayerAllocator):
         self.apply_rows(*self.choose_rows(prior, measured))
         return bit_allocation(self.model)
 
-    def reallocate(self, scores: Mapping[str, torch.Tensor], measured: Measured | None) -> tuple[dict[str, int], float]:
+    def reallocate(self, scores: Mapping[str, torch.Tensor], measured: Measured | None,
+                   expert_scores: Mapping[str, Mapping[int, float]] | None = None) -> tuple[dict[str, int], float]:
         predicted = self.apply_rows(*self.choose_rows(scores, measured, hysteresis=True))
         return bit_allocation(self.model), predicted
 

@@ -20,7 +20,7 @@ from .sensitivity import ESTIMATORS
 # The settings a checkpoint's trainer_state.json records (JSON values; a teacher *model* cannot be saved).
 SAVED_FIELDS = ("replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every",
                 "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after", "seed",
-                "write_plots")
+                "write_plots", "tie_fused")
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -70,6 +70,11 @@ class CallbackArguments:
         soft_anneal: (start, end) sharpness of soft rounding/clamping, or None to leave it alone.
         seed: seed of the Hutchinson probes (derived per step, so resumed runs draw the same probes).
         write_plots: write the PNG figures at train end (the JSON history is always written).
+        tie_fused: per-layer widths: hold the layers a serving engine fuses into one matmul (q/k/v, gate/up; Mixtral's
+            w1/w3) at one width, each group one item of the exact allocation (`hfqat.train.allocation.
+            allocate_tied_bits`). On by default: vLLM serves each group as one layer with one scheme, and
+            `hfqat.export_compressed_tensors` refuses fused shards whose widths differ. False lets every layer take
+            its own width (for engines that do not fuse, or GGUF). Per-row widths are not affected.
     """
 
     teacher: Any = "snapshot"
@@ -88,6 +93,7 @@ class CallbackArguments:
     soft_anneal: tuple[float, float] | None = (1.0, 100.0)
     seed: int = 0
     write_plots: bool = True
+    tie_fused: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,7 +106,7 @@ class CallbackArguments:
         t = self.teacher
         if not (t is None or isinstance(t, (str, os.PathLike, nn.Module))):
             raise _invalid("teacher", t, '"snapshot", a model, a path, or None')
-        for name in ("replicate_teacher", "write_plots"):
+        for name in ("replicate_teacher", "write_plots", "tie_fused"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "True or False")
         if not (_is_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):

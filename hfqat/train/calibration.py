@@ -31,12 +31,18 @@ the configured bits break the budget (before any gradient).
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
 at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
+
+Experts of MoE models (`measure_expert_kinds`): an expert kind is an experts module up to the block index
+(``model.layers.*.mlp.experts``, `expert_kind`). Its measurement runs the experts through `float_experts` with the
+tensors they would compute at ``b`` bits (an expert's own quantizer at its current width, else the min-max grid that
+their Fisher cost uses) and every other expert and layer in float; ``calibrate(..., kind_of=expert_kind)`` then
+rescales each expert's predicted cost as a layer's is. One more forward per expert kind and bit choice.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -44,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.experts import float_experts, qat_experts
 from ..quant.layers import FakeQuantMixin
-from .sensitivity import candidate_weight, loss_inputs
+from .sensitivity import _grid_weights, candidate_weight, loss_inputs
 
 LayerList = list[tuple[str, FakeQuantMixin]]
 MAX_TOKENS = 2048  # rows of the batch measured (at least one): enough for a paired difference, cheap on a CPU
@@ -142,16 +149,17 @@ def split_rows(batch: Mapping[str, Any], max_tokens: int = MAX_TOKENS) -> list[d
 
 
 def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, Mapping[int, float]],
-              numels: Mapping[str, int]) -> dict[str, dict[int, float]]:
+              numels: Mapping[str, int], kind_of: Callable[[str], str] = layer_kind) -> dict[str, dict[int, float]]:
     """Per-layer predictions rescaled so each kind's total at each bit width equals its measured loss increase.
 
     A kind whose predictions sum to 0 at some width (e.g. no gradient reached it) shares the measurement by
     weight count. Layers of kinds that were not measured, or whose measurements are all 0 (no signal: quantizing
-    them did not raise this batch's loss at any width), keep their predictions.
+    them did not raise this batch's loss at any width), keep their predictions. ``kind_of``: `expert_kind` for
+    expert units.
     """
     members: dict[str, list[str]] = {}
     for name in scores:
-        members.setdefault(layer_kind(name), []).append(name)
+        members.setdefault(kind_of(name), []).append(name)
     out = {name: dict(per_bits) for name, per_bits in scores.items()}
     for kind, names in members.items():
         if not any(value > 0 for value in measured.get(kind, {}).values()):
@@ -162,3 +170,65 @@ def calibrate(scores: Mapping[str, Mapping[int, float]], measured: Mapping[str, 
                 share = scores[n][bits] / predicted if predicted > 0 else numels[n] / sum(numels[m] for m in names)
                 out[n][bits] = target * share
     return out
+
+
+def expert_kind(unit: str) -> str:
+    """The kind of an expert unit: its experts module's name with block indices as ``*`` and no expert index.
+
+    ``model.layers.3.mlp.experts[5]`` → ``model.layers.*.mlp.experts``
+    """
+    return layer_kind(unit.rpartition("[")[0])
+
+
+@torch.no_grad()
+def _expert_candidates(module: Any, bits: int) -> dict[str, torch.Tensor]:
+    """{param: tensor} the experts would compute with at ``bits``: an expert's own quantizer where it has those bits,
+    else the min-max grid (the stand-in `hfqat.train.expert_allocation.ExpertSensitivity` costs)."""
+    out = {}
+    for name, q in module.quantizers.items():
+        w = module._parameters[name]
+        rows = q.rows(w)
+        grid = _grid_weights(rows, (bits,), (1.0,), q.spec.group_size, q.spec.symmetric)[0]
+        own = (q.weight_bits == bits).repeat_interleave(q.layout.out_features).unsqueeze(1).to(rows.device)
+        exact = q.rows(q.fake_quantize(w, exact=True)).float()
+        out[name] = q.stored(torch.where(own, exact, grid).to(w.dtype))
+    return out
+
+
+@torch.no_grad()
+def measure_expert_kinds(model: nn.Module, layers: LayerList, batch: Mapping[str, Any], bit_choices: Iterable[int],
+                         clip: Mapping[str, Mapping[int, float]], current: Mapping[str, int]
+                         ) -> dict[str, dict[int, float]]:
+    """`measure_kinds` for the experts of MoE models: expert kind (`expert_kind`) → {bits: loss increase (≥ 0) over
+    all-float weights (layers and experts) when that kind's experts compute at ``bits``}; {} without experts."""
+    experts = list(qat_experts(model))
+    if not experts:
+        return {}
+    inputs, bit_choices = split_rows(loss_inputs(batch))[0], tuple(bit_choices)
+    float_tensors = {f"{name}.{p}": module._parameters[p] for name, module in experts for p in module.quantizers}
+    kinds: dict[str, list[tuple[str, Any]]] = {}
+    for name, module in experts:
+        kinds.setdefault(layer_kind(name), []).append((name, module))
+    was_training = model.training
+    model.eval()
+    try:
+        _compute_at(layers, None, clip, current)  # the linear layers in float, as in `measure_kinds`' baseline
+        with float_experts(model, float_tensors):
+            base = model(**inputs).loss.float()
+        measured = {}
+        for kind, members in kinds.items():
+            increases = []
+            for bits in bit_choices:
+                tensors = dict(float_tensors)
+                for name, module in members:
+                    tensors.update({f"{name}.{p}": t for p, t in _expert_candidates(module, bits).items()})
+                with float_experts(model, tensors):
+                    increases.append(model(**inputs).loss.float() - base)
+            measured[kind] = torch.stack(increases).clamp_min(0.0)
+    finally:
+        model.train(was_training)
+        for _, layer in layers:
+            vars(layer).pop("forward", None)
+    values = torch.stack(list(measured.values())).tolist()
+    return {kind: dict(zip(bit_choices, row)) for kind, row in zip(measured, values)}
+

@@ -15,7 +15,8 @@ Per training run:
   the last quarter of each re-allocation interval (the steps the next allocation reads; the rest run at QAT cost).
 - every ``reallocate_every`` steps up to ``freeze_after · max_steps``: measures the loss increase of each kind of
   layer at each bit choice and calibrates the estimator's predictions to it (`hfqat.train.calibration`), then
-  re-chooses every layer's bits (`hfqat.train.allocation`, exact, with hysteresis) and applies them with
+  re-chooses every layer's bits (`hfqat.train.allocation`, exact, with hysteresis; ``tie_fused``: q/k/v and gate/up
+  share one width, as vLLM serves them; MoE experts are units of the same allocation) and applies them with
   ``layer.set_bits`` — in place, the scale parameters keep shape and identity, so the optimizer, its Adam
   moments and the scheduler keep working.
 - after every optimizer step: multiplies the weight and scale update of every row (or layer) narrower than the
@@ -64,10 +65,12 @@ from transformers.trainer_callback import ExportableState
 
 from ..distributed import full_numel, is_sharded, mean_across_ranks
 from ..quant.modeling import bit_allocation, qat_layers, set_soft_sharpness
+from .allocation import tied_groups
 from .allocator import LayerAllocator, RowAllocator, config_bits
 from .arguments import CallbackArguments
 from .calibration import leading_batch
 from .distillation import DistillationHook, SnapshotTeacher
+from .expert_allocation import ExpertSensitivity
 from .grid_updates import GridStepUpdates
 from .history import HISTORY_FILE, AllocationHistory
 from .schedule import Schedule
@@ -109,7 +112,7 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
     # -- public views -----------------------------------------------------------------------------------------
     @property
     def allocation(self) -> dict[str, int]:
-        """The current bits of every quantized layer of the model being trained."""
+        """The current bits of every quantized layer (and MoE expert) of the model being trained."""
         return bit_allocation(self._model) if self._model is not None else {}
 
     @property
@@ -151,14 +154,19 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
         if self.reallocate_every:
             budget = float(self.budget_bits if self.budget_bits is not None else config_bits(model))
             numels = {name: full_numel(layer.weight) for name, layer in layers}
+            groups = tied_groups(model) if self.tie_fused and not rows else ()
             self._allocator = (RowAllocator if rows else LayerAllocator)(model, layers, numels, self.bit_choices,
-                                                                         budget, self.hysteresis)
+                                                                         budget, self.hysteresis, groups,
+                                                                         experts=not is_sharded(model))
         self._leading_batch = None
         if self._calibrate and self._allocator is not None:
             self._leading_batch = leading_batch(kwargs.get("train_dataloader"), next(model.parameters()).device)
         if self._tracker is not None:
             self._tracker.stop()
-        self._tracker = SensitivityTracker(self.sensitivity, self.bit_choices, self.ema, layers, rows, self.seed)
+        experts = ExpertSensitivity(self.bit_choices, self.ema) if self._allocator is not None and \
+            self._allocator.experts else None
+        self._tracker = SensitivityTracker(self.sensitivity, self.bit_choices, self.ema, layers, rows, self.seed,
+                                           experts)
         if saved is not None:
             self.history[:] = saved["history"]
             self._tracker.load_state_dict(saved["estimator"])
@@ -233,8 +241,12 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             budget = self._allocator.budget if self._allocator is not None else None
             numels = {name: full_numel(layer.weight) for name, layer in qat_layers(self._model)}
+            if self._allocator is not None:
+                numels = self._allocator.numels  # with the experts'
             summary = {"budget_bits": budget, "bit_choices": list(self.bit_choices), "sensitivity": self.sensitivity,
                        "numels": numels, "scores": self._tracker.estimator.scores}
+            if self._tracker.experts is not None:
+                summary["expert_scores"] = self._tracker.experts.scores
             self._history.write(args.output_dir, summary, state.log_history, self.write_plots)
 
     # -- pieces -------------------------------------------------------------------------------------------------
@@ -295,9 +307,10 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
         self._tracker.observe_at_reallocation(self._model, step, self._last_batch())
         measured = self._allocator.measure(self._calibration_batch(), self._tracker.clip) if self._calibrate else None
         scores = self._tracker.shared_scores()
-        if scores is None:
+        expert_scores = self._tracker.expert_scores(self._model)
+        if scores is None or expert_scores is None:
             return
-        bits, predicted = self._allocator.reallocate(scores, measured)
+        bits, predicted = self._allocator.reallocate(scores, measured, expert_scores)
         self._tracker.note_bits(bits)
         self._tracker.refit_clip()
         self._history.record(step, bit_allocation(self._model), self._allocator.numels, predicted, measured)

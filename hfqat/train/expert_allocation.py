@@ -6,8 +6,10 @@ weight count ``n_e`` is what the budget counts (``Σ n·b ≤ budget · Σ n``, 
 
 Cost, like the ``fisher`` layer estimator: ``ΔL_e(b) = ½ Σ_i g_i² (Q_b(w_i) - w_i)²`` over the expert's weights, from
 the gradients the float expert weights receive through the straight-through estimator, observed after backward
-(`ExpertSensitivity.observe`) and smoothed by an EMA per re-allocation window. ``Q_b`` is the current quantizer for the
-current width and the min-max grid for the others (as `hfqat.train.sensitivity` does for layers).
+(`ExpertSensitivity.observe`), averaged per observed step and smoothed like the layers' Fisher EMA (``ema^n`` per
+window of ``n`` observed steps), so expert and layer costs share one scale in one allocation
+(`hfqat.train.allocator`). ``Q_b`` is the current quantizer for the current width and the min-max grid for the others
+(as `hfqat.train.sensitivity` does for layers).
 
 Routing frequency. A token routed to expert ``e`` is the only source of its gradient, so the Fisher cost already
 weighs experts by use: an expert that sees 1 % of the tokens contributes about 1 % of the loss change, and lower bits
@@ -20,18 +22,20 @@ the module's mean curvature per weight per routed token (from the well-observed 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..quant.experts import QATExpertsMixin, qat_experts
+from ..quant.experts import QATExpertsMixin, expert_unit_name, qat_experts
 from .allocation import allocate_unit_bits
 from .sensitivity import _grid_weights
 
 
 def unit_name(module_name: str, expert: int) -> str:
-    return f"{module_name}[{expert}]"
+    return expert_unit_name(module_name, expert)  # the names `hfqat.bit_allocation` reports
 
 
 def expert_units(model: nn.Module) -> dict[str, tuple[QATExpertsMixin, int]]:
@@ -76,6 +80,7 @@ class ExpertSensitivity:
         self.ema, self.min_tokens = ema, min_tokens
         self._window: dict[str, torch.Tensor] = {}  # module name -> (E, bits) costs summed since the last close
         self._tokens: dict[str, torch.Tensor] = {}  # module name -> routed_tokens at the window start (else 0)
+        self._steps: dict[str, int] = {}  # module name -> observations in the window
         self.scores: dict[str, dict[int, float]] = {}  # unit -> smoothed {bits: cost}
 
     @torch.no_grad()
@@ -102,16 +107,23 @@ class ExpertSensitivity:
                         err[own] = current[e]
                     cost[e] = 0.5 * (g2[e] * err).sum((-1, -2))
                 total = self._window.get(name)
-                self._window[name] = cost if total is None else total + cost
+                self._window[name] = cost if total is None else total.to(cost.device) + cost
+            if name in self._window:
+                self._steps[name] = self._steps.get(name, 0) + 1
 
     @torch.no_grad()
     def close_window(self, model: nn.Module) -> dict[str, dict[int, float]]:
-        """Fold the window into the EMA scores (with the routing-frequency prior) and start a new window."""
+        """Fold the window into the EMA scores (with the routing-frequency prior) and start a new window.
+
+        Scaled like the ``fisher`` layer estimator, so both can share one allocation: the window's mean cost per
+        observed step (the layers' EMA also averages per-step costs), and an old score decays by ``ema`` per observed
+        step (``ema^n`` over a window of ``n``, as the layers' EMA does)."""
         for name, module in qat_experts(model):
             if name not in self._window:
                 continue
-            cost = self._window.pop(name)
-            start = self._tokens.get(name, torch.zeros_like(module.routed_tokens))
+            steps = max(self._steps.pop(name, 1), 1)
+            cost = self._window.pop(name) / steps
+            start = self._tokens.get(name, torch.zeros_like(module.routed_tokens)).to(module.routed_tokens.device)
             self._tokens[name] = module.routed_tokens.clone()
             tokens = (module.routed_tokens - start).to(cost.device)
             observed = tokens >= self.min_tokens
@@ -125,8 +137,9 @@ class ExpertSensitivity:
                 unit = unit_name(name, e)
                 new = {b: float(c) for b, c in zip(self.bit_choices, cost[e].tolist(), strict=True)}
                 old = self.scores.get(unit)
+                decay = self.ema ** steps
                 self.scores[unit] = new if old is None else {
-                    b: self.ema * old[b] + (1 - self.ema) * new[b] for b in self.bit_choices}
+                    b: decay * old[b] + (1 - decay) * new[b] for b in self.bit_choices}
         return dict(self.scores)
 
     @torch.no_grad()
@@ -152,3 +165,34 @@ class ExpertSensitivity:
         numels = expert_numels(model)
         bits = allocate_unit_bits(costs, torch.tensor([numels[u] for u in units]), self.bit_choices, budget_bits)
         return dict(zip(units, bits.tolist(), strict=True))
+
+    # -- state (JSON-friendly: a resumed run continues the same EMAs, window and routing baselines) ----------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores, "window": {n: c.tolist() for n, c in self._window.items()},
+                "steps": dict(self._steps), "tokens": {n: t.tolist() for n, t in self._tokens.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.scores = {unit: {int(b): float(v) for b, v in per_bits.items()}
+                       for unit, per_bits in state.get("scores", {}).items()}
+        self._window = {n: torch.tensor(c, dtype=torch.float32) for n, c in state.get("window", {}).items()}
+        self._steps = {n: int(k) for n, k in state.get("steps", {}).items()}
+        self._tokens = {n: torch.tensor(t, dtype=torch.float32) for n, t in state.get("tokens", {}).items()}
+
+
+@torch.no_grad()
+def expert_variance_costs(model: nn.Module, bit_choices: Iterable[int]) -> dict[str, dict[int, float]]:
+    """{unit: {bits: n σ² 2^{-2b}}}: the weight-variance prior of `hfqat.train.sensitivity.weight_variance_costs`
+    (same formula, so the first allocation ranks layers and experts on one scale) over each expert's tensors."""
+    choices = tuple(bit_choices)
+    powers = torch.tensor([math.pow(2.0, -2 * b) for b in choices], dtype=torch.float64)
+    out: dict[str, dict[int, float]] = {}
+    for name, module in qat_experts(model):
+        total = torch.zeros(module.num_experts_quantized, dtype=torch.float64)
+        for pname, q in module.quantizers.items():
+            lay, group = q.layout, q.spec.group_size if q.spec.group_size > 0 else q.layout.in_features
+            rows = q.rows(module._parameters[pname]).detach().float().view(lay.num_experts, lay.out_features, -1, group)
+            variance = rows.var(-1, unbiased=False).mean((-1, -2)).double().cpu()  # (E,) mean within-group variance
+            total += lay.out_features * lay.in_features * variance
+        for e in range(module.num_experts_quantized):
+            out[unit_name(name, e)] = dict(zip(choices, (total[e] * powers).tolist()))
+    return out

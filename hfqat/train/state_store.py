@@ -3,7 +3,8 @@
 A checkpoint folder holds, besides the model (per-layer bits, per-row widths, scales, float weights):
 
 - in ``trainer_state.json`` (Trainer's ``stateful_callbacks``): the callback's settings and `saved_state` — the
-  allocation history, the per-layer sensitivity EMAs and clip ratios;
+  allocation history, the per-layer sensitivity EMAs and clip ratios, and for MoE models the per-expert scores,
+  their open window and routing baselines;
 - ``hfqat_teacher.safetensors``: the snapshot teacher's train-start float weights;
 - ``hfqat_sensitivity.safetensors``: per-row sensitivity EMAs (too large for JSON).
 

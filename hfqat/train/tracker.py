@@ -7,6 +7,10 @@ scores are read (`flush`: at re-allocation, checkpoint and freeze), and K-FAC's 
 the steps that are measured; the others measure at re-allocation time (Hutchinson runs the model as training sees it, the
 variance prior reads the whole weights). Ranks measure different batches or shards: `share` averages the EMAs,
 which are linear, so averaging at a checkpoint changes no later allocation.
+
+Experts of MoE models (`hfqat.train.expert_allocation.ExpertSensitivity`, given as ``experts``) are observed on the
+same steps and gradients, with the Fisher cost whatever the layers' estimator (the per-expert gradients are what
+tells a rarely routed expert from a busy one); their scores are on the fisher layer estimator's scale.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from ..distributed import all_reduce_mean_, broadcast_object, local_view, mean_across_ranks
+from .expert_allocation import ExpertSensitivity, expert_numels
 from .sensitivity import LayerList, SensitivityContext, SensitivityEstimator, make_estimator
 
 logger = logging.getLogger(__name__)
@@ -28,8 +33,8 @@ class SensitivityTracker:
     """Sensitivity EMAs of ``layers`` (per layer, or per output row with ``per_row``) for an allocator to read."""
 
     def __init__(self, sensitivity: str, bit_choices: tuple[int, ...], ema: float, layers: LayerList,
-                 per_row: bool = False, seed: int = 0) -> None:
-        self.name, self.layers, self.seed = sensitivity, layers, seed
+                 per_row: bool = False, seed: int = 0, experts: ExpertSensitivity | None = None) -> None:
+        self.name, self.layers, self.seed, self.experts = sensitivity, layers, seed, experts
         self.estimator: SensitivityEstimator = make_estimator(sensitivity, bit_choices, ema, per_row=per_row)
         self._collecting = False
         self._warned_no_scores = False
@@ -46,6 +51,8 @@ class SensitivityTracker:
         if self.estimator.per_step:
             with local_view((layer for _, layer in self.layers), gather_zero3=False):
                 self.estimator.update(self.layers, SensitivityContext(model, step, batch, self.seed))
+        if self.experts is not None:
+            self.experts.observe(model)
 
     def observe_at_reallocation(self, model: nn.Module, step: int, batch: dict[str, Any] | None) -> None:
         """Measure now (estimators that are not per-step)."""
@@ -107,13 +114,33 @@ class SensitivityTracker:
             return None
         return self.estimator.row_scores if self.estimator.per_row else self.estimator.scores
 
+    def expert_scores(self, model: nn.Module) -> dict[str, dict[int, float]] | None:
+        """Close the experts' window and return their scores averaged over ranks ({} without experts); None (with one
+        warning) while some expert has none yet (collective: call on every rank)."""
+        if self.experts is None:
+            return {}
+        self.experts.close_window(model)
+        self.experts.scores = scores = mean_across_ranks(self.experts.scores)
+        if not broadcast_object(len(scores) == len(expert_numels(model))):
+            if not self._warned_no_scores:
+                logger.warning("QATCallback: no sensitivity for some experts yet (no gradient reached them?); "
+                               "keeping the current allocation.")
+                self._warned_no_scores = True
+            return None
+        return scores
+
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-friendly per-layer state (per-row EMAs are too large for JSON: `row_scores`)."""
-        return self.estimator.state_dict()
+        """JSON-friendly per-layer state (per-row EMAs are too large for JSON: `row_scores`), with the experts'."""
+        state = dict(self.estimator.state_dict())
+        if self.experts is not None:
+            state["experts"] = self.experts.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.estimator.load_state_dict(state)
+        if self.experts is not None:
+            self.experts.load_state_dict(state.get("experts", {}))
 
     @property
     def row_scores(self) -> dict[str, torch.Tensor]:
