@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent(r'''
 
     import torch
     from hfqat.export.kernels import triton_lowbit as K
-    from hfqat.export.packed import PackedLinear, PackedRowsLinear
+    from hfqat.export.packed import PackedLinear
+    from packed_layers import random_rows_layer
 
     torch.manual_seed(0)
     k = 256
@@ -56,13 +57,7 @@ SCRIPT = textwrap.dedent(r'''
 
     for widths in ((3, 4, 5), (2, 3, 4, 6, 8)):
         counts = {b: 24 + 8 * i for i, b in enumerate(widths)}
-        n = sum(counts.values())
-        rows = PackedRowsLinear(k, n, True, counts, 64, True)
-        rows.parts = torch.nn.ModuleList(
-            PackedLinear.from_float(torch.nn.Linear(k, c, bias=False), b, 64, True, scale_init="minmax")
-            for b, c in sorted(counts.items()))
-        rows.output_order.copy_(torch.randperm(n).to(torch.int32))
-        rows.bias.data.normal_()
+        rows = random_rows_layer(k, counts, 64)
         matmul = K.rows_backend(rows, torch.device("cuda"), torch.float32)  # the fused path, run on the CPU
         w = rows.dequantized_weight()
         for m in (1, 5, 80):
@@ -85,6 +80,6 @@ SCRIPT = textwrap.dedent(r'''
 def test_kernels_match_the_exact_fallback_in_the_interpreter():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "interpreter kernels ok" in proc.stdout, proc.stderr[-4000:]

@@ -4,22 +4,15 @@ no data-dependent shapes. CPU, ``aot_eager`` (the trace is what is checked, not 
 
 import pytest
 import torch
+from packed_layers import random_rows_layer
 
-from hfqat.export.packed import PackedLinear, PackedRowsLinear, prepare_backends
+from hfqat.export.packed import PackedLinear, prepare_backends
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows_layer(k=128, counts=None):
-    counts = counts or {3: 24, 4: 16, 5: 24}
-    n = sum(counts.values())
-    rows = PackedRowsLinear(k, n, True, counts, 32, True)
-    rows.parts = torch.nn.ModuleList(
-        PackedLinear.from_float(torch.nn.Linear(k, c, bias=False), b, 32, True, scale_init="minmax")
-        for b, c in sorted(counts.items()))
-    rows.output_order.copy_(torch.randperm(n).to(torch.int32))
-    rows.bias.data.normal_()
-    return rows
+    return random_rows_layer(k, counts or {3: 24, 4: 16, 5: 24}, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
