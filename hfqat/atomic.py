@@ -1,4 +1,4 @@
-"""Atomic folder writes: `path` holds its previous complete content or the new complete content, never a mix, even
+"""Atomic folder and file writes: `path` holds its previous complete content or the new complete content, never a mix, even
 when the writer is killed (kill -9) or the machine loses power right after the save returned.
 
 How: the new content is written into a temporary sibling ``.NAME.tmp-<pid>@<host>-<random>``, every file and folder
@@ -163,4 +163,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path next to `path`; on success the written file replaces `path` (fsynced, one rename,
+    parent fsynced), on error it is removed. Leftovers of earlier interrupted writes of `path` are removed first."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path={str(path)!r} is a directory; expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_owner_tag()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

@@ -5,6 +5,9 @@ The reference is gguf-py's dequantization (what transformers' GGUF loader runs):
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -228,3 +231,23 @@ def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
 def test_save_packed_points_gguf_models_to_export_gguf(tiny256, tmp_path):
     with pytest.raises(ValueError, match="on GGUF grids.*hfqat.export_gguf"):
         hfqat.save_packed(_load(tiny256, gguf_type="Q4_0"), tmp_path / "packed")
+
+
+def test_export_removes_what_a_killed_export_left_and_replaces_the_file_whole(tiny256, tmp_path, monkeypatch):
+    """A GGUF export writes a temporary sibling and renames it; a killed earlier export's sibling (its writer gone)
+    is removed by the next export of the same path, and a failed export leaves the previous file untouched."""
+    model = _load(tiny256, gguf_type="Q4_0").eval()
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".m.gguf.tmp-{done.stdout.strip()}@{socket.gethostname()}-abc123"
+    leftover.write_bytes(b"partial")
+    path = hfqat.export_gguf(model, tmp_path / "m.gguf", float_type="F32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    before = path.read_bytes()
+
+    def fail(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        hfqat.export_gguf(model, path, float_type="F16")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

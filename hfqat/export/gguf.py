@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_file
 from ..config import GGUF_TYPE_FOR_BITS, resolve_gguf_type
 from ..quant.gguf_grids import GGUF_GRIDS, GGUFGrid, fit_grid, gguf_codes, pack_blocks
 from ..quant.gguf_layers import GGUFMixin
@@ -189,10 +190,7 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
                       "trained grids are lost, the file holds round-to-nearest GGUF blocks of their fake-quant "
                       f"weights: {'; '.join(lost)}", stacklevel=2)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(getattr(config, "_name_or_path", "") or "hfqat-model")
         _add_architecture(writer, arch, config)
@@ -207,11 +205,4 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
