@@ -19,7 +19,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 import hfqat
 from hfqat import QATConfig
 from hfqat.config import GGUF_TYPES
-from hfqat.quant.gguf_grids import GGUF_GRIDS, fit_grid, gguf_codes, gguf_fake_quantize, pack_blocks
+from hfqat.quant.gguf_grids import (
+    GGUF_GRIDS,
+    fit_grid,
+    gguf_codes,
+    gguf_fake_quantize,
+    pack_blocks,
+)
 from hfqat.quant.gguf_layers import GGUFMixin
 from hfqat.quant.modeling import qat_layers
 
