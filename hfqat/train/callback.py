@@ -240,9 +240,8 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
             set_soft_sharpness(self._model, float("inf"))
         if state.is_world_process_zero:
             budget = self._allocator.budget if self._allocator is not None else None
-            numels = {name: full_numel(layer.weight) for name, layer in qat_layers(self._model)}
-            if self._allocator is not None:
-                numels = self._allocator.numels  # with the experts'
+            numels = self._allocator.numels if self._allocator is not None else {  # the allocator's: with experts
+                name: full_numel(layer.weight) for name, layer in qat_layers(self._model)}
             summary = {"budget_bits": budget, "bit_choices": list(self.bit_choices), "sensitivity": self.sensitivity,
                        "numels": numels, "scores": self._tracker.estimator.scores}
             if self._tracker.experts is not None:
