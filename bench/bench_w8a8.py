@@ -35,7 +35,8 @@ LLAMA3_8B_LAYERS = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4
 SMOKE_LAYERS = {"q_proj": (256, 256), "k_proj": (256, 64), "gate_proj": (256, 512), "down_proj": (512, 256)}
 
 
-def _timer(device: str, warmup: int, iters: int):
+def median_ms_timer(device: str, warmup: int, iters: int):
+    """``measure(fn)``: median milliseconds of ``iters`` calls after ``warmup`` (CUDA events on CUDA)."""
     def measure(fn) -> float:
         for _ in range(warmup):
             fn()
@@ -86,7 +87,7 @@ def main() -> None:
         raise SystemExit("--device cuda needs a GPU; use --device cpu for the smoke mode")
     batch, seq = args.batch or (16 if cuda else 2), args.seq or (512 if cuda else 32)
     shapes = LLAMA3_8B_LAYERS if cuda else SMOKE_LAYERS
-    measure = _timer(args.device, warmup=5 if cuda else 1, iters=args.iters if cuda else 3)
+    measure = median_ms_timer(args.device, warmup=5 if cuda else 1, iters=args.iters if cuda else 3)
     compile_ok = not args.no_compile and cuda
     print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
           f"tokens {batch}x{seq}, layers {list(shapes)}")

@@ -12,29 +12,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_w8a8 import median_ms_timer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hfqat.train import fused_kl
 from hfqat.train.distillation import distillation_loss
 
 
-def timed(fn, steps: int = 6, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     print("command: python", " ".join(sys.argv), flush=True)
+    timed = median_ms_timer("cuda", warmup=3, iters=6)
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
                          tie_word_embeddings=False, attn_implementation="sdpa")
