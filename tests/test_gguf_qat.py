@@ -25,6 +25,7 @@ from hfqat.quant.gguf_grids import (
     gguf_codes,
     gguf_fake_quantize,
     pack_blocks,
+    slots_to_sub_blocks,
 )
 from hfqat.quant.gguf_layers import GGUFMixin
 from hfqat.quant.modeling import qat_layers
@@ -77,6 +78,20 @@ def test_fake_quant_equals_gguf_dequantize_of_packed_blocks(name):
     assert torch.equal(torch.from_numpy(gguf.quants.dequantize(blocks, grid.qtype)), wq)
     rel = ((wq - w).norm() / w.norm()).item()
     assert rel < {2: 0.45, 3: 0.25}.get(grid.bits, 0.12)  # a real quantizer of that width, not a constant
+
+
+@pytest.mark.parametrize("name", ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"])
+def test_learned_scale_is_the_grid_step_in_weight_units(name):
+    """The scale slot AdamW trains is the distance between adjacent levels in weight units (IQ4_NL: 16·d, its
+    levels being d·k with k 16 apart on average), so its fixed-size updates move every type's scale at a uniform
+    grid's relative speed. IQ4_NL's raw d (1/16 of its step) made 300 H200 steps of the Q3_K fallback diverge."""
+    grid = GGUF_GRIDS[name]
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    slots = slots_to_sub_blocks(fit_grid(w, grid)[0], grid)
+    blocks = w.reshape(8, -1, grid.sub_block)
+    levels = len(grid.levels) if grid.levels else grid.q_hi - grid.q_lo + 1
+    step = (blocks.amax(-1) - blocks.amin(-1)) / (levels - 1)
+    assert 0.6 < (slots.abs() / step).median() < 1.4
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])

@@ -68,6 +68,16 @@ class GGUFGrid:
         return self.code_hi is not None
 
     @property
+    def level_step(self) -> float:
+        """Mean distance between adjacent levels in units of the block scale: 1 on uniform grids, 16 on IQ4_NL's.
+        The learned scale slot is ``level_step · d``, the grid's step in weight units, so every type's scale has the
+        magnitude (and Adam's fixed-size updates the relative speed) of a uniform grid's; with IQ4_NL's raw ``d``
+        (1/16 of that) AdamW moved the scales ~16x faster relative to their size and 300 GPU steps diverged."""
+        if self.levels is None:
+            return 1.0
+        return (self.levels[-1] - self.levels[0]) / (len(self.levels) - 1)
+
+    @property
     def qtype(self):
         from gguf import GGMLQuantizationType
 
@@ -212,7 +222,7 @@ def gguf_codes(w: torch.Tensor, scale_slots: torch.Tensor, min_slots: torch.Tens
         if m is not None:
             dmin, mc, m = _encode_k(m, grid, signed=False)
     else:
-        s = d = fp16_ste(s)
+        s = d = fp16_ste(s / grid.level_step)  # level_step is 1 or 16: the division is exact
         if m is not None:
             m = -fp16_ste(-m)  # the block stores −m in fp16
             dmin = -m
@@ -278,7 +288,7 @@ def fit_grid(w: torch.Tensor, grid: GGUFGrid, shrink: tuple[float, ...] = tuple(
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
-    return sub_blocks_to_slots(best_s, grid), sub_blocks_to_slots(best_m, grid)
+    return sub_blocks_to_slots(best_s * grid.level_step, grid), sub_blocks_to_slots(best_m, grid)
 
 
 # -- byte packing (the inverse of gguf-py's dequantize_blocks) -----------------------------------------------------
