@@ -185,6 +185,32 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, K, group, tiles_per_spl
 
 
 @triton.jit
+def _experts_gemv_kernel(x_ptr, ids_ptr, index_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, num_experts,
+                         slots, stride_x, stride_w, stride_s, N, K, group, tiles_per_split, BITS: tl.constexpr,
+                         SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                         ZERO_OTHERS: tl.constexpr):
+    """Batch-1 GEMVs of routed pairs over the stacked experts of one width: y[p] = x[p // slots] @ W_{ids[p]}.
+
+    Program (column block, K split, pair p) reads the pair's expert id on the device and its place in this width's
+    stack (``index[id]``, -1: another width); pairs of other widths (and expert-parallel sentinels, id ≥ num_experts)
+    are skipped, or their outputs zeroed with ZERO_OTHERS (the first launch of a call), so every output is written.
+    """
+    blk = tl.program_id(0)
+    pair = tl.program_id(2)
+    e = tl.load(ids_ptr + pair)
+    idx = tl.load(index_ptr + e, mask=(e >= 0) & (e < num_experts), other=-1)
+    y_row = y_ptr + pair * N
+    if idx >= 0:
+        i = idx.to(tl.int64)  # stacks of many experts pass 2^31 elements
+        _gemv_part(x_ptr + (pair // slots) * stride_x, w_ptr + i * stride_w, s_ptr + i * stride_s,
+                   z_ptr + i * stride_s, y_row, ws_ptr + pair * N, cnt_ptr, y_row, pair * tl.num_programs(0) + blk,
+                   blk, 0, N, K, group, tiles_per_split, BITS, SYM, BLOCK_N, BLOCK_R, SPLIT, False)
+    elif ZERO_OTHERS:
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_row + offs_n, tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
 def _plane_codes(w_ptr, row0, kk, offs_n, mask_n, N, P: tl.constexpr):
     per: tl.constexpr = 32 // P
     w = tl.load(w_ptr + (row0 + kk // per)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
@@ -339,15 +365,20 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
     return ws, cnt
 
 
-def _launch_gemv(x, parts: list[Part], y, group_size: int, cfg: GemvConfig, out_index=None) -> None:
-    """y[0, :] = x[0] @ W for the parts' matrices side by side (columns through `out_index`), ≤ MAX_PARTS
-    parts per launch."""
-    k = x.shape[1]
+def _splits(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """(K splits, tiles per split): at most cfg.split, dividing the tiles evenly."""
     tiles = k // (32 * cfg.block_r)
     split = max(1, min(cfg.split, tiles))
     while tiles % split:
         split -= 1
-    per_split = tiles // split
+    return split, tiles // split
+
+
+def _launch_gemv(x, parts: list[Part], y, group_size: int, cfg: GemvConfig, out_index=None) -> None:
+    """y[0, :] = x[0] @ W for the parts' matrices side by side (columns through `out_index`), ≤ MAX_PARTS
+    parts per launch."""
+    k = x.shape[1]
+    split, per_split = _splits(k, cfg)
     if len(parts) == 1 and out_index is None:
         p = parts[0]
         ws, cnt = _workspace(x.device, p.n) if split > 1 else (y, y)
@@ -482,6 +513,27 @@ def lowbit_rows_mm(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[t
 @lowbit_rows_mm.register_fake
 def _(x, qweights, scales, zeros, bits, group_size, out_index):
     return x.new_empty(x.shape[0], out_index.shape[0])
+
+
+def experts_mv(x, expert_ids, expert_index, qweights, scales, zeros, bits, group_size: int):
+    """y[t, j] = x[t] @ W_{expert_ids[t, j]}ᵀ → (rows, slots, N) in x's dtype, one launch per width (see
+    `hfqat.export.kernels.experts` for the arguments). ``x`` (rows, K) contiguous."""
+    rows, slots = expert_ids.shape
+    pairs, k, n = rows * slots, x.shape[1], qweights[0].shape[2]
+    y = torch.empty(rows, slots, n, dtype=x.dtype, device=x.device)
+    cfg = default_gemv_config(n * pairs, k, tuple(bits), group_size, x.device)
+    split, per_split = _splits(k, cfg)
+    ws, cnt = _workspace(x.device, pairs * n) if split > 1 else (y, y)
+    ids = expert_ids.reshape(-1)
+    for g, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True)):
+        z = zeros[g] if zeros else s
+        _experts_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, pairs)](
+            x, ids, expert_index[g], q, s, z, y, ws, cnt, expert_index.shape[1], slots, x.stride(0), q.stride(0),
+            s.stride(0), n, k, group_size, per_split, BITS=b, SYM=not zeros, BLOCK_N=cfg.block_n,
+            BLOCK_R=cfg.block_r, SPLIT=split > 1, ZERO_OTHERS=g == 0, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return y
 
 
 # -- backend ------------------------------------------------------------------------------------------------
