@@ -371,3 +371,41 @@ def test_packed_moe_without_quantization_config_does_not_load_float_experts(tmp_
     (tmp_path / "packed" / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_path):
+    """The decode path (grouped GEMV op → gate → grouped GEMV op → routing sum) traced by torch.compile with
+    fullgraph=True: a host read of the expert ids (.item / .tolist) would break the graph, so it holds none and CUDA
+    graphs can capture it. On CPU the op runs its torch reference; eager, compiled and fake quant agree (mixed
+    widths, a repeated expert; gpt_oss: biases and its own gate)."""
+    from hfqat.export.packed import prepare_backends
+    from hfqat.export.packed_experts import packed_experts
+
+    _tiny(model_type).save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 3, 4, 8])
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    name, experts = packed_experts(packed)[0]
+    assert prepare_backends(packed)[name] == "experts_reference"  # CPU: the op's torch reference
+    fake = model.get_submodule(name)
+    hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[3, 1], [1, 0]])
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        eager = experts(hidden, ids, weights)
+        compiled = torch.compile(experts, fullgraph=True, backend=record)(hidden, ids, weights)
+        torch.testing.assert_close(eager, fake(hidden, ids, weights), atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    op = torch.ops.hfqat.lowbit_experts_mv
+    calls = [node for node in graphs[0].graph.nodes if node.target in (op, op.default)]
+    assert len(graphs) == 1 and len(calls) == 2  # gate_up (or up) and down, each one opaque op
