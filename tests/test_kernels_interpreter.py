@@ -89,20 +89,20 @@ EXPERTS = PREAMBLE + textwrap.dedent(r'''
             for widths in ((4, 4, 4, 4), (3, 3, 3), (2, 3, 4, 8, 4, 3)):
                 parts = random_experts(k, n, list(widths), group, symmetric)
                 weights = [part.dequantized_weight() for part in parts]
-                stacks = ExpertStacks.from_parts(parts, torch.float32, max_pairs=8)
+                stacks = ExpertStacks(parts, torch.float32, max_pairs=8)
                 e = len(parts)
                 ids = torch.tensor([[1, 1], [0, e - 1], [e + 3, 2]])  # a repeated expert; a sentinel (no expert)
                 x = torch.randn(3, k)
                 truth = torch.stack([torch.stack([x[t] @ weights[i].t() if i < e else torch.zeros(n)
                                                   for i in row.tolist()]) for t, row in enumerate(ids)])
-                args = (x, ids, stacks.expert_index, stacks.qweights, stacks.scales, stacks.zeros, stacks.bits, group)
+                args = (x, ids, stacks.expert_index, *map(stacks.stacks, ("qweight", "scales", "zeros")), stacks.bits, group)
                 what = (group, symmetric, widths)
                 check(experts_mv_reference(*args), truth, ("reference",) + what)
                 check(K.experts_mv(*args), truth, ("triton",) + what)
                 h = torch.randn(6, k)  # the down projection's shape: one row per pair, one slot
                 args = (h, ids.view(-1, 1)) + args[2:]
                 check(K.experts_mv(*args), experts_mv_reference(*args), ("triton, one slot",) + what)
-                storage = {b: q.untyped_storage().data_ptr() for b, q in zip(stacks.bits, stacks.qweights)}
+                storage = {b: q.untyped_storage().data_ptr() for b, q in zip(stacks.bits, stacks.stacks("qweight"))}
                 assert all(part.qweight.untyped_storage().data_ptr() == storage[part.bits] for part in parts)
     ws, cnt = K._workspaces[torch.device("cpu")]
     assert ws.abs().max() == 0 and cnt.abs().max() == 0, "split-K left the workspace dirty"

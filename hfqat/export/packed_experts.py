@@ -116,14 +116,14 @@ class PackedExpertsMixin:
     @property
     def decode_backend(self) -> str | None:
         """The grouped GEMV's backend (`ExpertStacks.backend`), None before the first decode or `prepare_decode`."""
-        return next(iter(self._stacks.values())).backend if self._stacks else None
+        return next(iter(self.decode_stacks.values())).backend if len(self.decode_stacks) else None
 
     @torch.compiler.disable
     def prepare_decode(self, device: torch.device, dtype: torch.dtype) -> None:
         """Stack the experts for the decode path's grouped GEMV (before torch.compile or a CUDA-graph capture)."""
         first = "gate_up_proj" if self.has_gate else "up_proj"
-        self._stacks = {name: ExpertStacks.from_parts(list(self.packed[name]), dtype, DECODE_PAIRS)
-                        for name in (first, "down_proj")}
+        self.decode_stacks = nn.ModuleDict({name: ExpertStacks(list(self.packed[name]), dtype, DECODE_PAIRS)
+                                            for name in (first, "down_proj")})
         self._decode_key = (device, dtype)
 
     def _decode(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -135,11 +135,11 @@ class PackedExpertsMixin:
         ids = top_k_index.reshape(-1)
         sentinel = ids >= self.layouts[first].num_experts  # expert-parallel: the grouped GEMV gives them zeros
         safe_ids = ids.masked_fill(sentinel, 0)
-        h = self._stacks[first](hidden_states, top_k_index).view(tokens * slots, -1)
+        h = self.decode_stacks[first](hidden_states, top_k_index).view(tokens * slots, -1)
         if self.has_bias:
             h = h + getattr(self, f"{first}_bias")[safe_ids]
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        y = self._stacks["down_proj"](h, ids.view(-1, 1)).view(tokens * slots, -1)
+        y = self.decode_stacks["down_proj"](h, ids.view(-1, 1)).view(tokens * slots, -1)
         if self.has_bias:
             y = y + self.down_proj_bias[safe_ids]
         if getattr(self, "has_post_expert_norm", False):
@@ -175,7 +175,8 @@ def replace_with_packed_experts(module: nn.Module, entry: dict[str, Any], config
     module.__class__ = packed_experts_class(type(module))
     module.__dict__["layouts"] = layouts
     module.packed = packed
-    module._stacks, module._decode_key = {}, None  # set by prepare_decode
+    module.decode_stacks = nn.ModuleDict()  # filled by prepare_decode
+    module._decode_key = None
     return module
 
 
@@ -184,8 +185,8 @@ def restore_float_packed(module: PackedExpertsMixin, dtype: torch.dtype | None =
     """Turn a packed experts module back into its original class holding the dequantized float tensors."""
     dtype = dtype or module.packed[next(iter(module.layouts))][0].scales.dtype
     dense = {name: module.dequantized(name, None, dtype) for name in module.layouts}
-    del module.packed
-    for key in ("layouts", "_stacks", "_decode_key"):
+    del module.packed, module.decode_stacks
+    for key in ("layouts", "_decode_key"):
         module.__dict__.pop(key)
     module.__class__ = type(module).__mro__[2]  # (Packed<cls>, PackedExpertsMixin, cls, ...)
     for name, w in dense.items():

@@ -15,9 +15,8 @@ so ``torch.compile(fullgraph=True)`` traces through it and CUDA graphs capture i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
 from ..packing import code_offset, unpack_kn
 
@@ -82,55 +81,48 @@ def _triton_applies(parts: list, dtype: torch.dtype) -> bool:
     return all(triton_lowbit.applies(part, dtype) for part in parts)
 
 
-@dataclass
-class ExpertStacks:
+class ExpertStacks(nn.Module):
     """The experts of one packed expert tensor, stacked per width, and the grouped GEMV over them (``self(x, ids)``).
 
-    ``backend``: ``"triton_experts"`` (CUDA, where `triton_lowbit.applies` to every expert) or
-    ``"experts_reference"`` (`experts_mv_reference`, exact; CPU, or layers the kernel does not take).
+    Built from `hfqat.export.packed.PackedLinear` experts (same shape, group size and symmetry) for activations of
+    `dtype` and up to `max_pairs` routed pairs a call; the parts' buffers become views of the stacks (no second copy).
+    The stacks are non-persistent buffers (``qweight<bits>``, ``scales<bits>``[, ``zeros<bits>``], ``expert_index``):
+    never saved, moved with the model, and static inputs to CUDA graphs. ``backend``: ``"triton_experts"`` (CUDA,
+    where `triton_lowbit.applies` to every expert) or ``"experts_reference"`` (`experts_mv_reference`, exact; CPU, or
+    experts the kernel does not take).
     """
 
-    qweights: list[torch.Tensor]
-    scales: list[torch.Tensor]
-    zeros: list[torch.Tensor]  # empty when symmetric
-    bits: list[int]
-    group_size: int
-    expert_index: torch.Tensor
-    backend: str
-
-    @classmethod
     @torch.no_grad()
-    def from_parts(cls, parts: list, dtype: torch.dtype, max_pairs: int) -> ExpertStacks:
-        """Stack `hfqat.export.packed.PackedLinear` experts (same shape, group size and symmetry) for activations of
-        `dtype` and up to `max_pairs` routed pairs a call; the parts' buffers become views of the stacks (no copy
-        kept)."""
+    def __init__(self, parts: list, dtype: torch.dtype, max_pairs: int) -> None:
+        super().__init__()
         device = parts[0].qweight.device
-        widths = sorted({part.bits for part in parts})
-        index = torch.full((len(widths), len(parts)), -1, dtype=torch.int32)
-        stacks: dict[str, list[torch.Tensor]] = {"qweight": [], "scales": [], "zeros": []}
-        for g, b in enumerate(widths):
+        self.bits = sorted({part.bits for part in parts})
+        self.group_size = parts[0].group_size
+        self.symmetric = parts[0].zeros is None
+        index = torch.full((len(self.bits), len(parts)), -1, dtype=torch.int32)
+        for g, b in enumerate(self.bits):
             members = [e for e, part in enumerate(parts) if part.bits == b]
             index[g, members] = torch.arange(len(members), dtype=torch.int32)
-            for key, values in stacks.items():
-                tensors = [getattr(parts[e], key) for e in members]
-                if tensors[0] is None:
-                    continue
-                stack = torch.stack(tensors)
-                values.append(stack)
+            for key in ("qweight", "scales") if self.symmetric else ("qweight", "scales", "zeros"):
+                stack = torch.stack([getattr(parts[e], key) for e in members])
+                self.register_buffer(f"{key}{b}", stack, persistent=False)
                 for i, e in enumerate(members):
                     setattr(parts[e], key, stack[i])
-        triton = _triton_applies(parts, dtype)
-        if triton:
+        self.register_buffer("expert_index", index.to(device), persistent=False)
+        self.backend = "triton_experts" if _triton_applies(parts, dtype) else "experts_reference"
+        if self.backend == "triton_experts":
             from . import triton_lowbit
 
             triton_lowbit._workspace(device, max_pairs * parts[0].out_features)  # now, not inside a capture
-        return cls(stacks["qweight"], stacks["scales"], stacks["zeros"], widths, parts[0].group_size,
-                   index.to(device), "triton_experts" if triton else "experts_reference")
 
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def stacks(self, key: str) -> list[torch.Tensor]:
+        """One stacked tensor per width (ascending): ``key`` is qweight, scales or zeros (none when symmetric)."""
+        return [] if key == "zeros" and self.symmetric else [getattr(self, f"{key}{b}") for b in self.bits]
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x (rows, K), expert_ids (rows, slots) → (rows, slots, N)."""
-        args = (x.contiguous(), expert_ids, self.expert_index, self.qweights, self.scales, self.zeros, self.bits,
-                self.group_size)
+        args = (x.contiguous(), expert_ids, self.expert_index, self.stacks("qweight"), self.stacks("scales"),
+                self.stacks("zeros"), self.bits, self.group_size)
         if x.is_cuda and self.backend == "experts_reference":  # the op's CUDA kernel is Triton's: not for these
             return experts_mv_reference(*args)
         if torch.compiler.is_compiling():
