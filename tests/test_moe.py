@@ -409,3 +409,23 @@ def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_p
     op = torch.ops.hfqat.lowbit_experts_mv
     calls = [node for node in graphs[0].graph.nodes if node.target in (op, op.default)]
     assert len(graphs) == 1 and len(calls) == 2  # gate_up (or up) and down, each one opaque op
+
+
+def test_packed_moe_static_cache_generate_compiles_the_decode_step_in_one_graph(tmp_path):
+    """``generate(cache_implementation="static")`` with transformers' compile of the decode step, fullgraph=True (on
+    CPU by opting in): the packed model's step traces whole, and the tokens equal eager generate's and fake quant's."""
+    from transformers.generation import CompileConfig
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless asked
+    kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    prompt = _ids(shape=(1, 5))
+    with torch.no_grad():
+        static = packed.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+        assert torch.equal(static, packed.generate(prompt, **kwargs))
+        assert torch.equal(static, model.generate(prompt, **kwargs))

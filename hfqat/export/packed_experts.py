@@ -14,8 +14,8 @@ On reload the module becomes `PackedExpertsMixin` over its own class. Forward, o
   width on GPU) for the first projection, the class's own gate (``_apply_gate``) or activation, biases, the grouped
   GEMV again for ``down_proj``, post-expert norm and the routing-weight sum — the math of transformers' ``batched_mm``
   path with no float expert weight ever built and no host sync, so ``torch.compile(fullgraph=True)`` and CUDA graphs
-  (``generate(cache_implementation="static")``) take it. The experts are stacked per width on first use
-  (`prepare_decode`; `hfqat.export.packed.prepare_backends` does it ahead), their per-expert buffers then views;
+  (``generate(cache_implementation="static")``) take it. The experts are stacked per width on the first forward
+  (`prepare_decode`, also run by `hfqat.export.packed.prepare_backends`), their per-expert buffers then views;
 - otherwise (prefill, or a class without transformers' standard experts signature): the routed experts only are
   dequantized into the stored 3-D layout (unrouted ones stay zero: no implementation reads them) and the class's own
   forward runs on them.
@@ -84,7 +84,11 @@ class PackedExpertsMixin:
         top_k_index = kwargs.get("top_k_index", args[0] if args else None)
         top_k_weights = kwargs.get("top_k_weights", args[1] if len(args) > 1 else None)
         standard = isinstance(top_k_index, torch.Tensor) and not top_k_index.is_floating_point()
-        if standard and top_k_index.numel() <= DECODE_PAIRS and self.has_grouped_decode():
+        grouped = standard and self.has_grouped_decode()
+        if grouped and self._decode_key != (hidden_states.device, hidden_states.dtype):
+            # on any forward, so that generate's eager prefill sets up what its compiled decode steps run
+            self.prepare_decode(hidden_states.device, hidden_states.dtype)
+        if grouped and top_k_index.numel() <= DECODE_PAIRS:
             return self._decode(hidden_states, top_k_index, top_k_weights)
         routed = top_k_index.unique().tolist() if standard else None
         dense = {name: self.dequantized(name, routed, hidden_states.dtype) for name in self.layouts}
@@ -128,8 +132,6 @@ class PackedExpertsMixin:
 
     def _decode(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self._decode_key != (hidden_states.device, hidden_states.dtype):
-            self.prepare_decode(hidden_states.device, hidden_states.dtype)
         first = "gate_up_proj" if self.has_gate else "up_proj"
         tokens, slots = top_k_index.shape
         ids = top_k_index.reshape(-1)
