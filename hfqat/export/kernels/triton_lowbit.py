@@ -13,13 +13,15 @@ of 32 (per channel included). Codes are unpacked in registers.
   rows grouped by width): `_gemv_kernel` runs up to `MAX_PARTS` of them in one launch, each program branching to
   its block's width, and stores every output at its row's place (``out_index``), so no concatenation or
   reordering follows.
+- routed MoE experts (`experts_mv`, for `hfqat.export.kernels.experts`): `_experts_gemv_kernel`, the same GEMV per
+  (column block, K split, routed pair), the pair's expert id and its place in the width's stack read on the device.
 - ``2 ≤ M ≤ GEMM_MAX_M``: `_gemm_kernel`, dequantized tiles fed to ``tl.dot`` (tensor cores); one launch per width.
 - larger M (prefill): `_dequant_kernel` writes the float weight once (per-row layers: every width into one
   matrix, rows in place), then one cuBLAS matmul.
 
 All math is fp32 apart from the tensor-core inputs (the activation dtype, as in the dequantize fallback).
 Entry points: the custom ops ``torch.ops.hfqat.lowbit_mm`` and ``torch.ops.hfqat.lowbit_rows_mm`` (opaque to
-torch.compile, CUDA-graph safe); eager calls skip the op dispatcher (`_op`), whose cost is that of a GEMV.
+torch.compile, CUDA-graph safe; ``hfqat::lowbit_experts_mv``'s CUDA kernel is `experts_mv`); eager calls skip the op dispatcher (`_op`), whose cost is that of a GEMV.
 
 Measured on an H100 (bench/bench_decode.py, batch-1 bf16, 8B-Llama shapes, CUDA-graph replays): 4-bit GEMV
 14336x4096 in 19.7 us (1.58 TB/s of packed bytes; bf16 cuBLAS 41.8 us), 4096x4096 in 9.0 us. The kernel is
