@@ -196,9 +196,9 @@ def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_typ
     x = _ids(shape=(1, 10))
     torch.testing.assert_close(packed(x).logits, model(x).logits, atol=1e-4, rtol=0)  # prefill: routed dequant
     one = x[:, :1]
-    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: per pair
+    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: grouped GEMV
     standard = hasattr(modules[0], "has_gate")
-    assert bool(decoded) == standard  # the packed per-pair path ran where the class has the standard signature
+    assert bool(decoded) == standard  # the grouped GEMV path ran where the class has the standard signature
 
 
 def test_reallocation_changes_expert_bits_under_a_parameter_budget():

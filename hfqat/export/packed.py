@@ -341,7 +341,7 @@ def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     experts = packed_experts(model)
     inside = tuple(f"{name}.packed." for name, _ in experts)
     layers = [(name, layer, layer.qweight.device) for name, layer in packed_modules(model)
-              if not (inside and name.startswith(inside))]
+              if not name.startswith(inside)]
     layers += [(name, layer, layer.output_order.device) for name, layer in rows_modules(model)]
     default = getattr(model, "dtype", torch.float32)
     for name, layer, device in layers:

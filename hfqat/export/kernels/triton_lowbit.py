@@ -21,7 +21,8 @@ of 32 (per channel included). Codes are unpacked in registers.
 
 All math is fp32 apart from the tensor-core inputs (the activation dtype, as in the dequantize fallback).
 Entry points: the custom ops ``torch.ops.hfqat.lowbit_mm`` and ``torch.ops.hfqat.lowbit_rows_mm`` (opaque to
-torch.compile, CUDA-graph safe; ``hfqat::lowbit_experts_mv``'s CUDA kernel is `experts_mv`); eager calls skip the op dispatcher (`_op`), whose cost is that of a GEMV.
+torch.compile, CUDA-graph safe; ``hfqat::lowbit_experts_mv``'s CUDA kernel is `experts_mv`); eager calls skip the
+op dispatcher (`_op`), whose cost is that of a GEMV.
 
 Measured on an H100 (bench/bench_decode.py, batch-1 bf16, 8B-Llama shapes, CUDA-graph replays): 4-bit GEMV
 14336x4096 in 19.7 us (1.58 TB/s of packed bytes; bf16 cuBLAS 41.8 us), 4096x4096 in 9.0 us. The kernel is
