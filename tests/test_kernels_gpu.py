@@ -226,8 +226,8 @@ def test_grouped_experts_gemv_matches_the_reference_and_replays_new_ids(widths, 
 
 
 def test_packed_moe_on_gpu_decodes_through_the_grouped_gemv(tmp_path):
-    """A tiny packed Mixtral on CUDA (mixed expert widths): batch-1 decode logits match fake quant, and
-    static-cache generate (compiled, CUDA graphs) gives eager generate's tokens."""
+    """A tiny packed Mixtral on CUDA (mixed expert widths): prefill (Triton-dequantized routed experts) and batch-1
+    decode logits match fake quant, and static-cache generate (compiled, CUDA graphs) gives eager generate's tokens."""
     from moe_archs import tiny_moe_config
 
     from hfqat.export.packed_experts import packed_experts
@@ -246,8 +246,9 @@ def test_packed_moe_on_gpu_decodes_through_the_grouped_gemv(tmp_path):
     assert {m.decode_backend for _, m in packed_experts(packed)} == {"triton_experts"}
     prompt = torch.randint(0, config.vocab_size, (1, 6), device=DEVICE)
     with torch.no_grad():
+        assert _rel_err(packed(prompt).logits, model(prompt).logits) < 1e-4  # prefill: routed experts dequantized
         one = prompt[:, :1]
-        assert _rel_err(packed(one).logits, model(one).logits) < 1e-4
+        assert _rel_err(packed(one).logits, model(one).logits) < 1e-4  # decode: the grouped GEMV
         kwargs = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
         eager = packed.generate(prompt, **kwargs)
         static = packed.generate(prompt, cache_implementation="static", **kwargs)

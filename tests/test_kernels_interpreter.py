@@ -104,6 +104,9 @@ EXPERTS = PREAMBLE + textwrap.dedent(r'''
                 check(K.experts_mv(*args), experts_mv_reference(*args), ("triton, one slot",) + what)
                 storage = {b: q.untyped_storage().data_ptr() for b, q in zip(stacks.bits, stacks.stacks("qweight"))}
                 assert all(part.qweight.untyped_storage().data_ptr() == storage[part.bits] for part in parts)
+                for part, w in zip(parts, weights):  # the prefill path's dequantization on CUDA: the same values
+                    kn = K.dequantize(part.qweight, part.scales, part.zeros, part.bits, group, k, torch.float32)
+                    assert torch.equal(kn, w.t()), ("dequantize", part.bits)
     ws, cnt = K._workspaces[torch.device("cpu")]
     assert ws.abs().max() == 0 and cnt.abs().max() == 0, "split-K left the workspace dirty"
     print("interpreter experts ok")
@@ -126,6 +129,7 @@ def test_grouped_experts_gemv_matches_the_reference_in_the_interpreter():
     """The grouped GEMV of `hfqat.export.kernels.experts`, expert ids read on the device: widths 2/3/4/8 (a stack
     and a launch per width; mixed widths in one call), symmetric and with zero points, with and without split-K,
     a repeated expert and a sentinel id, gate_up's (rows, top-k) and down's (pairs, 1) shapes; the torch reference
-    against per-expert dequantized matmuls; the experts' own buffers left as views of the stacks."""
+    against per-expert dequantized matmuls; the experts' own buffers left as views of the stacks; the Triton
+    dequantization (packed experts' prefill on CUDA) bit-equal to ``dequantized_weight``."""
     proc = _run_in_interpreter(EXPERTS)
     assert proc.returncode == 0 and "interpreter experts ok" in proc.stdout, proc.stderr[-4000:]

@@ -31,7 +31,7 @@ from torch import nn
 from ..config import QATConfig
 from ..quant.experts import ExpertParamLayout, QATExpertsMixin
 from ..quant.primitives import effective_scale, quantize
-from .kernels.experts import ExpertStacks
+from .kernels.experts import ExpertStacks, dequantized_kn
 from .packed import PackedLinear
 from .packing import LAYOUT
 
@@ -113,8 +113,8 @@ class PackedExpertsMixin:
             lay.num_experts, lay.out_features, lay.in_features)
         w = torch.zeros(shape, dtype=dtype, device=parts[0].qweight.device)
         for e in range(lay.num_experts) if experts is None else [e for e in experts if e < lay.num_experts]:
-            oi = parts[e].dequantized_weight(dtype)
-            w[e] = oi.t() if lay.transposed else oi
+            kn = dequantized_kn(parts[e], dtype)
+            w[e] = kn if lay.transposed else kn.t()
         return w
 
     @property

@@ -71,6 +71,21 @@ def _(x, expert_ids, expert_index, qweights, scales, zeros, bits, group_size):
     return x.new_empty(*expert_ids.shape, qweights[0].shape[2])
 
 
+def dequantized_kn(part, dtype: torch.dtype) -> torch.Tensor:
+    """The (in, out) float weight of a `hfqat.export.packed.PackedLinear` (a view when not contiguous): on CUDA one
+    Triton kernel (`triton_lowbit.dequantize`, the same fp32 math, so the same values), elsewhere
+    ``dequantized_weight``. For the prefill path of packed experts, which dequantizes every routed expert."""
+    if part.qweight.is_cuda and part.in_features % 32 == 0 and part.group_size % 32 == 0:
+        try:
+            from . import triton_lowbit
+        except ImportError:  # triton missing or too old
+            triton_lowbit = None
+        if triton_lowbit is not None and part.bits in triton_lowbit.KERNEL_BITS:
+            return triton_lowbit.dequantize(part.qweight, part.scales, part.zeros, part.bits, part.group_size,
+                                            part.in_features, dtype)
+    return part.dequantized_weight(dtype).t()
+
+
 def _triton_applies(parts: list, dtype: torch.dtype) -> bool:
     if parts[0].qweight.device.type != "cuda":
         return False
