@@ -378,7 +378,7 @@ def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_p
     """The decode path (grouped GEMV op → gate → grouped GEMV op → routing sum) traced by torch.compile with
     fullgraph=True: a host read of the expert ids (.item / .tolist) would break the graph, so it holds none and CUDA
     graphs can capture it. On CPU the op runs its torch reference; eager, compiled and fake quant agree (mixed
-    widths, a repeated expert; gpt_oss: biases and its own gate)."""
+    widths, a repeated expert, an expert-parallel sentinel id; gpt_oss: biases and its own gate)."""
     from hfqat.export.packed import prepare_backends
     from hfqat.export.packed_experts import packed_experts
 
@@ -392,9 +392,10 @@ def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_p
     name, experts = packed_experts(packed)[0]
     assert prepare_backends(packed)[name] == "experts_reference"  # CPU: the op's torch reference
     fake = model.get_submodule(name)
+    fake._is_expert_parallel = True  # transformers' own implementations skip sentinel ids only when told
     hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    ids = torch.tensor([[3, 1], [1, 0]])
-    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    ids = torch.tensor([[3, 1], [1, 4]])  # 4: an expert-parallel sentinel (no expert of this rank), weight 0
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.0]])
     graphs = []
 
     def record(gm, example_inputs):

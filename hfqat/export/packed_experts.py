@@ -136,7 +136,7 @@ class PackedExpertsMixin:
         tokens, slots = top_k_index.shape
         ids = top_k_index.reshape(-1)
         sentinel = ids >= self.layouts[first].num_experts  # expert-parallel: the grouped GEMV gives them zeros
-        safe_ids = ids.masked_fill(sentinel, 0)
+        safe_ids = ids.masked_fill(sentinel, 0) if self.has_bias else None
         h = self.decode_stacks[first](hidden_states, top_k_index).view(tokens * slots, -1)
         if self.has_bias:
             h = h + getattr(self, f"{first}_bias")[safe_ids]
