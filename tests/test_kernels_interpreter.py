@@ -86,7 +86,7 @@ EXPERTS = PREAMBLE + textwrap.dedent(r'''
     k, n = 128, 48
     for group in (32, 128):  # group 32: split-K (4 splits), 128: one program along K
         for symmetric in (True, False):
-            for widths in ((4, 4, 4, 4), (3, 3, 3), (2, 3, 4, 8, 4, 3)):
+            for widths in ((4, 4, 4), (2, 3, 4, 8, 4, 3)):  # one stack; four (3 and 4 repeated)
                 parts = random_experts(k, n, list(widths), group, symmetric)
                 weights = [part.dequantized_weight() for part in parts]
                 stacks = ExpertStacks(parts, torch.float32, max_pairs=8)
