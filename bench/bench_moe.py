@@ -7,11 +7,15 @@ Model: Mixtral shape with random init — hidden 4096, intermediate 14336, 8 exp
    timed steps after warm-up; ``bf16`` (plain fine-tune) vs ``hfqat`` (``quantize_model`` with W4 g128: every linear
    and every fused expert tensor fake-quantized per expert, routers float). Target: hfqat ≤ 1.3x bf16.
 2. Decode: batch-1 greedy ``generate`` of ``--tokens`` tokens after a short prompt; ``bf16`` vs the ``save_packed``
-   W4 g128 model reloaded with ``from_pretrained`` (experts as packed per-expert matrices; the routed token-expert pairs
-   run through the packed GEMV backends, `hfqat.export.packed_experts`). Target: packed ≥ 1.8x bf16 tokens/s.
-   Also prints the max |logit| difference of packed vs fake-quant on one prompt (same numerics: small).
+   W4 g128 model reloaded with ``from_pretrained`` (experts stacked per width; the routed token-expert pairs run
+   through the grouped low-bit GEMV, expert ids read on the device, `hfqat.export.packed_experts`), once per
+   ``--modes`` entry: ``eager`` (dynamic cache) and ``static`` (``cache_implementation="static"``: transformers
+   compiles the decode step with torch.compile, mode reduce-overhead = CUDA graphs, on CUDA; warm-up runs compile and
+   record first). Target: packed ≥ 1.8x bf16 tokens/s. Also prints the max |logit| difference of packed vs
+   fake-quant on one prompt (same numerics: small).
 
 GPU:        PYTHONPATH=. python bench/bench_moe.py --device cuda [--layers 2 --batch 4 --seq 1024 --tokens 128]
+            PYTHONPATH=. python bench/bench_moe.py --device cuda --skip qat --modes eager,static   (decode only)
 CPU smoke:  PYTHONPATH=. python bench/bench_moe.py --device cpu --smoke   (tiny shapes, checks the script runs)
 """
 
@@ -28,7 +32,8 @@ import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import hfqat
-from hfqat.export.packed import backends_in_use, prepare_backends
+from hfqat.export.packed import prepare_backends
+from hfqat.export.packed_experts import packed_experts
 from hfqat.quant.coverage import coverage
 
 MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -75,13 +80,21 @@ def time_steps(model, args) -> dict:
     return {"step_s": statistics.median(times), "peak_gib": peak, "loss": float(loss.detach())}
 
 
+DECODE_MODES = {"eager": {}, "static": {"cache_implementation": "static"}}
+
+
 @torch.no_grad()
-def time_decode(model, args) -> dict:
+def time_decode(model, args, mode: str) -> dict:
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=args.device,
                            generator=torch.Generator(args.device).manual_seed(1))
-    kwargs = dict(do_sample=False, min_new_tokens=args.tokens, max_new_tokens=args.tokens, pad_token_id=0)
-    model.generate(prompt, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up / backend set-up
+    kwargs = dict(do_sample=False, min_new_tokens=args.tokens, max_new_tokens=args.tokens, pad_token_id=0,
+                  **DECODE_MODES[mode])
+    if mode == "static":  # same lengths as timed (the cache's shape): compile, then CUDA-graph recording
+        for _ in range(2):
+            model.generate(prompt, **kwargs)
+    else:
+        model.generate(prompt, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up / backend set-up
     rates = []
     for _ in range(args.rounds):
         _sync(args.device)
@@ -105,6 +118,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--skip", default="", help="comma list: qat,decode")
+    parser.add_argument("--modes", default="eager,static", help=f"decode modes, comma list of {list(DECODE_MODES)}")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     shape = SMOKE if args.smoke else MIXTRAL
@@ -115,6 +129,9 @@ def main() -> None:
     qconfig = hfqat.QATConfig(bits=4, group_size=args.group_size)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     skip = set(args.skip.split(","))
+    modes = args.modes.split(",")
+    if not set(modes) <= set(DECODE_MODES):
+        parser.error(f"--modes={args.modes!r}: allowed values are comma lists of {list(DECODE_MODES)}")
 
     if "qat" not in skip:
         model = build(args, shape)
@@ -134,7 +151,7 @@ def main() -> None:
 
     if "decode" not in skip:
         model = build(args, shape)
-        results["decode_bf16"] = time_decode(model, args)
+        bf16 = {mode: time_decode(model, args, mode) for mode in modes}
         hfqat.quantize_model(model, qconfig)
         model.eval()
         probe = torch.randint(0, model.config.vocab_size, (1, 32), device=args.device)
@@ -144,17 +161,20 @@ def main() -> None:
             hfqat.save_packed(model, tmp)
             del model
             packed = AutoModelForCausalLM.from_pretrained(tmp, device_map=args.device, dtype=args.dtype)
-        prepare_backends(packed, args.dtype)
+        chosen = prepare_backends(packed, args.dtype)
         with torch.no_grad():
             results["packed_vs_fake_quant_max_abs"] = float((packed(probe).logits.float() - fake_logits).abs().max())
-        results["decode_packed"] = time_decode(packed, args)
-        backends = backends_in_use(packed)
-        results["expert_backends"] = sorted({b for n, b in backends.items() if ".experts." in n and b})
-        results["decode_ratio"] = results["decode_packed"]["tok_s"] / results["decode_bf16"]["tok_s"]
-        print(f"decode batch 1: bf16 {results['decode_bf16']['tok_s']:.1f} tok/s, packed W4 "
-              f"{results['decode_packed']['tok_s']:.1f} tok/s -> x{results['decode_ratio']:.2f} (target >= 1.8); "
-              f"expert backends {results['expert_backends']}; packed vs fake-quant logits max |diff| "
-              f"{results['packed_vs_fake_quant_max_abs']:.3g}", flush=True)
+        results["expert_backends"] = sorted({chosen[name] for name, _ in packed_experts(packed)})
+        for mode in modes:
+            suffix = "" if mode == "eager" else f"_{mode}"  # eager keeps the keys of earlier runs
+            results[f"decode_bf16{suffix}"] = bf16[mode]
+            results[f"decode_packed{suffix}"] = time_decode(packed, args, mode)
+            ratio = results[f"decode_packed{suffix}"]["tok_s"] / bf16[mode]["tok_s"]
+            results[f"decode_ratio{suffix}"] = ratio
+            print(f"decode batch 1 ({mode}): bf16 {bf16[mode]['tok_s']:.1f} tok/s, packed W4 "
+                  f"{results[f'decode_packed{suffix}']['tok_s']:.1f} tok/s -> x{ratio:.2f} (target >= 1.8); "
+                  f"expert backends {results['expert_backends']}; packed vs fake-quant logits max |diff| "
+                  f"{results['packed_vs_fake_quant_max_abs']:.3g}", flush=True)
 
     print(json.dumps(results, indent=1))
     if args.out:

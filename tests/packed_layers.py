@@ -16,3 +16,10 @@ def random_rows_layer(in_features: int, counts: dict[int, int], group_size: int)
     rows.output_order.copy_(torch.randperm(n).to(torch.int32))
     rows.bias.data.normal_()
     return rows
+
+
+def random_experts(in_features: int, out_features: int, widths: list[int], group_size: int,
+                   symmetric: bool) -> list[PackedLinear]:
+    """One packed matrix per expert (no bias) at ``widths[e]`` bits: min-max fits of random weights."""
+    return [PackedLinear.from_float(torch.nn.Linear(in_features, out_features, bias=False), b, group_size, symmetric,
+                                    scale_init="minmax") for b in widths]

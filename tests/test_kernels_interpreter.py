@@ -4,7 +4,8 @@
 Checked against the exact dequantize fallback: every width 2-8 (one, two and three bit planes), symmetric and
 with zero points, through the batch-1 GEMV (with and without split-K), the small-M GEMM and the prefill path
 (dequantize + matmul); the per-row fused path (one GEMV launch over the width blocks, output order applied by
-the stores; five widths take two launches); and the op path traced by ``torch.compile(fullgraph=True)``.
+the stores; five widths take two launches); the op path traced by ``torch.compile(fullgraph=True)``; and the
+grouped GEMV over routed experts (`triton_lowbit.experts_mv`) against its torch reference.
 Skipped where triton is not installed (the GPU tests in test_kernels_gpu.py cover the compiled kernels).
 """
 
@@ -18,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(r'''
+PREAMBLE = textwrap.dedent(r'''
     import numpy, triton.runtime.interpreter as interp
 
     if int(numpy.__version__.split(".")[0]) >= 2:  # triton 3.6's interpreter calls int() on 1-element arrays
@@ -33,14 +34,16 @@ SCRIPT = textwrap.dedent(r'''
     import torch
     from hfqat.export.kernels import triton_lowbit as K
     from hfqat.export.packed import PackedLinear
-    from packed_layers import random_rows_layer
+    from packed_layers import random_experts, random_rows_layer
 
     torch.manual_seed(0)
-    k = 256
 
     def check(y, ref, what):
         err = (y - ref).abs().max().item()
         assert err < 1e-4 * max(1.0, ref.abs().max().item()), (what, err)
+''')
+LAYERS = PREAMBLE + textwrap.dedent(r'''
+    k = 256
 
     for bits in range(2, 9):
         for symmetric in (True, False):
@@ -77,9 +80,56 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def test_kernels_match_the_exact_fallback_in_the_interpreter():
+EXPERTS = PREAMBLE + textwrap.dedent(r'''
+    from hfqat.export.kernels.experts import ExpertStacks, experts_mv_reference
+
+    k, n = 128, 48
+    for group in (32, 128):  # group 32: split-K (4 splits), 128: one program along K
+        for symmetric in (True, False):
+            for widths in ((4, 4, 4), (2, 3, 4, 8, 4, 3)):  # one stack; four (3 and 4 repeated)
+                parts = random_experts(k, n, list(widths), group, symmetric)
+                weights = [part.dequantized_weight() for part in parts]
+                stacks = ExpertStacks(parts, torch.float32, max_pairs=8)
+                e = len(parts)
+                ids = torch.tensor([[1, 1], [0, e - 1], [e + 3, 2]])  # a repeated expert; a sentinel (no expert)
+                x = torch.randn(3, k)
+                truth = torch.stack([torch.stack([x[t] @ weights[i].t() if i < e else torch.zeros(n)
+                                                  for i in row.tolist()]) for t, row in enumerate(ids)])
+                args = (x, ids, stacks.expert_index, *map(stacks.stacks, ("qweight", "scales", "zeros")), stacks.bits, group)
+                what = (group, symmetric, widths)
+                check(experts_mv_reference(*args), truth, ("reference",) + what)
+                check(K.experts_mv(*args), truth, ("triton",) + what)
+                h = torch.randn(6, k)  # the down projection's shape: one row per pair, one slot
+                args = (h, ids.view(-1, 1)) + args[2:]
+                check(K.experts_mv(*args), experts_mv_reference(*args), ("triton, one slot",) + what)
+                storage = {b: q.untyped_storage().data_ptr() for b, q in zip(stacks.bits, stacks.stacks("qweight"))}
+                assert all(part.qweight.untyped_storage().data_ptr() == storage[part.bits] for part in parts)
+                for part, w in zip(parts, weights):  # the prefill path's dequantization on CUDA: the same values
+                    kn = K.dequantize(part.qweight, part.scales, part.zeros, part.bits, group, k, torch.float32)
+                    assert torch.equal(kn, w.t()), ("dequantize", part.bits)
+    ws, cnt = K._workspaces[torch.device("cpu")]
+    assert ws.abs().max() == 0 and cnt.abs().max() == 0, "split-K left the workspace dirty"
+    print("interpreter experts ok")
+''')
+
+
+def _run_in_interpreter(script: str) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_kernels_match_the_exact_fallback_in_the_interpreter():
+    proc = _run_in_interpreter(LAYERS)
     assert proc.returncode == 0 and "interpreter kernels ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_grouped_experts_gemv_matches_the_reference_in_the_interpreter():
+    """The grouped GEMV of `hfqat.export.kernels.experts`, expert ids read on the device: widths 2/3/4/8 (a stack
+    and a launch per width; mixed widths in one call), symmetric and with zero points, with and without split-K,
+    a repeated expert and a sentinel id, gate_up's (rows, top-k) and down's (pairs, 1) shapes; the torch reference
+    against per-expert dequantized matmuls; the experts' own buffers left as views of the stacks; the Triton
+    dequantization (packed experts' prefill on CUDA) bit-equal to ``dequantized_weight``."""
+    proc = _run_in_interpreter(EXPERTS)
+    assert proc.returncode == 0 and "interpreter experts ok" in proc.stdout, proc.stderr[-4000:]

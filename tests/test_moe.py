@@ -196,9 +196,9 @@ def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_typ
     x = _ids(shape=(1, 10))
     torch.testing.assert_close(packed(x).logits, model(x).logits, atol=1e-4, rtol=0)  # prefill: routed dequant
     one = x[:, :1]
-    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: per pair
+    torch.testing.assert_close(packed(one).logits, model(one).logits, atol=1e-4, rtol=0)  # decode: grouped GEMV
     standard = hasattr(modules[0], "has_gate")
-    assert bool(decoded) == standard  # the packed per-pair path ran where the class has the standard signature
+    assert bool(decoded) == standard  # the grouped GEMV path ran where the class has the standard signature
 
 
 def test_reallocation_changes_expert_bits_under_a_parameter_budget():
@@ -371,3 +371,62 @@ def test_packed_moe_without_quantization_config_does_not_load_float_experts(tmp_
     (tmp_path / "packed" / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_path):
+    """The decode path (grouped GEMV op → gate → grouped GEMV op → routing sum) traced by torch.compile with
+    fullgraph=True: a host read of the expert ids (.item / .tolist) would break the graph, so it holds none and CUDA
+    graphs can capture it. On CPU the op runs its torch reference; eager, compiled and fake quant agree (mixed
+    widths, a repeated expert, an expert-parallel sentinel id; gpt_oss: biases and its own gate)."""
+    from hfqat.export.packed import prepare_backends
+    from hfqat.export.packed_experts import packed_experts
+
+    _tiny(model_type).save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
+    for _, experts in qat_experts(model):
+        experts.set_expert_bits([2, 3, 4, 8])
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    name, experts = packed_experts(packed)[0]
+    assert prepare_backends(packed)[name] == "experts_reference"  # CPU: the op's torch reference
+    fake = model.get_submodule(name)
+    fake._is_expert_parallel = True  # transformers' own implementations skip sentinel ids only when told
+    hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[3, 1], [1, 4]])  # 4: an expert-parallel sentinel (no expert of this rank), weight 0
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.0]])
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        eager = experts(hidden, ids, weights)
+        compiled = torch.compile(experts, fullgraph=True, backend=record)(hidden, ids, weights)
+        torch.testing.assert_close(eager, fake(hidden, ids, weights), atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    op = torch.ops.hfqat.lowbit_experts_mv
+    calls = [node for node in graphs[0].graph.nodes if node.target in (op, op.default)]
+    assert len(graphs) == 1 and len(calls) == 2  # gate_up (or up) and down, each one opaque op
+
+
+def test_packed_moe_static_cache_generate_compiles_the_decode_step_in_one_graph(tmp_path):
+    """``generate(cache_implementation="static")`` with transformers' compile of the decode step, fullgraph=True (on
+    CPU by opting in): the packed model's step traces whole, and the tokens equal eager generate's and fake quant's."""
+    from transformers.generation import CompileConfig
+
+    model = _tiny("mixtral")
+    hfqat.quantize_model(model, hfqat.QATConfig(**CONFIG))
+    model.eval()
+    hfqat.save_packed(model, tmp_path / "packed")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless asked
+    kwargs = dict(do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    prompt = _ids(shape=(1, 5))
+    with torch.no_grad():
+        static = packed.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+        assert torch.equal(static, packed.generate(prompt, **kwargs))
+        assert torch.equal(static, model.generate(prompt, **kwargs))

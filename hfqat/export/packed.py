@@ -331,16 +331,29 @@ def rows_modules(model: nn.Module) -> Iterator[tuple[str, PackedRowsLinear]]:
 def prepare_backends(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Pick (and set up) every packed layer's backend now, for activations of `dtype` (default: the model's).
 
-    Do this before ``torch.compile`` or CUDA-graph capture so that neither sees the one-time set-up.
+    Do this before ``torch.compile`` or CUDA-graph capture so that neither sees the one-time set-up. Packed experts
+    (`hfqat.export.packed_experts`) get their decode stacks, listed under the experts module's name; their per-expert
+    matrices run through no backend of their own.
     """
+    from .packed_experts import packed_experts
+
     chosen = {}
-    layers = [(name, layer, layer.qweight.device) for name, layer in packed_modules(model)]
+    experts = packed_experts(model)
+    inside = tuple(f"{name}.packed." for name, _ in experts)
+    layers = [(name, layer, layer.qweight.device) for name, layer in packed_modules(model)
+              if not name.startswith(inside)]
     layers += [(name, layer, layer.output_order.device) for name, layer in rows_modules(model)]
+    default = getattr(model, "dtype", torch.float32)
     for name, layer, device in layers:
-        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else getattr(model, "dtype", torch.float32))
+        act_dtype = dtype or (layer.bias.dtype if layer.bias is not None else default)
         if layer._prepared_key != (device, act_dtype, layer.force_backend):  # set up already: keep it
             layer._prepare(device, act_dtype)
         chosen[name] = layer.backend
+    for name, module in experts:
+        key = (module.packed[next(iter(module.layouts))][0].qweight.device, dtype or default)
+        if module.has_grouped_decode() and module._decode_key != key:
+            module.prepare_decode(*key)
+        chosen[name] = module.decode_backend
     return chosen
 
 

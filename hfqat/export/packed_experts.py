@@ -9,15 +9,16 @@ biases) are written as they are. Its ``packed_layers`` entry is ``{"experts": {<
 
 On reload the module becomes `PackedExpertsMixin` over its own class. Forward, on the packed codes:
 
-- decode (at most `DECODE_PAIRS` token-expert pairs, e.g. batch-1 generation with top-k routing): for each routed
-  pair, the expert's packed matrices run through `PackedLinear` (whose backend is the low-bit GEMV kernel on GPU, see
-  `hfqat.export.kernels`), then the class's own gate (``_apply_gate``), biases, post-expert norm and routing weight
-  — the math of transformers' ``batched_mm`` path with no float expert weight ever built;
+- decode (at most `DECODE_PAIRS` token-expert pairs, e.g. batch-1 generation with top-k routing): the grouped low-bit
+  GEMV over the routed pairs (`hfqat.export.kernels.experts`: the expert ids stay on the device, one launch per
+  width on GPU) for the first projection, the class's own gate (``_apply_gate``) or activation, biases, the grouped
+  GEMV again for ``down_proj``, post-expert norm and the routing-weight sum — the math of transformers' ``batched_mm``
+  path with no float expert weight ever built and no host sync, so ``torch.compile(fullgraph=True)`` and CUDA graphs
+  (``generate(cache_implementation="static")``) take it. The experts are stacked per width on the first forward
+  (`prepare_decode`, also run by `hfqat.export.packed.prepare_backends`), their per-expert buffers then views;
 - otherwise (prefill, or a class without transformers' standard experts signature): the routed experts only are
   dequantized into the stored 3-D layout (unrouted ones stay zero: no implementation reads them) and the class's own
   forward runs on them.
-
-A grouped low-bit GEMM over all routed experts in one kernel launch is the GPU work left (see the report).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from torch import nn
 from ..config import QATConfig
 from ..quant.experts import ExpertParamLayout, QATExpertsMixin
 from ..quant.primitives import effective_scale, quantize
+from .kernels.experts import ExpertStacks, dequantized_kn
 from .packed import PackedLinear
 from .packing import LAYOUT
 
-DECODE_PAIRS = 8  # token-expert pairs up to which the per-pair packed matmul path runs
+DECODE_PAIRS = 8  # token-expert pairs up to which the grouped GEMV decode path runs
 
 
 def _layout_entry(layout: ExpertParamLayout) -> dict[str, Any]:
@@ -82,7 +84,11 @@ class PackedExpertsMixin:
         top_k_index = kwargs.get("top_k_index", args[0] if args else None)
         top_k_weights = kwargs.get("top_k_weights", args[1] if len(args) > 1 else None)
         standard = isinstance(top_k_index, torch.Tensor) and not top_k_index.is_floating_point()
-        if standard and top_k_index.numel() <= DECODE_PAIRS and hasattr(self, "has_gate") and self._per_pair_ok():
+        grouped = standard and self.has_grouped_decode()
+        if grouped and self._decode_key != (hidden_states.device, hidden_states.dtype):
+            # on any forward, so that generate's eager prefill sets up what its compiled decode steps run
+            self.prepare_decode(hidden_states.device, hidden_states.dtype)
+        if grouped and top_k_index.numel() <= DECODE_PAIRS:
             return self._decode(hidden_states, top_k_index, top_k_weights)
         routed = top_k_index.unique().tolist() if standard else None
         dense = {name: self.dequantized(name, routed, hidden_states.dtype) for name in self.layouts}
@@ -93,7 +99,10 @@ class PackedExpertsMixin:
             for name in dense:
                 self.__dict__.pop(name, None)
 
-    def _per_pair_ok(self) -> bool:
+    def has_grouped_decode(self) -> bool:
+        """Whether the class has transformers' standard experts signature and both projections are packed."""
+        if not hasattr(self, "has_gate"):
+            return False
         names = ("gate_up_proj" if self.has_gate else "up_proj", "down_proj")
         return all(n in self.layouts for n in names)
 
@@ -104,29 +113,41 @@ class PackedExpertsMixin:
             lay.num_experts, lay.out_features, lay.in_features)
         w = torch.zeros(shape, dtype=dtype, device=parts[0].qweight.device)
         for e in range(lay.num_experts) if experts is None else [e for e in experts if e < lay.num_experts]:
-            oi = parts[e].dequantized_weight(dtype)
-            w[e] = oi.t() if lay.transposed else oi
+            kn = dequantized_kn(parts[e], dtype)
+            w[e] = kn if lay.transposed else kn.t()
         return w
+
+    @property
+    def decode_backend(self) -> str | None:
+        """The grouped GEMV's backend (`ExpertStacks.backend`), None before the first decode or `prepare_decode`."""
+        return next(iter(self.decode_stacks.values())).backend if len(self.decode_stacks) else None
+
+    @torch.compiler.disable
+    def prepare_decode(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Stack the experts for the decode path's grouped GEMV (before torch.compile or a CUDA-graph capture)."""
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        self.decode_stacks = nn.ModuleDict({name: ExpertStacks(list(self.packed[name]), dtype, DECODE_PAIRS)
+                                            for name in (first, "down_proj")})
+        self._decode_key = (device, dtype)
 
     def _decode(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         first = "gate_up_proj" if self.has_gate else "up_proj"
-        out = hidden_states.new_zeros(hidden_states.shape[0], hidden_states.shape[-1], dtype=torch.float32)
-        for t, row in enumerate(top_k_index.tolist()):  # one host read of the (few) routed expert ids
-            for e, expert in enumerate(row):
-                if expert >= self.layouts[first].num_experts:
-                    continue  # expert-parallel sentinel
-                x = hidden_states[t:t + 1]
-                h = self.packed[first][expert](x)
-                if self.has_bias:
-                    h = h + getattr(self, f"{first}_bias")[expert]
-                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-                y = self.packed["down_proj"][expert](h)
-                if self.has_bias:
-                    y = y + self.down_proj_bias[expert]
-                if getattr(self, "has_post_expert_norm", False):
-                    y = self.post_expert_norm(y)
-                out[t] += (y * top_k_weights[t, e]).float().squeeze(0)
+        tokens, slots = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        sentinel = ids >= self.layouts[first].num_experts  # expert-parallel: the grouped GEMV gives them zeros
+        safe_ids = ids.masked_fill(sentinel, 0) if self.has_bias else None
+        h = self.decode_stacks[first](hidden_states, top_k_index).view(tokens * slots, -1)
+        if self.has_bias:
+            h = h + getattr(self, f"{first}_bias")[safe_ids]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = self.decode_stacks["down_proj"](h, ids.view(-1, 1)).view(tokens * slots, -1)
+        if self.has_bias:
+            y = y + self.down_proj_bias[safe_ids]
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        weights = top_k_weights.reshape(-1, 1).masked_fill(sentinel.view(-1, 1), 0)
+        out = (y * weights).float().view(tokens, slots, -1).sum(1)
         return out.to(hidden_states.dtype)
 
 
@@ -156,6 +177,8 @@ def replace_with_packed_experts(module: nn.Module, entry: dict[str, Any], config
     module.__class__ = packed_experts_class(type(module))
     module.__dict__["layouts"] = layouts
     module.packed = packed
+    module.decode_stacks = nn.ModuleDict()  # filled by prepare_decode
+    module._decode_key = None
     return module
 
 
@@ -164,8 +187,9 @@ def restore_float_packed(module: PackedExpertsMixin, dtype: torch.dtype | None =
     """Turn a packed experts module back into its original class holding the dequantized float tensors."""
     dtype = dtype or module.packed[next(iter(module.layouts))][0].scales.dtype
     dense = {name: module.dequantized(name, None, dtype) for name in module.layouts}
-    del module.packed
-    module.__dict__.pop("layouts")
+    del module.packed, module.decode_stacks
+    for key in ("layouts", "_decode_key"):
+        module.__dict__.pop(key)
     module.__class__ = type(module).__mro__[2]  # (Packed<cls>, PackedExpertsMixin, cls, ...)
     for name, w in dense.items():
         module._parameters[name] = nn.Parameter(w, requires_grad=False)

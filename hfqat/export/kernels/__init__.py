@@ -29,7 +29,9 @@ Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own ta
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
 Triton path. fp32 activations on CPU take ``dequant`` (torch's CPU int4/int8 ops are fast only for bf16).
-Optional libraries (triton, gemlite) are imported only when their factory runs. Per-row layers
+Packed MoE experts (`hfqat.export.packed_experts`) decode through their own op, ``hfqat::lowbit_experts_mv``
+(`hfqat.export.kernels.experts`: one grouped Triton GEMV per width over the routed experts on CUDA, an exact torch
+reference elsewhere). Optional libraries (triton, gemlite) are imported only when their factory runs. Per-row layers
 (`hfqat.export.packed.PackedRowsLinear`) run all their width blocks in one Triton launch on CUDA
 (``triton_rows``, `triton_lowbit.rows_backend`), and their parts one by one elsewhere.
 """

@@ -13,13 +13,16 @@ of 32 (per channel included). Codes are unpacked in registers.
   rows grouped by width): `_gemv_kernel` runs up to `MAX_PARTS` of them in one launch, each program branching to
   its block's width, and stores every output at its row's place (``out_index``), so no concatenation or
   reordering follows.
+- routed MoE experts (`experts_mv`, for `hfqat.export.kernels.experts`): `_experts_gemv_kernel`, the same GEMV per
+  (column block, K split, routed pair), the pair's expert id and its place in the width's stack read on the device.
 - ``2 ≤ M ≤ GEMM_MAX_M``: `_gemm_kernel`, dequantized tiles fed to ``tl.dot`` (tensor cores); one launch per width.
 - larger M (prefill): `_dequant_kernel` writes the float weight once (per-row layers: every width into one
   matrix, rows in place), then one cuBLAS matmul.
 
 All math is fp32 apart from the tensor-core inputs (the activation dtype, as in the dequantize fallback).
 Entry points: the custom ops ``torch.ops.hfqat.lowbit_mm`` and ``torch.ops.hfqat.lowbit_rows_mm`` (opaque to
-torch.compile, CUDA-graph safe); eager calls skip the op dispatcher (`_op`), whose cost is that of a GEMV.
+torch.compile, CUDA-graph safe; ``hfqat::lowbit_experts_mv``'s CUDA kernel is `experts_mv`); eager calls skip the
+op dispatcher (`_op`), whose cost is that of a GEMV.
 
 Measured on an H100 (bench/bench_decode.py, batch-1 bf16, 8B-Llama shapes, CUDA-graph replays): 4-bit GEMV
 14336x4096 in 19.7 us (1.58 TB/s of packed bytes; bf16 cuBLAS 41.8 us), 4096x4096 in 9.0 us. The kernel is
@@ -185,6 +188,32 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, idx_ptr, K, group, tiles_per_spl
 
 
 @triton.jit
+def _experts_gemv_kernel(x_ptr, ids_ptr, index_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, num_experts,
+                         slots, stride_x, stride_w, stride_s, N, K, group, tiles_per_split, BITS: tl.constexpr,
+                         SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                         ZERO_OTHERS: tl.constexpr):
+    """Batch-1 GEMVs of routed pairs over the stacked experts of one width: y[p] = x[p // slots] @ W_{ids[p]}.
+
+    Program (column block, K split, pair p) reads the pair's expert id on the device and its place in this width's
+    stack (``index[id]``, -1: another width); pairs of other widths (and expert-parallel sentinels, id ≥ num_experts)
+    are skipped, or their outputs zeroed with ZERO_OTHERS (the first launch of a call), so every output is written.
+    """
+    blk = tl.program_id(0)
+    pair = tl.program_id(2)
+    e = tl.load(ids_ptr + pair)
+    idx = tl.load(index_ptr + e, mask=(e >= 0) & (e < num_experts), other=-1)
+    y_row = y_ptr + pair * N
+    if idx >= 0:
+        i = idx.to(tl.int64)  # stacks of many experts pass 2^31 elements
+        _gemv_part(x_ptr + (pair // slots) * stride_x, w_ptr + i * stride_w, s_ptr + i * stride_s,
+                   z_ptr + i * stride_s, y_row, ws_ptr + pair * N, cnt_ptr, y_row, pair * tl.num_programs(0) + blk,
+                   blk, 0, N, K, group, tiles_per_split, BITS, SYM, BLOCK_N, BLOCK_R, SPLIT, False)
+    elif ZERO_OTHERS:
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(y_row + offs_n, tl.zeros((BLOCK_N,), dtype=y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
 def _plane_codes(w_ptr, row0, kk, offs_n, mask_n, N, P: tl.constexpr):
     per: tl.constexpr = 32 // P
     w = tl.load(w_ptr + (row0 + kk // per)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
@@ -339,15 +368,20 @@ def _workspace(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor
     return ws, cnt
 
 
-def _launch_gemv(x, parts: list[Part], y, group_size: int, cfg: GemvConfig, out_index=None) -> None:
-    """y[0, :] = x[0] @ W for the parts' matrices side by side (columns through `out_index`), ≤ MAX_PARTS
-    parts per launch."""
-    k = x.shape[1]
+def _splits(k: int, cfg: GemvConfig) -> tuple[int, int]:
+    """(K splits, tiles per split): at most cfg.split, dividing the tiles evenly."""
     tiles = k // (32 * cfg.block_r)
     split = max(1, min(cfg.split, tiles))
     while tiles % split:
         split -= 1
-    per_split = tiles // split
+    return split, tiles // split
+
+
+def _launch_gemv(x, parts: list[Part], y, group_size: int, cfg: GemvConfig, out_index=None) -> None:
+    """y[0, :] = x[0] @ W for the parts' matrices side by side (columns through `out_index`), ≤ MAX_PARTS
+    parts per launch."""
+    k = x.shape[1]
+    split, per_split = _splits(k, cfg)
     if len(parts) == 1 and out_index is None:
         p = parts[0]
         ws, cnt = _workspace(x.device, p.n) if split > 1 else (y, y)
@@ -482,6 +516,27 @@ def lowbit_rows_mm(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[t
 @lowbit_rows_mm.register_fake
 def _(x, qweights, scales, zeros, bits, group_size, out_index):
     return x.new_empty(x.shape[0], out_index.shape[0])
+
+
+def experts_mv(x, expert_ids, expert_index, qweights, scales, zeros, bits, group_size: int):
+    """y[t, j] = x[t] @ W_{expert_ids[t, j]}ᵀ → (rows, slots, N) in x's dtype, one launch per width (see
+    `hfqat.export.kernels.experts` for the arguments). ``x`` (rows, K) contiguous."""
+    rows, slots = expert_ids.shape
+    pairs, k, n = rows * slots, x.shape[1], qweights[0].shape[2]
+    y = torch.empty(rows, slots, n, dtype=x.dtype, device=x.device)
+    cfg = default_gemv_config(n * pairs, k, tuple(bits), group_size, x.device)
+    split, per_split = _splits(k, cfg)
+    ws, cnt = _workspace(x.device, pairs * n) if split > 1 else (y, y)
+    ids = expert_ids.reshape(-1)
+    for g, (q, s, b) in enumerate(zip(qweights, scales, bits, strict=True)):
+        z = zeros[g] if zeros else s
+        _experts_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, pairs)](
+            x, ids, expert_index[g], q, s, z, y, ws, cnt, expert_index.shape[1], slots, x.stride(0), q.stride(0),
+            s.stride(0), n, k, group_size, per_split, BITS=b, SYM=not zeros, BLOCK_N=cfg.block_n,
+            BLOCK_R=cfg.block_r, SPLIT=split > 1, ZERO_OTHERS=g == 0, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return y
 
 
 # -- backend ------------------------------------------------------------------------------------------------
