@@ -1,0 +1,215 @@
+"""Triton kernels of the W8A8 layers (`hfqat.export.kernels.w8a8`): the per-token activation quantizer in one pass,
+and the int8 GEMM with the per-token × per-channel rescale fused into its epilogue.
+
+- `quantize_per_token` (op ``hfqat::quantize_per_token``): one program per token row; the row (K ≤ 16384 elements)
+  is loaded once into registers, its amax reduced, the scale computed and the codes written, int8 or e4m3, with
+  fp32 (M, 1) scales. Bit for bit vLLM's quantizers as hfqat trains with them
+  (`hfqat.quant.primitives.quantize_activations_int8` / `_fp8`): the same fp32 products and IEEE reciprocals
+  (``div_rn``; Triton's ``/`` is approximate on the GPU), and rounding
+  is done in fp32 arithmetic that is exact on every target (half to even by adding and subtracting 1.5·2^23; e4m3
+  by rounding at the value's own step, so the final cast meets a representable value and its rounding mode does
+  not matter). That also makes the kernel check out exactly under ``TRITON_INTERPRET=1``, whose own fp8 cast
+  rounds differently from the GPU's.
+- `int8_scaled_mm` (op ``hfqat::int8_scaled_mm``): ``y = (q_x · q_wᵀ) · s_x · s_w`` with int32 tensor-core
+  accumulators (``tl.dot`` on int8), rescaled in fp32 in registers and stored in the activation dtype: the int32
+  product never goes to memory (for 8192 tokens × 14336 channels that is 470 MB of traffic saved against
+  ``torch._int_mm`` + a rescale pass). Operands arrive through TMA tensor descriptors (both K-major, as Hopper's
+  int8 wgmma wants them; out-of-range tiles read as zeros), output tiles leave the same way; tiles are visited in
+  groups of `GROUP_M` row blocks so that a group's weight columns stay in L2. Tile shapes are autotuned per
+  (N, K, M rounded up to a power of two) over `MM_CONFIGS`. Same numerics as the reference
+  ``(int32 product).float() * s_x * s_w`` cast to the output dtype, in that order: exact integer sums, then the
+  same three roundings.
+
+Both ops are opaque to torch.compile (fake implementations give the shapes); eager calls skip the op dispatcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ...quant.primitives import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, INT8_MAX
+
+MAX_ROW = 16384  # longest row the quantizer holds in registers (Llama-3-8B's down_proj reads 14336)
+GROUP_M = 8
+_ROUND = tl.constexpr(12582912.0)  # 1.5·2^23: v + this rounds v (|v| < 2^22) to an integer, half to even
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_FP8_MIN_SCALE = tl.constexpr(FP8_MIN_SCALE)
+_INT8_MAX = tl.constexpr(INT8_MAX)
+_INV_FP8_MAX = tl.constexpr(1 / FP8_MAX)  # fp32 constants: the products the torch quantizers compute
+_INV_INT8_MAX = tl.constexpr(1 / INT8_MAX)
+
+
+# -- per-token activation quantizer --------------------------------------------------------------------------
+@triton.jit
+def _round_half_even(v):
+    # exact for |v| < 2^22: the addition's own rounding drops the fraction (v is no product, so no FMA contraction)
+    return (v + _ROUND) - _ROUND
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """|v| ≤ 448 rounded half to even onto e4m3's grid, still in fp32 (so the cast after it is exact)."""
+    bits = v.to(tl.int32, bitcast=True)
+    # e4m3: 3 mantissa bits, smallest normal exponent -6 (below it, subnormal steps of 2^-9)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+    r = _round_half_even(tl.abs(v) * inverse_step) * step  # powers of two: both products are exact
+    # v's sign bit back on (-0.0 included, which e4m3 keeps as 0x80; Triton's negation is 0 - r)
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    if FP8:
+        scale = tl.maximum(amax * _INV_FP8_MAX, _FP8_MIN_SCALE)
+        v = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -_FP8_MAX), _FP8_MAX)
+        codes = _round_to_e4m3(v).to(q_ptr.dtype.element_ty)
+    else:
+        scale = amax * _INV_INT8_MAX
+        inverse = tl.where(amax > 0, tl.math.div_rn(1.0, amax) * _INT8_MAX, 0.0)
+        # clamped before rounding (same result for integer bounds), which also keeps x·inverse from fusing into
+        # the rounding addition
+        v = tl.minimum(tl.maximum(x * inverse, -_INT8_MAX - 1), _INT8_MAX)
+        codes = _round_half_even(v).to(tl.int8)
+    tl.store(q_ptr + row * K + offs, codes, mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def _quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    if k > MAX_ROW:
+        raise ValueError(f"rows of {k} elements are too long for quantize_per_token; at most {MAX_ROW}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty(m, k, device=x.device, dtype=FP8_DTYPE if kind == "fp8" else torch.int8)
+    scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    if m:
+        _quantize_rows_kernel[(m,)](x, codes, scales, k, x.stride(0), FP8=kind == "fp8", BLOCK_K=block,
+                                    num_warps=min(16, max(4, block // 512)), enable_fp_fusion=False)
+    return codes, scales
+
+
+@torch.library.custom_op("hfqat::quantize_per_token", mutates_args=())
+def quantize_per_token_op(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, fp32 (M, 1) scales) of vLLM's dynamic per-token quantizer ``kind`` ("int" or "fp8") of x (M, K)."""
+    return _quantize_per_token(x, kind)
+
+
+@quantize_per_token_op.register_fake
+def _(x, kind):
+    return (torch.empty_like(x, dtype=FP8_DTYPE if kind == "fp8" else torch.int8),
+            x.new_empty(x.shape[0], 1, dtype=torch.float32))
+
+
+def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_token_op`; the op while torch.compile traces, the plain launch in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.hfqat.quantize_per_token(x, kind)
+    return _quantize_per_token(x, kind)
+
+
+# -- int8 GEMM with the rescale in its epilogue ----------------------------------------------------------------
+@triton.jit
+def _int8_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, M_KEY,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,). ``M_KEY`` only keys the autotuner."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for t in range(tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, t * BLOCK_K])
+        b = b_desc.load([off_n, t * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N)
+    sa = tl.load(sa_ptr + rows, mask=rows < M, other=0.0)
+    sb = tl.load(sb_ptr + cols, mask=cols < N, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    c_desc.store([off_m, off_n], y.to(c_desc.dtype, fp_downcast_rounding="rtne"))
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotuner pre-hook: the descriptors' tile shapes follow the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                         num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
+
+
+# Hopper-sized tiles (128-256 × 128-256 × 64-128, 3-4 stages of shared memory), and two for small M (decode)
+MM_CONFIGS = [
+    _config(128, 256, 128, 3, 8),
+    _config(256, 128, 128, 3, 8),
+    _config(128, 256, 64, 4, 8),
+    _config(256, 128, 64, 4, 8),
+    _config(128, 128, 128, 4, 8),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 128, 4, 4),
+    _config(64, 256, 128, 3, 8),
+]
+_int8_mm_tuned = triton.autotune(MM_CONFIGS, key=["M_KEY", "N", "K"])(_int8_mm_kernel)
+
+
+def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
+                    out_dtype: torch.dtype, config: triton.Config | None = None) -> torch.Tensor:
+    m, k = q.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=q.device, dtype=out_dtype)
+    if m == 0:
+        return out
+    # block shapes are placeholders until a config is chosen (`_set_block_shapes`)
+    a, b, c = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (q, weight, out))
+    args = (a, b, c, scale_x, scale_w, m, n, k, triton.next_power_of_2(m))
+    if config is None:
+        _int8_mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args)
+    else:  # one fixed config (tests, and the Triton interpreter, where nothing can be timed)
+        _set_block_shapes({"a_desc": a, "b_desc": b, "c_desc": c, **config.kwargs})
+        grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
+        _int8_mm_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+@torch.library.custom_op("hfqat::int8_scaled_mm", mutates_args=())
+def int8_scaled_mm_op(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """(q (M, K) int8 · weight (N, K) int8 ᵀ) · scale_x (M, 1) · scale_w (1, N), fp32 scales, in `out_dtype`."""
+    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
+
+
+@int8_scaled_mm_op.register_fake
+def _(q, weight, scale_x, scale_w, out_dtype):
+    return q.new_empty(q.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+def int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """`int8_scaled_mm_op`; the op while torch.compile traces, the plain launch in eager mode.
+
+    Needs K % 16 == 0 and rows of `out_dtype` 16-byte aligned (TMA strides), contiguous operands, and
+    contiguous fp32 scales.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.hfqat.int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
+    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
