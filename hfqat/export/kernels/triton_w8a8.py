@@ -1,9 +1,9 @@
 """Triton kernels of the W8A8 layers (`hfqat.export.kernels.w8a8`): the per-token activation quantizer in one pass,
 and the int8 GEMM with the per-token × per-channel rescale fused into its epilogue.
 
-- `quantize_per_token` (op ``hfqat::quantize_per_token``): one program per token row; the row (K ≤ 16384 elements)
-  is loaded once into registers, its amax reduced, the scale computed and the codes written, int8 or e4m3, with
-  fp32 (M, 1) scales. Bit for bit vLLM's quantizers as hfqat trains with them
+- `quantize_per_token` (op ``hfqat::quantize_per_token``): one program per token row; the row (up to
+  `MAX_BLOCK_K` elements; longer rows read the rest twice) is loaded once into registers, its amax reduced, the
+  scale computed and the codes written, int8 or e4m3, with fp32 (M, 1) scales. Bit for bit vLLM's quantizers as hfqat trains with them
   (`hfqat.quant.primitives.quantize_activations_int8` / `_fp8`): the same fp32 products and IEEE reciprocals
   (``div_rn``; Triton's ``/`` is approximate on the GPU), and rounding
   is done in fp32 arithmetic that is exact on every target (half to even by adding and subtracting 1.5·2^23; e4m3
@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...quant.primitives import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, INT8_MAX
 
-MAX_ROW = 16384  # longest row the quantizer holds in registers (Llama-3-8B's down_proj reads 14336)
+MAX_BLOCK_K = 16384  # longest row the quantizer holds in registers (Llama-3-8B's down_proj reads 14336)
 GROUP_M = 8
 _ROUND = tl.constexpr(12582912.0)  # 1.5·2^23: v + this rounds v (|v| < 2^22) to an integer, half to even
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -63,38 +63,55 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+def _codes(x, inverse, FP8: tl.constexpr, dtype: tl.constexpr):
+    if FP8:
+        v = tl.minimum(tl.maximum(x * inverse, -_FP8_MAX), _FP8_MAX)
+        return _round_to_e4m3(v).to(dtype)
+    # clamped before rounding (the same for integer bounds), which also keeps x·inverse from fusing into the
+    # rounding addition
+    v = tl.minimum(tl.maximum(x * inverse, -_INT8_MAX - 1), _INT8_MAX)
+    return _round_half_even(v).to(dtype)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8: tl.constexpr, BLOCK_K: tl.constexpr,
+                          CHUNKS: tl.constexpr):
+    """One token row: amax, scale, codes. The first BLOCK_K elements stay in registers; rows longer than that
+    (CHUNKS > 1) read their other chunks twice."""
     row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * K
     offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
+    for c in range(1, CHUNKS):
+        o = c * BLOCK_K + offs
+        amax = tl.maximum(amax, tl.max(tl.abs(tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32)), axis=0))
     if FP8:
         scale = tl.maximum(amax * _INV_FP8_MAX, _FP8_MIN_SCALE)
-        v = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -_FP8_MAX), _FP8_MAX)
-        codes = _round_to_e4m3(v).to(q_ptr.dtype.element_ty)
+        inverse = tl.math.div_rn(1.0, scale)
     else:
         scale = amax * _INV_INT8_MAX
         inverse = tl.where(amax > 0, tl.math.div_rn(1.0, amax) * _INT8_MAX, 0.0)
-        # clamped before rounding (same result for integer bounds), which also keeps x·inverse from fusing into
-        # the rounding addition
-        v = tl.minimum(tl.maximum(x * inverse, -_INT8_MAX - 1), _INT8_MAX)
-        codes = _round_half_even(v).to(tl.int8)
-    tl.store(q_ptr + row * K + offs, codes, mask=mask)
+    dtype = q_ptr.dtype.element_ty
+    tl.store(q_row + offs, _codes(x, inverse, FP8, dtype), mask=offs < K)
+    for c in range(1, CHUNKS):
+        o = c * BLOCK_K + offs
+        x = tl.load(x_row + o, mask=o < K, other=0.0).to(tl.float32)
+        tl.store(q_row + o, _codes(x, inverse, FP8, dtype), mask=o < K)
     tl.store(s_ptr + row, scale)
 
 
-def _quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_per_token(x: torch.Tensor, kind: str, block_k: int = MAX_BLOCK_K) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
-    if k > MAX_ROW:
-        raise ValueError(f"rows of {k} elements are too long for quantize_per_token; at most {MAX_ROW}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k, device=x.device, dtype=FP8_DTYPE if kind == "fp8" else torch.int8)
     scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
+    block = min(triton.next_power_of_2(k), block_k)
     if m:
         _quantize_rows_kernel[(m,)](x, codes, scales, k, x.stride(0), FP8=kind == "fp8", BLOCK_K=block,
-                                    num_warps=min(16, max(4, block // 512)), enable_fp_fusion=False)
+                                    CHUNKS=triton.cdiv(k, block), num_warps=min(16, max(4, block // 512)),
+                                    enable_fp_fusion=False)
     return codes, scales
 
 
@@ -119,9 +136,10 @@ def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.
 
 # -- int8 GEMM with the rescale in its epilogue ----------------------------------------------------------------
 @triton.jit
-def _int8_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, M_KEY,
+def _int8_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_BYTES,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,). ``M_KEY`` only keys the autotuner."""
+    """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,). ``M_KEY`` (M rounded up to a power of two)
+    and ``OUT_BYTES`` (c's element size) only key the autotuner."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -169,7 +187,9 @@ MM_CONFIGS = [
     _config(64, 128, 128, 4, 4),
     _config(64, 256, 128, 3, 8),
 ]
-_int8_mm_tuned = triton.autotune(MM_CONFIGS, key=["M_KEY", "N", "K"])(_int8_mm_kernel)
+_int8_mm_tuned = triton.autotune(MM_CONFIGS, key=["M_KEY", "N", "K", "OUT_BYTES"])(_int8_mm_kernel)
+# CPU tensors run only under TRITON_INTERPRET=1 (tests), where nothing can be timed: one small fixed config
+INTERPRETER_CONFIG = _config(16, 16, 32, 1, 4)
 
 
 def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
@@ -181,10 +201,12 @@ def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor
         return out
     # block shapes are placeholders until a config is chosen (`_set_block_shapes`)
     a, b, c = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (q, weight, out))
-    args = (a, b, c, scale_x, scale_w, m, n, k, triton.next_power_of_2(m))
+    args = (a, b, c, scale_x, scale_w, m, n, k, triton.next_power_of_2(m), out.element_size())
+    if config is None and not q.is_cuda:
+        config = INTERPRETER_CONFIG
     if config is None:
         _int8_mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args)
-    else:  # one fixed config (tests, and the Triton interpreter, where nothing can be timed)
+    else:
         _set_block_shapes({"a_desc": a, "b_desc": b, "c_desc": c, **config.kwargs})
         grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
         _int8_mm_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
