@@ -1,23 +1,35 @@
-"""W8A8 prefill: int8 (``torch._int_mm``) and FP8 (``torch._scaled_mm``, row-wise) packed layers vs bf16, in one run.
+"""W8A8 prefill: every int8 and FP8 path of hfqat's packed W8A8 layers vs bf16, side by side in one run.
 
 GPU (targets of issue 25: int8 >= 1.3x, FP8 >= 1.6x over bf16):
     PYTHONPATH=. python bench/bench_w8a8.py --device cuda
 times the seven linear layers of one Llama-3-8B decoder layer (q 4096->4096, k/v 4096->1024, o 4096->4096,
-gate/up 4096->14336, down 14336->4096) on a prefill batch of 16 x 512 tokens (bf16 activations): bf16 ``F.linear``
-vs hfqat's packed W8A8 layers as `save_packed` reloads them (`PackedLinear` with ``activation_bits=8``: backend
-``w8a8_int8``; `PackedFP8Linear`: backend ``fp8_scaled_mm``). Each W8A8 time includes the dynamic per-token
-activation quantization (vLLM's quantizers, the ones hfqat trains with; the backends run it as one fused kernel),
-also with the whole layer under ``torch.compile``, and the bare GEMM without it for reference. Also prints
-each variant's error against the bf16 output of the same (dequantized) weights.
+gate/up 4096->14336, down 14336->4096) on a prefill batch of 16 x 512 tokens (bf16 activations), as `save_packed`
+reloads them (`PackedLinear` with ``activation_bits=8``; `PackedFP8Linear`), and prints one table: a row per variant,
+a column per layer, the decoder layer's sum and its speed-up over bf16.
 
-CPU smoke mode (small shapes, checks that every path runs; the CPU times mean nothing for the GPU targets):
+- whole layers (activation quantization included): bf16 ``F.linear``; int8 ``w8a8_int8`` (``torch._int_mm`` + a
+  rescale pass) with the old quantizer (torch's, compiled by inductor on its own) and with our one-pass Triton
+  quantizer; int8 ``w8a8_triton`` (our GEMM, rescale fused in the epilogue, Triton quantizer); torchao's
+  ``int_scaled_matmul`` where torchao is importable (Triton quantizer; cuBLAS int_mm + scale unless
+  TORCHAO_AUTOTUNER_ENABLE=1 selects its Triton kernel, whose exhaustive search takes a long first call; eager, its
+  ``safe_int_mm`` formats the input's repr on every call, so its compiled row is the fair one); FP8
+  ``torch._scaled_mm`` with the old and the new quantizer. Then the same under ``torch.compile``.
+- parts: each GEMM alone (codes given) and each quantizer alone.
+
+Also prints each format's error against the bf16 output of the same (dequantized) weights, and whether the two int8
+GEMMs agree bit for bit. Which int8 backend a layer picks on CUDA is the order in `hfqat.export.kernels.AUTO_ORDER`,
+its activation quantizer `hfqat.export.kernels.w8a8.CUDA_QUANTIZER`: set them from this table.
+
+CPU smoke mode (small shapes, eager layers only; the CPU times mean nothing for the GPU targets):
     PYTHONPATH=. python bench/bench_w8a8.py --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import time
 
@@ -25,14 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from hfqat.config import QATConfig
+from hfqat.export.kernels import AUTO_ORDER, w8a8
 from hfqat.export.packed import PackedLinear
 from hfqat.export.w8a8 import PackedFP8Linear
 from hfqat.quant.fp8 import FP8Linear
-from hfqat.quant.primitives import quantize_activations_fp8, quantize_activations_int8
 
 LLAMA3_8B_LAYERS = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
                     "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
 SMOKE_LAYERS = {"q_proj": (256, 256), "k_proj": (256, 64), "gate_proj": (256, 512), "down_proj": (512, 256)}
+PART_MARKS = ("GEMM only", "quant only")  # rows that are not whole layers (left out of the targets)
 
 
 def median_ms_timer(device: str, warmup: int, iters: int):
@@ -70,8 +83,75 @@ def _layers(k: int, n: int, device: str):
     return dense, int8, fp8  # bf16 biases/activations; scales stay fp32 as a reloaded model keeps them
 
 
+def _torchao_int_scaled_matmul():
+    """torchao's ``int_scaled_matmul`` (a, b (K, N), scales1 (M, 1)) → (M, N) in scales1's dtype, or None."""
+    try:
+        from torchao.kernel.intmm import int_scaled_matmul
+    except ImportError:
+        return None
+    return int_scaled_matmul
+
+
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def _with_backend(layer, backend: str):
+    copy_ = copy.deepcopy(layer)
+    copy_.force_backend = backend
+    return copy_
+
+
+def cuda_variants(x: torch.Tensor, dense: torch.Tensor, int8, fp8, compile_ok: bool) -> dict:
+    """label → callable: every W8A8 path on CUDA (the layers' backends prepared outside the timing)."""
+    int_mm_layer, fused_layer = _with_backend(int8, "w8a8_int8"), _with_backend(int8, "w8a8_triton")
+    int_mm_layer(x), fused_layer(x), fp8(x)  # pick the backends, build their buffers, autotune the Triton GEMM
+    assert (int_mm_layer.backend, fused_layer.backend, fp8.backend) == ("w8a8_int8", "w8a8_triton", "fp8_scaled_mm")
+    dt = x.dtype
+    # pieces for the composed variants (what a layer with another quantizer would run)
+    int_mm_old = lambda: w8a8.int_mm_gemm(int_mm_layer, *w8a8.quantize(x, "int", "inductor"), dt)  # noqa: E731
+    int_mm_new = lambda: w8a8.int_mm_gemm(int_mm_layer, *w8a8.quantize(x, "int", "triton"), dt)  # noqa: E731
+    fp8_old = lambda: w8a8.fp8_gemm(fp8, *w8a8.quantize(x, "fp8", "inductor"), dt)  # noqa: E731
+    variants = {
+        "bf16": lambda: F.linear(x, dense),
+        "int8 int_mm+rescale, inductor quant": int_mm_old,
+        "int8 int_mm+rescale, triton quant": int_mm_new,
+        "int8 fused triton (layer)": lambda: fused_layer(x),
+    }
+    qi, si = w8a8.quantize(x, "int", "triton")
+    qf, sf = w8a8.quantize(x, "fp8", "triton")
+    torchao_mm = _torchao_int_scaled_matmul()
+    if torchao_mm is not None:
+        # torchao's usage: row scales in the activation dtype, the weight scale after; its weight (K, N)
+        # contiguous (torchao copies a transposed view on every call)
+        w_kn = int_mm_layer._w8a8_weight.t().contiguous()
+        w_scale, si_dt = int_mm_layer._w8a8_scale.to(dt), si.to(dt)
+
+        def torchao_layer():
+            q, scale = w8a8.quantize(x, "int", "triton")
+            return torchao_mm(q, w_kn, scale.to(dt)) * w_scale
+
+        variants["int8 torchao int_scaled_matmul, triton quant"] = torchao_layer
+    variants["fp8 scaled_mm, inductor quant"] = fp8_old
+    variants["fp8 scaled_mm, triton quant (layer)"] = lambda: fp8(x)
+    if compile_ok:
+        variants["int8 int_mm+rescale, inductor quant (compiled)"] = torch.compile(int_mm_old)
+        variants["int8 int_mm+rescale, triton quant (compiled)"] = torch.compile(int_mm_new)
+        variants["int8 fused triton (layer compiled)"] = torch.compile(lambda: fused_layer(x))
+        if torchao_mm is not None:
+            variants["int8 torchao int_scaled_matmul, triton quant (compiled)"] = torch.compile(torchao_layer)
+        variants["fp8 scaled_mm, inductor quant (compiled)"] = torch.compile(fp8_old)
+        variants["fp8 scaled_mm, triton quant (layer compiled)"] = torch.compile(lambda: fp8(x))
+    variants["int8 int_mm GEMM only (int32 out)"] = lambda: torch._int_mm(qi, int_mm_layer._w8a8_weight.t())
+    variants["int8 int_mm+rescale GEMM only"] = lambda: w8a8.int_mm_gemm(int_mm_layer, qi, si, dt)
+    variants["int8 fused triton GEMM only"] = lambda: w8a8.triton_gemm(fused_layer, qi, si, dt)
+    if torchao_mm is not None:
+        variants["int8 torchao int_scaled_matmul GEMM only"] = lambda: torchao_mm(qi, w_kn, si_dt) * w_scale
+    variants["fp8 scaled_mm GEMM only"] = lambda: w8a8.fp8_gemm(fp8, qf, sf, dt)
+    for kind in ("int", "fp8"):
+        for impl in w8a8.QUANTIZERS:
+            variants[f"{kind} {impl} quant only"] = lambda kind=kind, impl=impl: w8a8.quantize(x, kind, impl)
+    return variants
 
 
 def main() -> None:
@@ -88,55 +168,57 @@ def main() -> None:
     batch, seq = args.batch or (16 if cuda else 2), args.seq or (512 if cuda else 32)
     shapes = LLAMA3_8B_LAYERS if cuda else SMOKE_LAYERS
     measure = median_ms_timer(args.device, warmup=5 if cuda else 1, iters=args.iters if cuda else 3)
-    compile_ok = not args.no_compile and cuda
-    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"tokens {batch}x{seq}, layers {list(shapes)}")
-    totals: dict[str, float] = {}
+    torchao = (f"importable, autotuner {os.environ.get('TORCHAO_AUTOTUNER_ENABLE', '0')}"
+               if _torchao_int_scaled_matmul() is not None else "absent")
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, tokens {batch}x{seq}; "
+          f"torchao {torchao}"
+          f"; defaults: int8 backend {next(b for b in AUTO_ORDER if b.startswith('w8a8'))}, "
+          f"quantizer {w8a8.CUDA_QUANTIZER}")
+    table: dict[str, dict[str, float]] = {}
     errors: dict[str, list[float]] = {}
     for name, (k, n) in shapes.items():
         dense, int8, fp8 = _layers(k, n, args.device)
         x = torch.randn(batch * seq, k, device=args.device, dtype=torch.bfloat16)
-        ref = F.linear(x, dense)
-        variants = {
-            "bf16": lambda: F.linear(x, dense),
-            "int8 W8A8": lambda: int8(x),
-            "fp8 W8A8": lambda: fp8(x),
-        }
-        int8(x), fp8(x)  # pick the backends (and build their buffers) outside the timing
-        backends = {"int8": int8.backend, "fp8": fp8.backend}
-        if compile_ok:
-            variants["int8 W8A8 (layer compiled)"] = torch.compile(lambda: int8(x))
-            variants["fp8 W8A8 (layer compiled)"] = torch.compile(lambda: fp8(x))
-        if int8.backend == "w8a8_int8":  # the bare GEMMs: what a fused quantizer would leave
-            qi, _ = quantize_activations_int8(x)
-            w_i = int8._w8a8_weight.t()
-            variants["int8 GEMM only"] = lambda: torch._int_mm(qi, w_i)
-        if fp8.backend == "fp8_scaled_mm":
-            qf, sf = quantize_activations_fp8(x)
-            w_f, s_w = fp8._fp8_weight.t(), fp8._fp8_scale
-            variants["fp8 GEMM only"] = lambda: torch._scaled_mm(qf, w_f, scale_a=sf, scale_b=s_w,
-                                                                 out_dtype=torch.bfloat16)
-        row = {}
+        if cuda:
+            variants = cuda_variants(x, dense, int8, fp8, compile_ok=not args.no_compile)
+            fused, int_mm = variants["int8 fused triton (layer)"](), variants["int8 int_mm+rescale, triton quant"]()
+            errors.setdefault("int8 fused == int_mm+rescale (bits)", []).append(float(torch.equal(fused, int_mm)))
+        else:
+            variants = {"bf16": lambda: F.linear(x, dense), "int8 int_mm+rescale (layer)": lambda: int8(x),
+                        "fp8 dequant (layer)": lambda: fp8(x)}
         for label, fn in variants.items():
-            ms = measure(fn)
-            row[label] = ms
-            totals[label] = totals.get(label, 0.0) + ms
+            table.setdefault(label, {})[name] = measure(fn)
         errors.setdefault("int8", []).append(_rel(int8(x), F.linear(x, int8.dequantized_weight(torch.bfloat16))))
         errors.setdefault("fp8", []).append(_rel(fp8(x), F.linear(x, fp8.dequantized_weight(torch.bfloat16))))
-        errors.setdefault("int8 vs float weights", []).append(_rel(int8(x), ref))
-        print(f"{name:10s} {k:6d}->{n:<6d} backends {backends} " +
-              " | ".join(f"{label} {ms:.3f} ms" for label, ms in row.items()))
-    base = totals["bf16"]
-    print("\n# one decoder layer's linears (sum of medians), speed-up over bf16")
-    for label, ms in totals.items():
-        print(f"{label:24s} {ms:8.3f} ms  x{base / ms:.2f}")
-    print("\n# relative error vs bf16 with the dequantized weights (activation quantization only), max over layers")
-    print(json.dumps({key: round(max(values), 5) for key, values in errors.items()}))
+        errors.setdefault("int8 vs float weights", []).append(_rel(int8(x), F.linear(x, dense)))
+        print(f"# {name} {k}->{n} done; backends int8 {int8.backend}, fp8 {fp8.backend}", flush=True)
+    print_table(table, list(shapes))
+    print("\n# relative error vs bf16 with the dequantized weights (activation quantization only), max over layers;"
+          " 'bits': 1.0 when the two int8 GEMMs agree bit for bit on every layer")
+    print(json.dumps({key: round(max(v), 5) if "bits" not in key else min(v) for key, v in errors.items()}))
     if cuda:
-        best = {fmt: max(base / totals[label] for label in totals if label.startswith(fmt) and "GEMM" not in label)
-                for fmt in ("int8", "fp8")}
-        print(f"\n# targets: int8 >= 1.3x: {best['int8']:.2f}x {'met' if best['int8'] >= 1.3 else 'NOT met'}; "
-              f"fp8 >= 1.6x: {best['fp8']:.2f}x {'met' if best['fp8'] >= 1.6 else 'NOT met'}")
+        base = sum(table["bf16"].values())
+        best = {}
+        for fmt in ("int8", "fp8"):
+            whole = {label: base / sum(row.values()) for label, row in table.items()
+                     if label.startswith(fmt) and not any(mark in label for mark in PART_MARKS)}
+            best[fmt] = max(whole.items(), key=lambda item: item[1])
+        print(f"\n# targets: int8 >= 1.3x: {best['int8'][1]:.2f}x ({best['int8'][0]}) "
+              f"{'met' if best['int8'][1] >= 1.3 else 'NOT met'}; fp8 >= 1.6x: {best['fp8'][1]:.2f}x "
+              f"({best['fp8'][0]}) {'met' if best['fp8'][1] >= 1.6 else 'NOT met'}")
+
+
+def print_table(table: dict[str, dict[str, float]], layers: list[str]) -> None:
+    """One row per variant: ms per layer, the decoder layer's sum, its speed-up over bf16."""
+    base = sum(table["bf16"].values())
+    width = max(len(label) for label in table)
+    print(f"\n# ms per layer (median), one decoder layer's linears summed, speed-up over bf16 (parts: "
+          f"{', '.join(PART_MARKS)})")
+    print(f"{'variant':{width}s} " + " ".join(f"{name:>9s}" for name in layers) + f" {'sum':>9s}  speed-up")
+    for label, row in table.items():
+        total = sum(row.values())
+        print(f"{label:{width}s} " + " ".join(f"{row[name]:9.3f}" for name in layers) + f" {total:9.3f}  "
+              f"x{base / total:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,22 +3,21 @@ and the int8 GEMM with the per-token × per-channel rescale fused into its epilo
 
 - `quantize_per_token` (op ``hfqat::quantize_per_token``): one program per token row; the row (up to
   `MAX_BLOCK_K` elements; longer rows read the rest twice) is loaded once into registers, its amax reduced, the
-  scale computed and the codes written, int8 or e4m3, with fp32 (M, 1) scales. Bit for bit vLLM's quantizers as hfqat trains with them
-  (`hfqat.quant.primitives.quantize_activations_int8` / `_fp8`): the same fp32 products and IEEE reciprocals
-  (``div_rn``; Triton's ``/`` is approximate on the GPU), and rounding
-  is done in fp32 arithmetic that is exact on every target (half to even by adding and subtracting 1.5·2^23; e4m3
-  by rounding at the value's own step, so the final cast meets a representable value and its rounding mode does
-  not matter). That also makes the kernel check out exactly under ``TRITON_INTERPRET=1``, whose own fp8 cast
-  rounds differently from the GPU's.
+  scale computed and the codes written, int8 or e4m3, with fp32 (M, 1) scales. Bit for bit vLLM's quantizers as
+  hfqat trains with them (`hfqat.quant.primitives.quantize_activations_int8` / `_fp8`): the same fp32 products and
+  IEEE reciprocals (``div_rn``; Triton's ``/`` is approximate on the GPU), and rounding done in fp32 arithmetic
+  that is exact on every target (half to even by adding and subtracting 1.5·2^23; e4m3 by rounding at the value's
+  own step, so the final cast meets a representable value and its rounding mode does not matter). That also makes
+  the kernel check out exactly under ``TRITON_INTERPRET=1``, whose own fp8 cast rounds differently from the GPU's.
 - `int8_scaled_mm` (op ``hfqat::int8_scaled_mm``): ``y = (q_x · q_wᵀ) · s_x · s_w`` with int32 tensor-core
   accumulators (``tl.dot`` on int8), rescaled in fp32 in registers and stored in the activation dtype: the int32
   product never goes to memory (for 8192 tokens × 14336 channels that is 470 MB of traffic saved against
   ``torch._int_mm`` + a rescale pass). Operands arrive through TMA tensor descriptors (both K-major, as Hopper's
-  int8 wgmma wants them; out-of-range tiles read as zeros), output tiles leave the same way; tiles are visited in
-  groups of `GROUP_M` row blocks so that a group's weight columns stay in L2. Tile shapes are autotuned per
-  (N, K, M rounded up to a power of two) over `MM_CONFIGS`. Same numerics as the reference
-  ``(int32 product).float() * s_x * s_w`` cast to the output dtype, in that order: exact integer sums, then the
-  same three roundings.
+  int8 wgmma wants them; out-of-range tiles read as zeros); tiles are visited in groups of `GROUP_M` row blocks so
+  that a group's weight columns stay in L2. Tile shapes are autotuned per (N, K, M rounded up to a power of two,
+  output dtype) over `MM_CONFIGS`. Same numerics as the reference ``(int32 product).float() * s_x * s_w`` cast to
+  the output dtype, in that order: exact integer sums, then the same three roundings (vLLM's CUTLASS epilogue
+  multiplies the channel scale first; either order is within one fp32 rounding).
 
 Both ops are opaque to torch.compile (fake implementations give the shapes); eager calls skip the op dispatcher.
 """
@@ -136,7 +135,7 @@ def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.
 
 # -- int8 GEMM with the rescale in its epilogue ----------------------------------------------------------------
 @triton.jit
-def _int8_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_BYTES,
+def _int8_mm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_BYTES,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,). ``M_KEY`` (M rounded up to a power of two)
     and ``OUT_BYTES`` (c's element size) only key the autotuner."""
@@ -160,7 +159,9 @@ def _int8_mm_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_
     sa = tl.load(sa_ptr + rows, mask=rows < M, other=0.0)
     sb = tl.load(sb_ptr + cols, mask=cols < N, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    c_desc.store([off_m, off_n], y.to(c_desc.dtype, fp_downcast_rounding="rtne"))
+    c = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(c, y.to(c_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -168,7 +169,6 @@ def _set_block_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk]
-    nargs["c_desc"].block_shape = [bm, bn]
 
 
 def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
@@ -200,14 +200,14 @@ def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor
     if m == 0:
         return out
     # block shapes are placeholders until a config is chosen (`_set_block_shapes`)
-    a, b, c = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (q, weight, out))
-    args = (a, b, c, scale_x, scale_w, m, n, k, triton.next_power_of_2(m), out.element_size())
+    a, b = (TensorDescriptor.from_tensor(t, [16, 16]) for t in (q, weight))
+    args = (a, b, out, scale_x, scale_w, m, n, k, triton.next_power_of_2(m), out.element_size())
     if config is None and not q.is_cuda:
         config = INTERPRETER_CONFIG
     if config is None:
         _int8_mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args)
     else:
-        _set_block_shapes({"a_desc": a, "b_desc": b, "c_desc": c, **config.kwargs})
+        _set_block_shapes({"a_desc": a, "b_desc": b, **config.kwargs})
         grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
         _int8_mm_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
@@ -229,8 +229,7 @@ def int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """`int8_scaled_mm_op`; the op while torch.compile traces, the plain launch in eager mode.
 
-    Needs K % 16 == 0 and rows of `out_dtype` 16-byte aligned (TMA strides), contiguous operands, and
-    contiguous fp32 scales.
+    Needs K % 16 == 0 (TMA strides), contiguous operands, and contiguous fp32 scales.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hfqat.int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)

@@ -36,6 +36,7 @@ from ...quant.primitives import quantize_activations_fp8, quantize_activations_i
 from .torch_ops import _add_bias, _flat
 
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # once, not while torch.compile traces
 _EAGER_QUANTIZERS = {"int": quantize_activations_int8, "fp8": quantize_activations_fp8}
 
 
@@ -67,7 +68,7 @@ def quantize(x: torch.Tensor, kind: str, impl: str | None = None) -> tuple[torch
     torch function elsewhere.
     """
     if impl is None:
-        if not x.is_cuda or importlib.util.find_spec("triton") is None:
+        if not x.is_cuda or not _HAS_TRITON:
             return _EAGER_QUANTIZERS[kind](x)
         impl = CUDA_QUANTIZER
     if impl not in QUANTIZERS:
@@ -140,7 +141,7 @@ def w8a8_int8_backend(layer, device: torch.device, dtype: torch.dtype):
 
 def w8a8_triton_backend(layer, device: torch.device, dtype: torch.dtype):
     if (device.type != "cuda" or not _w8a8_int8_applies(layer) or layer.in_features % 16
-            or dtype not in TRITON_OUT_DTYPES or importlib.util.find_spec("triton") is None):
+            or dtype not in TRITON_OUT_DTYPES or not _HAS_TRITON):
         return None
     _attach_int8_weight(layer)
     return w8a8_triton_matmul
