@@ -1,11 +1,12 @@
 """W8A8 prefill: every int8 and FP8 path of hfqat's packed W8A8 layers vs bf16, side by side in one run.
 
 GPU (targets of issue 25: int8 >= 1.3x, FP8 >= 1.6x over bf16):
-    PYTHONPATH=. python bench/bench_w8a8.py --device cuda
-times the seven linear layers of one Llama-3-8B decoder layer (q 4096->4096, k/v 4096->1024, o 4096->4096,
-gate/up 4096->14336, down 14336->4096) on a prefill batch of 16 x 512 tokens (bf16 activations), as `save_packed`
-reloads them (`PackedLinear` with ``activation_bits=8``; `PackedFP8Linear`), and prints one table: a row per variant,
-a column per layer, the decoder layer's sum and its speed-up over bf16.
+    PYTHONPATH=. python bench/bench_w8a8.py --device cuda [--calls 10] [--layers q_proj,gate_proj] [--no-compile]
+times the seven linear layers of one Llama-3-8B decoder layer (q 4096->4096, k/v 4096->1024, o 4096->4096, gate/up
+4096->14336, down 14336->4096) on a prefill batch of 16 x 512 tokens (bf16 activations), as `save_packed` reloads
+them (`PackedLinear` with ``activation_bits=8``; `PackedFP8Linear`), and prints one table: a row per variant, a
+column per layer, the decoder layer's sum and its speed-up over bf16. ``TRITON_PRINT_AUTOTUNING=1`` also prints the
+int8 GEMM's tile choice per shape (tuned on the first call of each shape, outside the timing).
 
 - whole layers (activation quantization included): bf16 ``F.linear``; int8 ``w8a8_int8`` (``torch._int_mm`` + a
   rescale pass) with the old quantizer (torch's, compiled by inductor on its own) and with our one-pass Triton
@@ -13,7 +14,8 @@ a column per layer, the decoder layer's sum and its speed-up over bf16.
   ``int_scaled_matmul`` where torchao is importable (Triton quantizer; cuBLAS int_mm + scale unless
   TORCHAO_AUTOTUNER_ENABLE=1 selects its Triton kernel, whose exhaustive search takes a long first call; eager, its
   ``safe_int_mm`` formats the input's repr on every call, so its compiled row is the fair one); FP8
-  ``torch._scaled_mm`` with the old and the new quantizer. Then the same under ``torch.compile``.
+  ``torch._scaled_mm`` with the old and the new quantizer. Then under ``torch.compile``: the two old paths (session
+  10's compiled rows), the fused int8 layer, torchao, the FP8 layer.
 - parts: each GEMM alone (codes given) and each quantizer alone.
 
 Also prints each format's error against the bf16 output of the same (dequantized) weights, and whether the two int8
@@ -48,8 +50,10 @@ SMOKE_LAYERS = {"q_proj": (256, 256), "k_proj": (256, 64), "gate_proj": (256, 51
 PART_MARKS = ("GEMM only", "quant only")  # rows that are not whole layers (left out of the targets)
 
 
-def median_ms_timer(device: str, warmup: int, iters: int):
-    """``measure(fn)``: median milliseconds of ``iters`` calls after ``warmup`` (CUDA events on CUDA)."""
+def median_ms_timer(device: str, warmup: int, iters: int, calls: int = 1):
+    """``measure(fn)``: median milliseconds per call of ``iters`` timings after ``warmup`` calls (CUDA events on
+    CUDA). Each timing spans `calls` back-to-back calls: with more than one, the host's launch overhead overlaps
+    the GPU's work as in a model's forward, instead of counting in full before the first kernel."""
     def measure(fn) -> float:
         for _ in range(warmup):
             fn()
@@ -58,14 +62,16 @@ def median_ms_timer(device: str, warmup: int, iters: int):
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(calls):
+                    fn()
                 end.record()
                 torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(start.elapsed_time(end) / calls)
             else:
                 t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+                for _ in range(calls):
+                    fn()
+                times.append((time.perf_counter() - t0) * 1e3 / calls)
         return statistics.median(times)
     return measure
 
@@ -136,7 +142,6 @@ def cuda_variants(x: torch.Tensor, dense: torch.Tensor, int8, fp8, compile_ok: b
     variants["fp8 scaled_mm, triton quant (layer)"] = lambda: fp8(x)
     if compile_ok:
         variants["int8 int_mm+rescale, inductor quant (compiled)"] = torch.compile(int_mm_old)
-        variants["int8 int_mm+rescale, triton quant (compiled)"] = torch.compile(int_mm_new)
         variants["int8 fused triton (layer compiled)"] = torch.compile(lambda: fused_layer(x))
         if torchao_mm is not None:
             variants["int8 torchao int_scaled_matmul, triton quant (compiled)"] = torch.compile(torchao_layer)
@@ -160,18 +165,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 16 (cuda) / 2 (cpu)")
     parser.add_argument("--seq", type=int, default=None, help="default 512 (cuda) / 32 (cpu)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=1,
+                        help="back-to-back calls per timing (default 1, as session 10 measured; 10 hides launch "
+                             "overhead behind the GPU's work, as in a model's forward)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--layers", default=None, help="comma-separated subset of the layers (default: all)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a GPU; use --device cpu for the smoke mode")
     batch, seq = args.batch or (16 if cuda else 2), args.seq or (512 if cuda else 32)
     shapes = LLAMA3_8B_LAYERS if cuda else SMOKE_LAYERS
-    measure = median_ms_timer(args.device, warmup=5 if cuda else 1, iters=args.iters if cuda else 3)
+    if args.layers:
+        unknown = set(args.layers.split(",")) - set(shapes)
+        if unknown:
+            raise SystemExit(f"--layers: unknown {sorted(unknown)}; allowed values: {list(shapes)}")
+        shapes = {name: shape for name, shape in shapes.items() if name in args.layers.split(",")}
+    measure = median_ms_timer(args.device, warmup=5 if cuda else 1, iters=args.iters if cuda else 3,
+                              calls=args.calls)
     torchao = (f"importable, autotuner {os.environ.get('TORCHAO_AUTOTUNER_ENABLE', '0')}"
                if _torchao_int_scaled_matmul() is not None else "absent")
-    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, tokens {batch}x{seq}; "
-          f"torchao {torchao}"
+    print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, tokens {batch}x{seq}, "
+          f"{args.calls} call(s) per timing; torchao {torchao}"
           f"; defaults: int8 backend {next(b for b in AUTO_ORDER if b.startswith('w8a8'))}, "
           f"quantizer {w8a8.CUDA_QUANTIZER}")
     table: dict[str, dict[str, float]] = {}
