@@ -88,11 +88,11 @@ SCRIPT = textwrap.dedent(r'''
     assert torch.equal(K._int8_scaled_mm(q, w, sa, sb, torch.float32, grouped),
                        reference_mm(q, w, sa, sb, torch.float32)), "grouped order"
 
-    # the backend, called as on CUDA (its matmul runs on CPU tensors here), against the exact int_mm path
+    # the w8a8_triton backend's matmul (on CPU tensors here) against the exact int_mm path
     layer = PackedLinear.from_float(torch.nn.Linear(96, 40), 8, -1, True, scale_init="minmax")
     layer.activation_bits = 8
-    fused = w8a8.w8a8_triton_backend(layer, torch.device("cuda"), torch.float32)
-    exact = w8a8.w8a8_int8_backend(layer, torch.device("cpu"), torch.float32)
+    exact = w8a8.w8a8_int8_backend(layer, torch.device("cpu"), torch.float32)  # attaches the int8 weight
+    fused = w8a8.w8a8_triton_matmul
     x = torch.randn(3, 7, 96)
     assert torch.equal(fused(layer, x), exact(layer, x)), "w8a8_triton vs w8a8_int8"
     compiled = torch.compile(lambda x: fused(layer, x), fullgraph=True, backend="aot_eager")

@@ -6,8 +6,8 @@ All quantize the activations themselves, with vLLM's dynamic per-token quantizer
 ``y = (q_x · q_wᵀ) · s_x · s_w`` with integer (int32) or FP8 (fp32-accumulated) products, as vLLM's CUTLASS kernels
 do (``cutlass_scaled_mm``: per-token ``scale_a`` (M, 1), per-channel ``scale_b`` (1, N), fp32 epilogue).
 
-- ``w8a8_triton``: `PackedLinear` layers of 8-bit symmetric per-channel weights with ``activation_bits=8``, CUDA,
-  K % 16 == 0: `triton_w8a8.int8_scaled_mm`, the int32 accumulators rescaled in the GEMM's epilogue and written in
+- ``w8a8_triton``: `PackedLinear` layers of 8-bit symmetric per-channel weights with ``activation_bits=8``, CUDA
+  compute capability ≥ 9.0 (TMA), K % 16 == 0: `triton_w8a8.int8_scaled_mm`, the int32 accumulators rescaled in the GEMM's epilogue and written in
   the activation dtype (no int32 tensor in memory). Same numerics as ``w8a8_int8``.
 - ``w8a8_int8``: the same layers, CUDA and CPU, ``torch._int_mm`` then a rescale pass; on the CPU it is exact
   integer arithmetic (the reference). cuBLASLt wants more than 16 rows, so smaller batches are zero-padded to 17
@@ -131,6 +131,11 @@ fp8_scaled_mm_matmul = _w8a8_matmul("fp8", fp8_gemm)
 TRITON_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _has_tma(device: torch.device) -> bool:
+    """Hopper or newer: the fused GEMM reads its operands through TMA descriptors."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 # -- backend factories -------------------------------------------------------------------------------------------
 def w8a8_int8_backend(layer, device: torch.device, dtype: torch.dtype):
     if device.type not in ("cuda", "cpu") or not _w8a8_int8_applies(layer):
@@ -141,7 +146,7 @@ def w8a8_int8_backend(layer, device: torch.device, dtype: torch.dtype):
 
 def w8a8_triton_backend(layer, device: torch.device, dtype: torch.dtype):
     if (device.type != "cuda" or not _w8a8_int8_applies(layer) or layer.in_features % 16
-            or dtype not in TRITON_OUT_DTYPES or not _HAS_TRITON):
+            or dtype not in TRITON_OUT_DTYPES or not _HAS_TRITON or not _has_tma(device)):
         return None
     _attach_int8_weight(layer)
     return w8a8_triton_matmul
