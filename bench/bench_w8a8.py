@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -108,18 +109,28 @@ def _with_backend(layer, backend: str):
     return copy_
 
 
-def cuda_variants(x: torch.Tensor, dense: torch.Tensor, int8, fp8, compile_ok: bool) -> dict:
-    """label → callable: every W8A8 path on CUDA (the layers' backends prepared outside the timing)."""
-    int_mm_layer, fused_layer = _with_backend(int8, "w8a8_int8"), _with_backend(int8, "w8a8_triton")
-    int_mm_layer(x), fused_layer(x), fp8(x)  # pick the backends, build their buffers, autotune the Triton GEMM
-    assert (int_mm_layer.backend, fused_layer.backend, fp8.backend) == ("w8a8_int8", "w8a8_triton", "fp8_scaled_mm")
+def cuda_layers(x: torch.Tensor, dense: torch.Tensor, int8, fp8) -> dict:
+    """The packed layers of each CUDA path, backends picked (buffers built, the Triton GEMM autotuned) on `x`."""
+    layers = {"bf16": functools.partial(F.linear, weight=dense),
+              "int8 int_mm+rescale": _with_backend(int8, "w8a8_int8"),
+              "int8 fused triton": _with_backend(int8, "w8a8_triton"), "fp8 scaled_mm": fp8}
+    for label, backend in (("int8 int_mm+rescale", "w8a8_int8"), ("int8 fused triton", "w8a8_triton"),
+                           ("fp8 scaled_mm", "fp8_scaled_mm")):
+        layers[label](x)
+        assert layers[label].backend == backend, (label, layers[label].backend)
+    return layers
+
+
+def cuda_variants(x: torch.Tensor, layers: dict, compile_ok: bool) -> dict:
+    """label → callable: every W8A8 path on CUDA, for one layer (`cuda_layers`) on activations `x`."""
+    int_mm_layer, fused_layer, fp8 = layers["int8 int_mm+rescale"], layers["int8 fused triton"], layers["fp8 scaled_mm"]
     dt = x.dtype
     # pieces for the composed variants (what a layer with another quantizer would run)
     int_mm_old = lambda: w8a8.int_mm_gemm(int_mm_layer, *w8a8.quantize(x, "int", "inductor"), dt)  # noqa: E731
     int_mm_new = lambda: w8a8.int_mm_gemm(int_mm_layer, *w8a8.quantize(x, "int", "triton"), dt)  # noqa: E731
     fp8_old = lambda: w8a8.fp8_gemm(fp8, *w8a8.quantize(x, "fp8", "inductor"), dt)  # noqa: E731
     variants = {
-        "bf16": lambda: F.linear(x, dense),
+        "bf16": lambda: layers["bf16"](x),
         "int8 int_mm+rescale, inductor quant": int_mm_old,
         "int8 int_mm+rescale, triton quant": int_mm_new,
         "int8 fused triton (layer)": lambda: fused_layer(x),
@@ -159,7 +170,7 @@ def cuda_variants(x: torch.Tensor, dense: torch.Tensor, int8, fp8, compile_ok: b
     return variants
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--batch", type=int, default=None, help="default 16 (cuda) / 2 (cpu)")
@@ -169,8 +180,13 @@ def main() -> None:
                         help="back-to-back calls per timing (default 1, as session 10 measured; 10 hides launch "
                              "overhead behind the GPU's work, as in a model's forward)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    parser.add_argument("--layers", default=None, help="comma-separated subset of the layers (default: all)")
-    args = parser.parse_args()
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated subset of the layers (default: all; a subset skips the decoder block)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a GPU; use --device cpu for the smoke mode")
@@ -191,11 +207,13 @@ def main() -> None:
           f"quantizer {w8a8.CUDA_QUANTIZER}")
     table: dict[str, dict[str, float]] = {}
     errors: dict[str, list[float]] = {}
+    kept: dict[str, dict] = {}  # layer name → its `cuda_layers`, for the decoder block
     for name, (k, n) in shapes.items():
         dense, int8, fp8 = _layers(k, n, args.device)
         x = torch.randn(batch * seq, k, device=args.device, dtype=torch.bfloat16)
         if cuda:
-            variants = cuda_variants(x, dense, int8, fp8, compile_ok=not args.no_compile)
+            kept[name] = cuda_layers(x, dense, int8, fp8)
+            variants = cuda_variants(x, kept[name], compile_ok=not args.no_compile)
             fused, int_mm = variants["int8 fused triton (layer)"](), variants["int8 int_mm+rescale, triton quant"]()
             errors.setdefault("int8 fused == int_mm+rescale (bits)", []).append(float(torch.equal(fused, int_mm)))
         else:
@@ -211,16 +229,49 @@ def main() -> None:
     print("\n# relative error vs bf16 with the dequantized weights (activation quantization only), max over layers;"
           " 'bits': 1.0 when the two int8 GEMMs agree bit for bit on every layer")
     print(json.dumps({key: round(max(v), 5) if "bits" not in key else min(v) for key, v in errors.items()}))
-    if cuda:
-        base = sum(table["bf16"].values())
-        best = {}
-        for fmt in ("int8", "fp8"):
-            whole = {label: base / sum(row.values()) for label, row in table.items()
-                     if label.startswith(fmt) and not any(mark in label for mark in PART_MARKS)}
-            best[fmt] = max(whole.items(), key=lambda item: item[1])
-        print(f"\n# targets: int8 >= 1.3x: {best['int8'][1]:.2f}x ({best['int8'][0]}) "
-              f"{'met' if best['int8'][1] >= 1.3 else 'NOT met'}; fp8 >= 1.6x: {best['fp8'][1]:.2f}x "
-              f"({best['fp8'][0]}) {'met' if best['fp8'][1] >= 1.6 else 'NOT met'}")
+    if not cuda:
+        return
+    base = sum(table["bf16"].values())
+    print_targets("per-layer sum", {label: base / sum(row.values()) for label, row in table.items()
+                                    if not any(mark in label for mark in PART_MARKS)})
+    if set(kept) == set(LLAMA3_8B_LAYERS):
+        block = decoder_block(kept, batch * seq, measure, compile_ok=not args.no_compile)
+        print("\n# one decoder layer's seven linears in one call, q/k/v reading one input and gate/up another, as in a"
+              " model's forward\n# (compiled: torch.compile's CSE quantizes each shared input once)")
+        for label, ms in block.items():
+            print(f"{label:32s} {ms:9.3f} ms  x{block['bf16 eager'] / ms:.2f}")
+        print_targets("decoder block", {label: block["bf16 eager"] / ms for label, ms in block.items()})
+
+
+# which activations each linear of a Llama decoder layer reads
+DECODER_INPUTS = {"q_proj": "attention in", "k_proj": "attention in", "v_proj": "attention in",
+                  "o_proj": "attention out", "gate_proj": "mlp in", "up_proj": "mlp in", "down_proj": "mlp hidden"}
+
+
+def decoder_block(kept: dict[str, dict], tokens: int, measure, compile_ok: bool,
+                  device: str = "cuda") -> dict[str, float]:
+    """label → ms of the seven linears of one decoder layer called together on shared inputs, per path."""
+    inputs = {}
+    for name, (k, _) in LLAMA3_8B_LAYERS.items():
+        inputs.setdefault(DECODER_INPUTS[name], torch.randn(tokens, k, device=device, dtype=torch.bfloat16))
+    times = {}
+    for path in kept["q_proj"]:
+        def run(path=path):
+            return [kept[name][path](inputs[DECODER_INPUTS[name]]) for name in LLAMA3_8B_LAYERS]
+
+        times[f"{path} eager"] = measure(run)
+        if compile_ok:
+            times[f"{path} compiled"] = measure(torch.compile(run))
+    return times
+
+
+def print_targets(what: str, speedups: dict[str, float]) -> None:
+    """The best whole-layer variant of each format against issue 25's targets."""
+    parts = []
+    for fmt, target in (("int8", 1.3), ("fp8", 1.6)):
+        label, best = max(((label, x) for label, x in speedups.items() if label.startswith(fmt)), key=lambda t: t[1])
+        parts.append(f"{fmt} >= {target}x: {best:.2f}x ({label}) {'met' if best >= target else 'NOT met'}")
+    print(f"\n# targets, {what}: " + "; ".join(parts))
 
 
 def print_table(table: dict[str, dict[str, float]], layers: list[str]) -> None:
