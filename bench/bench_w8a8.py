@@ -236,8 +236,9 @@ def main() -> None:
                                     if not any(mark in label for mark in PART_MARKS)})
     if set(kept) == set(LLAMA3_8B_LAYERS):
         block = decoder_block(kept, batch * seq, measure, compile_ok=not args.no_compile)
-        print("\n# one decoder layer's seven linears in one call, q/k/v reading one input and gate/up another, as in a"
-              " model's forward\n# (compiled: torch.compile's CSE quantizes each shared input once)")
+        print("\n# one decoder layer's seven linears called back to back, q/k/v on one input and gate/up on another, as"
+              " in a model's forward\n# (each layer still quantizes its input itself: torch.compile does not merge"
+              " the custom ops)")
         for label, ms in block.items():
             print(f"{label:32s} {ms:9.3f} ms  x{block['bf16 eager'] / ms:.2f}")
         print_targets("decoder block", {label: block["bf16 eager"] / ms for label, ms in block.items()})
