@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfqat
-from hfqat.export.packed import backends_in_use, save_packed
+from hfqat.export.packed import PackedLinear, backends_in_use, save_packed
 from hfqat.export.packing import unpack
 from hfqat.export.w8a8 import PackedFP8Linear
 from hfqat.quant.modeling import qat_layers
@@ -132,3 +132,14 @@ def test_fp8_config_rejects_what_e4m3_cannot_be(config, field):
 def test_fp8_config_is_8_bit_per_channel():
     qc = hfqat.QATConfig(weight_format="fp8")
     assert (qc.bits, qc.group_size) == (8, -1) and qc.spec_for("x", 64).activation_format == "fp8"
+
+
+def test_packed_int8_w8a8_layer_compiles_without_graph_breaks():
+    """Prefill runs compiled too: the layer's forward, its quantizer and its GEMM trace as one graph (CUDA paths,
+    with the Triton ops: tests/test_w8a8_gpu.py)."""
+    layer = PackedLinear.from_float(torch.nn.Linear(64, 48), 8, -1, True, scale_init="minmax")
+    layer.activation_bits = 8
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    assert layer.backend == "w8a8_int8" and torch.equal(compiled(x), eager)
