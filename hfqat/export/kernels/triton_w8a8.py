@@ -15,7 +15,8 @@ and the int8 GEMM with the per-token × per-channel rescale fused into its epilo
   ``torch._int_mm`` + a rescale pass). Operands arrive through TMA tensor descriptors (both K-major, as Hopper's
   int8 wgmma wants them; out-of-range tiles read as zeros); tiles are visited in groups of `GROUP_M` row blocks so
   that a group's weight columns stay in L2. Tile shapes are autotuned per (N, K, M rounded up to a power of two,
-  output dtype) over `MM_CONFIGS`. Same numerics as the reference ``(int32 product).float() * s_x * s_w`` cast to
+  output dtype) over `MM_CONFIGS`: the first call of each such key times them all (about a second, once per
+  process). Same numerics as the reference ``(int32 product).float() * s_x * s_w`` cast to
   the output dtype, in that order: exact integer sums, then the same three roundings (vLLM's CUTLASS epilogue
   multiplies the channel scale first; either order is within one fp32 rounding).
 
