@@ -7,7 +7,7 @@
 - The fused int8 GEMM equals ``torch._int_mm`` then the rescale: exactly with fp32 output; with bf16 output within
   one bf16 rounding (the interpreter's fp32→bf16 cast truncates, the GPU's rounds to nearest as torch does:
   tests/test_w8a8_gpu.py checks equality there). Partial tiles in M, N and K, grouped tile order with a partial
-  group, one-row batches.
+  group, the persistent schedule, one-row batches.
 - The ``w8a8_triton`` backend's matmul computes what ``w8a8_int8`` (exact CPU integer arithmetic) computes, and
   both ops trace under ``torch.compile(fullgraph=True)``.
 Skipped where triton is not installed.
@@ -81,12 +81,13 @@ SCRIPT = textwrap.dedent(r'''
         assert torch.equal(y, reference_mm(q, w, sa, sb, torch.float32)), (m, k, n, "fp32")
         y = K._int8_scaled_mm(q, w, sa, sb, torch.bfloat16, config)
         torch.testing.assert_close(y, reference_mm(q, w, sa, sb, torch.bfloat16), rtol=2 ** -7, atol=0)
-    grouped = K._config(16, 16, 32, 1, 4)
-    grouped.kwargs["GROUP_M"] = 2  # 5 row blocks: groups of 2, 2 and 1
     q, w = torch.randint(-128, 128, (70, 32), dtype=torch.int8), torch.randint(-128, 128, (56, 32), dtype=torch.int8)
     sa, sb = torch.rand(70, 1), torch.rand(1, 56)
-    assert torch.equal(K._int8_scaled_mm(q, w, sa, sb, torch.float32, grouped),
-                       reference_mm(q, w, sa, sb, torch.float32)), "grouped order"
+    for persistent in (False, True):  # persistent: 3 programs loop over the 20 tiles
+        grouped = K._config(16, 16, 32, 1, 4, persistent)
+        grouped.kwargs["GROUP_M"] = 2  # 5 row blocks: groups of 2, 2 and 1
+        assert torch.equal(K._int8_scaled_mm(q, w, sa, sb, torch.float32, grouped),
+                           reference_mm(q, w, sa, sb, torch.float32)), ("grouped order", persistent)
 
     # the w8a8_triton backend's matmul (on CPU tensors here) against the exact int_mm path
     layer = PackedLinear.from_float(torch.nn.Linear(96, 40), 8, -1, True, scale_init="minmax")

@@ -14,16 +14,20 @@ and the int8 GEMM with the per-token × per-channel rescale fused into its epilo
   product never goes to memory (for 8192 tokens × 14336 channels that is 470 MB of traffic saved against
   ``torch._int_mm`` + a rescale pass). Operands arrive through TMA tensor descriptors (both K-major, as Hopper's
   int8 wgmma wants them; out-of-range tiles read as zeros); tiles are visited in groups of `GROUP_M` row blocks so
-  that a group's weight columns stay in L2. Tile shapes are autotuned per (N, K, M rounded up to a power of two,
-  output dtype) over `MM_CONFIGS`: the first call of each such key times them all (about a second, once per
-  process). Same numerics as the reference ``(int32 product).float() * s_x * s_w`` cast to
-  the output dtype, in that order: exact integer sums, then the same three roundings (vLLM's CUTLASS epilogue
-  multiplies the channel scale first; either order is within one fp32 rounding).
+  that a group's weight columns stay in L2. Two schedules (`GEMM_SCHEDULE`): a program per output tile, or
+  persistent (a program per SM looping over the tiles, loops flattened so that a tile's epilogue overlaps the next
+  tile's loads). Tile shapes are autotuned per (N, K, M rounded up to a power of two, output dtype) over
+  `MM_CONFIGS`: the first call of each such key times them all (about a second, once per process). Same numerics
+  as the reference ``(int32 product).float() * s_x * s_w`` cast to the output dtype, in that order: exact integer
+  sums, then the same three roundings (vLLM's CUTLASS epilogue multiplies the channel scale first; either order is
+  within one fp32 rounding).
 
 Both ops are opaque to torch.compile (fake implementations give the shapes); eager calls skip the op dispatcher.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -136,20 +140,14 @@ def quantize_per_token(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.
 
 # -- int8 GEMM with the rescale in its epilogue ----------------------------------------------------------------
 @triton.jit
-def _int8_mm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_BYTES,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,). ``M_KEY`` (M rounded up to a power of two)
-    and ``OUT_BYTES`` (c's element size) only key the autotuner."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
+def _mm_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, tile, grid_m, grid_n,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number `tile` (grouped order: GROUP_M row blocks, then the next column block)."""
     per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
+    off_m = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+    off_n = ((tile % per_group) // group_rows) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for t in range(tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([off_m, t * BLOCK_K])
@@ -165,6 +163,24 @@ def _int8_mm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_B
     tl.store(c, y.to(c_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
+@triton.jit
+def _int8_mm_kernel(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, M_KEY, OUT_BYTES,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    PERSISTENT: tl.constexpr):
+    """c (M, N) = (a (M, K) int8 · b (N, K) int8 ᵀ) · sa (M,) · sb (N,): one tile per program, or (PERSISTENT) one
+    program per SM looping over tiles, its loops flattened so one tile's epilogue overlaps the next one's loads.
+    ``M_KEY`` (M rounded up to a power of two) and ``OUT_BYTES`` (c's element size) only key the autotuner."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), grid_m * grid_n, tl.num_programs(0), flatten=True):
+            _mm_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, tile, grid_m, grid_n,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _mm_tile(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, M, N, K, tl.program_id(0), grid_m, grid_n,
+                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
 def _set_block_shapes(nargs: dict) -> None:
     """Autotuner pre-hook: the descriptors' tile shapes follow the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
@@ -172,29 +188,42 @@ def _set_block_shapes(nargs: dict) -> None:
     nargs["b_desc"].block_shape = [bn, bk]
 
 
-def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int, persistent: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "PERSISTENT": persistent},
                          num_stages=stages, num_warps=warps, pre_hook=_set_block_shapes)
 
 
 # Hopper-sized tiles (128-256 × 128-256 × 64-128, 3-4 stages of shared memory), and two for small M (decode)
-MM_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
-    _config(128, 256, 64, 4, 8),
-    _config(256, 128, 64, 4, 8),
-    _config(128, 128, 128, 4, 8),
-    _config(128, 128, 64, 4, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(64, 256, 128, 3, 8),
-]
-_int8_mm_tuned = triton.autotune(MM_CONFIGS, key=["M_KEY", "N", "K", "OUT_BYTES"])(_int8_mm_kernel)
+_TILES = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8),
+          (128, 128, 128, 4, 8), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (64, 256, 128, 3, 8)]
+MM_CONFIGS = {"tiles": [_config(*tile) for tile in _TILES],
+              "persistent": [_config(*tile, persistent=True) for tile in _TILES[:6]]}
+_TUNED = {schedule: triton.autotune(configs, key=["M_KEY", "N", "K", "OUT_BYTES"])(_int8_mm_kernel)
+          for schedule, configs in MM_CONFIGS.items()}
+GEMM_SCHEDULE = "tiles"  # or "persistent"; bench/bench_w8a8.py times both
 # CPU tensors run only under TRITON_INTERPRET=1 (tests), where nothing can be timed: one small fixed config
 INTERPRETER_CONFIG = _config(16, 16, 32, 1, 4)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (CPU tensors, under the interpreter: 3, so that each program
+    loops over several tiles)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def _grid(m: int, n: int, device: torch.device):
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(tiles, _num_sms(device)) if meta["PERSISTENT"] else tiles,)
+    return grid
+
+
 def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
-                    out_dtype: torch.dtype, config: triton.Config | None = None) -> torch.Tensor:
+                    out_dtype: torch.dtype, config: triton.Config | None = None,
+                    schedule: str | None = None) -> torch.Tensor:
+    """`config`: run that one (no autotuning); else the autotuned configs of `schedule` (default
+    `GEMM_SCHEDULE`)."""
     m, k = q.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=q.device, dtype=out_dtype)
@@ -205,33 +234,38 @@ def _int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor
     args = (a, b, out, scale_x, scale_w, m, n, k, triton.next_power_of_2(m), out.element_size())
     if config is None and not q.is_cuda:
         config = INTERPRETER_CONFIG
+    grid = _grid(m, n, q.device)
     if config is None:
-        _int8_mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args)
+        schedule = schedule or GEMM_SCHEDULE
+        if schedule not in _TUNED:
+            raise ValueError(f"schedule={schedule!r} is unknown; allowed values: {list(_TUNED)} or None")
+        _TUNED[schedule][grid](*args)
     else:
         _set_block_shapes({"a_desc": a, "b_desc": b, **config.kwargs})
-        grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
-        _int8_mm_kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _int8_mm_kernel[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
+                                              num_stages=config.num_stages)
     return out
 
 
 @torch.library.custom_op("hfqat::int8_scaled_mm", mutates_args=())
 def int8_scaled_mm_op(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
-                      out_dtype: torch.dtype) -> torch.Tensor:
+                      out_dtype: torch.dtype, schedule: str | None = None) -> torch.Tensor:
     """(q (M, K) int8 · weight (N, K) int8 ᵀ) · scale_x (M, 1) · scale_w (1, N), fp32 scales, in `out_dtype`."""
-    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
+    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype, schedule=schedule)
 
 
 @int8_scaled_mm_op.register_fake
-def _(q, weight, scale_x, scale_w, out_dtype):
+def _(q, weight, scale_x, scale_w, out_dtype, schedule=None):
     return q.new_empty(q.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 def int8_scaled_mm(q: torch.Tensor, weight: torch.Tensor, scale_x: torch.Tensor, scale_w: torch.Tensor,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out_dtype: torch.dtype, schedule: str | None = None) -> torch.Tensor:
     """`int8_scaled_mm_op`; the op while torch.compile traces, the plain launch in eager mode.
 
-    Needs K % 16 == 0 (TMA strides), contiguous operands, and contiguous fp32 scales.
+    Needs K % 16 == 0 (TMA strides), contiguous operands, and contiguous fp32 scales. `schedule`: one of
+    `MM_CONFIGS` (default `GEMM_SCHEDULE`).
     """
     if torch.compiler.is_compiling():
-        return torch.ops.hfqat.int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
-    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype)
+        return torch.ops.hfqat.int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype, schedule)
+    return _int8_scaled_mm(q, weight, scale_x, scale_w, out_dtype, schedule=schedule)
