@@ -108,3 +108,16 @@ def test_packed_w8a8_layers_compile_without_graph_breaks(fmt):
     compiled = torch.compile(layer, fullgraph=True)  # raises on a graph break
     assert layer.backend != "dequant"
     torch.testing.assert_close(compiled(x), eager)  # bf16 tolerances: inductor may fuse the bias add differently
+
+
+@pytest.mark.parametrize("schedule", ["tiles", "persistent"])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 1024), (300, 4096, 14336), (8192, 14336, 4096)])
+def test_both_gemm_schedules_equal_int_mm_then_rescale(schedule, m, k, n):
+    from hfqat.export.kernels import triton_w8a8, w8a8
+
+    layer = _int8_layer(k, n).cuda().to(torch.bfloat16)
+    layer.force_backend = "w8a8_int8"
+    layer(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))  # attaches the int8 weight and scales
+    q, s = w8a8.quantize(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), "int")
+    y = triton_w8a8.int8_scaled_mm(q, layer._w8a8_weight, s, layer._w8a8_scale, torch.bfloat16, schedule)
+    assert torch.equal(y, w8a8.int_mm_gemm(layer, q, s, torch.bfloat16))
