@@ -7,8 +7,9 @@ All quantize the activations themselves, with vLLM's dynamic per-token quantizer
 do (``cutlass_scaled_mm``: per-token ``scale_a`` (M, 1), per-channel ``scale_b`` (1, N), fp32 epilogue).
 
 - ``w8a8_triton``: `PackedLinear` layers of 8-bit symmetric per-channel weights with ``activation_bits=8``, CUDA
-  compute capability ≥ 9.0 (TMA), K % 16 == 0: `triton_w8a8.int8_scaled_mm`, the int32 accumulators rescaled in the GEMM's epilogue and written in
-  the activation dtype (no int32 tensor in memory). Same numerics as ``w8a8_int8``.
+  compute capability ≥ 9.0 (TMA), K % 16 == 0: `triton_w8a8.int8_scaled_mm`, the int32 accumulators rescaled in
+  the GEMM's epilogue and written in the activation dtype (no int32 tensor in memory). Same numerics as
+  ``w8a8_int8``, bit for bit.
 - ``w8a8_int8``: the same layers, CUDA and CPU, ``torch._int_mm`` then a rescale pass; on the CPU it is exact
   integer arithmetic (the reference). cuBLASLt wants more than 16 rows, so smaller batches are zero-padded to 17
   rows on CUDA. Which of the two goes first on CUDA is the order of `hfqat.export.kernels.AUTO_ORDER` (measured by
@@ -58,7 +59,7 @@ def _triton_quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Te
 
 
 QUANTIZERS = {"triton": _triton_quantize, "inductor": _inductor_quantize}
-CUDA_QUANTIZER = "triton"  # the measured choice (bench/bench_w8a8.py prints both)
+CUDA_QUANTIZER = "triton"  # expected to win (one pass over the activations); bench/bench_w8a8.py times both
 
 
 def quantize(x: torch.Tensor, kind: str, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
