@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfqat
-from hfqat.export.packed import backends_in_use, save_packed
+from hfqat.export.packed import PackedLinear, backends_in_use, save_packed
 from hfqat.export.packing import unpack
 from hfqat.export.w8a8 import PackedFP8Linear
 from hfqat.quant.modeling import qat_layers
@@ -26,7 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_int8_activation_codes_are_vllms():
     x = torch.tensor([[1.27, -0.005, 0.635, 0.0], [0.0, 0.0, 0.0, 0.0], [-2.54, 0.01, 0.03, 1.0]])
     q, scale = quantize_activations_int8(x)
-    assert torch.equal(scale.squeeze(1), torch.tensor([1.27, 0.0, 2.54]) / 127)
+    # amax times the fp32 reciprocal of 127 (what torch's CUDA division by a constant computes: the same scale
+    # bits on every device), within an ulp of the exact quotient
+    assert torch.equal(scale.squeeze(1), torch.tensor([1.27, 0.0, 2.54]) * (1 / 127))
+    torch.testing.assert_close(scale.squeeze(1), torch.tensor([1.27, 0.0, 2.54]) / 127, rtol=1.2e-7, atol=0)
     # x · (127 / amax), rounded half to even (vLLM: cvt.rni), saturated; an all-zero token gives zeros
     inverse = torch.tensor([[127 / 1.27], [0.0], [127 / 2.54]])
     assert torch.equal(q, torch.round(x * inverse).to(torch.int8))
@@ -38,7 +41,7 @@ def test_fp8_activation_codes_are_vllms():
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 6).unsqueeze(1)
     q, scale = quantize_activations_fp8(x)
     amax = x.abs().amax(-1, keepdim=True)
-    assert torch.equal(scale, amax / FP8_MAX)
+    assert torch.equal(scale, amax * (1 / FP8_MAX))  # as the int8 scale: the fp32 reciprocal, on every device
     assert torch.equal(q, (x * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
     assert q.float().abs().amax() == FP8_MAX  # every token's largest element lands on e4m3's largest value
     assert torch.equal(fake_quantize_activations(x, kind="fp8"), q.float() * scale)
@@ -129,3 +132,14 @@ def test_fp8_config_rejects_what_e4m3_cannot_be(config, field):
 def test_fp8_config_is_8_bit_per_channel():
     qc = hfqat.QATConfig(weight_format="fp8")
     assert (qc.bits, qc.group_size) == (8, -1) and qc.spec_for("x", 64).activation_format == "fp8"
+
+
+def test_packed_int8_w8a8_layer_compiles_without_graph_breaks():
+    """Prefill runs compiled too: the layer's forward, its quantizer and its GEMM trace as one graph (CUDA paths,
+    with the Triton ops: tests/test_w8a8_gpu.py)."""
+    layer = PackedLinear.from_float(torch.nn.Linear(64, 48), 8, -1, True, scale_init="minmax")
+    layer.activation_bits = 8
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # raises on a graph break
+    assert layer.backend == "w8a8_int8" and torch.equal(compiled(x), eager)

@@ -29,7 +29,8 @@ Each reloaded layer picks its matmul kernel on first use (`hfqat.export.kernels`
 
 compressed-tensors / vLLM: `hfqat.export.compressed_tensors.export_compressed_tensors` (its `CT_SCHEMES`).
 W8A8: a layer with ``activation_bits=8`` keeps it in its entry's config; reloaded 8-bit per-channel integer layers run
-``torch._int_mm`` (backend ``w8a8_int8``) and FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) ``torch._scaled_mm``.
+real int8 GEMMs (backends ``w8a8_triton`` / ``w8a8_int8``) and FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`)
+``torch._scaled_mm``.
 """
 
 from __future__ import annotations

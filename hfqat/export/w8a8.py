@@ -5,7 +5,8 @@ Stored per layer: ``qweight``, the e4m3 bit patterns as 8-bit codes in the packi
 ``e4m3(code) · scale``, the fake-quantized layer's. With ``activation_bits=8`` the activations go through vLLM's
 dynamic per-token FP8 quantizer; on CUDA (sm89+, bf16) the matmul runs as ``torch._scaled_mm`` with row-wise scales
 (`hfqat.export.kernels.w8a8`), elsewhere as the exact fp32 ``dequant`` fallback. (Integer W8A8 layers are plain
-`PackedLinear` layers: 8-bit per channel with ``activation_bits=8``, run by the ``w8a8_int8`` backend.)
+`PackedLinear` layers: 8-bit per channel with ``activation_bits=8``, run by the ``w8a8_triton`` / ``w8a8_int8``
+backends.)
 """
 
 from __future__ import annotations

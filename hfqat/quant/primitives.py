@@ -240,7 +240,11 @@ def init_scales(
 # int8 (csrc/quantization/compressed_tensors/int8_quant_kernels.cu): scale = amax / 127 in fp32, codes
 # round-half-even(x · (127 / amax)) saturated to int8, 0 for an all-zero token. FP8 (QuantFP8.forward_native and
 # its CUDA twin): scale = max(amax / 448, 1 / (448 · 512)), codes = e4m3(clamp(x · (1 / scale), ±448)). A model
-# trained with these sees at train time the very codes it is served with.
+# trained with these sees at train time the very codes it is served with. The divisions by 127 / 448 are written as
+# products with the fp32 reciprocal, which is what torch's CUDA division by a constant computes (CPU torch would
+# divide exactly, sometimes one ulp apart): the scales are then the same bits on every device, and the same as
+# the Triton quantizer's (`hfqat.export.kernels.triton_w8a8`). ``127 / amax`` is ``amax.reciprocal() * 127``
+# everywhere (torch's ``__rtruediv__``).
 INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -253,13 +257,13 @@ def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     amax = x.detach().abs().amax(-1, keepdim=True).float()
     inverse = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
     codes = torch.clamp(torch.round(x.detach().float() * inverse), -INT8_MAX - 1, INT8_MAX)
-    return codes.to(torch.int8), amax / INT8_MAX
+    return codes.to(torch.int8), amax * (1 / INT8_MAX)
 
 
 def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes, fp32 (..., 1) per-token scales) of vLLM's dynamic per-token FP8 quantizer."""
     amax = x.detach().abs().amax(-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    scale = (amax * (1 / FP8_MAX)).clamp_min(FP8_MIN_SCALE)
     codes = (x.detach().float() * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale
 

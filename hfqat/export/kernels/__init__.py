@@ -14,7 +14,8 @@ the fake-quantized layer computes), so every layer runs somewhere.
 | cpu_int4   | CPU   | 4 bit, groups 32/64/128/256, bf16 activations      | bf16 scales, order differs      |
 | cpu_int8   | CPU   | 8 bit symmetric per channel, bf16 activations      | bf16 scales, order differs      |
 | dequant    | any   | everything                                         | exact                           |
-| w8a8_int8  | both  | 8 bit sym per channel + activation_bits=8 (first)  | int8 × int8 → int32, exact      |
+| w8a8_triton| CUDA  | 8 bit sym per channel + activation_bits=8, K % 16  | int8 × int8 → int32, exact      |
+| w8a8_int8  | both  | 8 bit sym per channel + activation_bits=8          | int8 × int8 → int32, exact      |
 
 FP8 layers (`hfqat.export.w8a8.PackedFP8Linear`) have `FP8_BACKENDS`: ``fp8_scaled_mm`` (CUDA ≥ sm89, bf16, W8A8:
 ``torch._scaled_mm`` row-wise) and ``dequant`` (anywhere, fp32). See `hfqat.export.kernels.w8a8`.
@@ -25,6 +26,10 @@ Codebook layers (`hfqat.export.codebook.PackedCodebookLinear`) have their own ta
 |------------|-------|----------------------------------------------------|---------------------------------|
 | triton_lut | CUDA  | 2/3/4/8 bit, groups of 32k, K % 32 == 0            | fp32 accumulate, order differs  |
 | dequant    | any   | everything (gather from the tables + matmul)       | exact                           |
+
+W8A8 int8 layers go first (they are the only backends that quantize the activations to real int8); on CUDA,
+``w8a8_triton`` (fused rescale epilogue, `triton_w8a8`) or ``w8a8_int8`` (``torch._int_mm`` + a rescale pass),
+whichever `AUTO_ORDER` names first: bench/bench_w8a8.py times both side by side.
 
 On an H100, batch-1 4-bit GEMVs ran 15-30% faster in tinygemm than in our Triton kernel (bench/bench_decode.py),
 so tinygemm goes first where it applies; it hands batches above `torch_ops.TINYGEMM_MAX_M` rows (prefill) to the
@@ -89,6 +94,12 @@ def _w8a8_int8(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | No
     return w8a8.w8a8_int8_backend(layer, device, dtype)
 
 
+def _w8a8_triton(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
+    from . import w8a8
+
+    return w8a8.w8a8_triton_backend(layer, device, dtype)
+
+
 def _dequant(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn:
     from . import torch_ops
 
@@ -102,9 +113,10 @@ BACKENDS: dict[str, BackendFactory] = {
     "cpu_int8": _cpu_int8,
     "dequant": _dequant,
     "w8a8_int8": _w8a8_int8,
+    "w8a8_triton": _w8a8_triton,
     "gemlite": _gemlite,  # optional (hfqat[gemlite]); chosen by set_backend only, see gemlite_ops
 }
-AUTO_ORDER: tuple[str, ...] = ("w8a8_int8", "tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
+AUTO_ORDER: tuple[str, ...] = ("w8a8_triton", "w8a8_int8", "tinygemm", "triton", "cpu_int4", "cpu_int8", "dequant")
 
 
 def _triton_lut(layer, device: torch.device, dtype: torch.dtype) -> MatmulFn | None:
