@@ -9,28 +9,14 @@ grouped GEMV over routed experts (`triton_lowbit.experts_mv`) against its torch 
 Skipped where triton is not installed (the GPU tests in test_kernels_gpu.py cover the compiled kernels).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from triton_interpreter import run_in_interpreter
 
 pytest.importorskip("triton")
 
 PREAMBLE = textwrap.dedent(r'''
-    import numpy, triton.runtime.interpreter as interp
-
-    if int(numpy.__version__.split(".")[0]) >= 2:  # triton 3.6's interpreter calls int() on 1-element arrays
-        _patch = interp._patch_lang_tensor
-
-        def _patched(tensor, scope):
-            _patch(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = _patched
-
     import torch
     from hfqat.export.kernels import triton_lowbit as K
     from hfqat.export.packed import PackedLinear
@@ -113,15 +99,8 @@ EXPERTS = PREAMBLE + textwrap.dedent(r'''
 ''')
 
 
-def _run_in_interpreter(script: str) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), str(root / "tests"), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-
-
 def test_kernels_match_the_exact_fallback_in_the_interpreter():
-    proc = _run_in_interpreter(LAYERS)
+    proc = run_in_interpreter(LAYERS)
     assert proc.returncode == 0 and "interpreter kernels ok" in proc.stdout, proc.stderr[-4000:]
 
 
@@ -131,5 +110,5 @@ def test_grouped_experts_gemv_matches_the_reference_in_the_interpreter():
     a repeated expert and a sentinel id, gate_up's (rows, top-k) and down's (pairs, 1) shapes; the torch reference
     against per-expert dequantized matmuls; the experts' own buffers left as views of the stacks; the Triton
     dequantization (packed experts' prefill on CUDA) bit-equal to ``dequantized_weight``."""
-    proc = _run_in_interpreter(EXPERTS)
+    proc = run_in_interpreter(EXPERTS)
     assert proc.returncode == 0 and "interpreter experts ok" in proc.stdout, proc.stderr[-4000:]

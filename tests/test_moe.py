@@ -175,17 +175,22 @@ def test_dense_model_is_fully_covered(tiny_model_dir):
     assert {v["reason"] for v in report["excluded"].values()} == {"embedding", "head"}
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text", "jetmoe", "qwen2_moe"])
-def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_type, tmp_path, monkeypatch):
-    from hfqat.export.packed_experts import PackedExpertsMixin
-
+def _packed_with_mixed_expert_widths(model_type: str, tmp_path):
+    """(fake-quant model with experts at 2/3/4/8 bits, its `save_packed` reload), both in eval mode."""
     _tiny(model_type).save_pretrained(tmp_path / "float")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
     for _, experts in qat_experts(model):
         experts.set_expert_bits([2, 3, 4, 8])
     model.eval()
     hfqat.save_packed(model, tmp_path / "packed")
-    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    return model, AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text", "jetmoe", "qwen2_moe"])
+def test_save_packed_reload_equals_fake_quant_with_mixed_expert_widths(model_type, tmp_path, monkeypatch):
+    from hfqat.export.packed_experts import PackedExpertsMixin
+
+    model, packed = _packed_with_mixed_expert_widths(model_type, tmp_path)
     modules = [m for m in packed.modules() if isinstance(m, PackedExpertsMixin)]
     assert modules and not any(isinstance(m, QATExpertsMixin) for m in packed.modules())
     assert all(not any(p.is_floating_point() and p.ndim == 3 for p in m.parameters(recurse=False)) for m in modules)
@@ -382,13 +387,7 @@ def test_packed_experts_decode_is_one_graph_without_host_reads(model_type, tmp_p
     from hfqat.export.packed import prepare_backends
     from hfqat.export.packed_experts import packed_experts
 
-    _tiny(model_type).save_pretrained(tmp_path / "float")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=hfqat.QATConfig(**CONFIG))
-    for _, experts in qat_experts(model):
-        experts.set_expert_bits([2, 3, 4, 8])
-    model.eval()
-    hfqat.save_packed(model, tmp_path / "packed")
-    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
+    model, packed = _packed_with_mixed_expert_widths(model_type, tmp_path)
     name, experts = packed_experts(packed)[0]
     assert prepare_backends(packed)[name] == "experts_reference"  # CPU: the op's torch reference
     fake = model.get_submodule(name)
