@@ -7,6 +7,16 @@ and each runtime's perplexity on that text; then greedy decoding for ``--steps``
 many leading tokens agree). It also checks that llama.cpp's tokenizer (from the file's metadata) splits the text
 into the same ids as transformers'. transformers runs in float32 on the file as its GGUF loader dequantizes it.
 
+Two diagnostics tell a wrong file from llama.cpp's own arithmetic:
+  * ggml's dequantizer (``ggml_get_type_traits(type)->to_float`` from llama.cpp's libggml-base) against gguf-py's
+    (what transformers' loader and hfqat's tests use) on every quantized tensor of the file: bit-identical or not;
+  * transformers again with the activation rounding of ggml's CPU matmuls simulated (each linear layer's input
+    quantized to its weight type's ``vec_dot_type``: Q8_0 blocks for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K
+    super-blocks for the K-quants, F16 for F16 weights; keys and values rounded to F16 as in llama.cpp's KV cache):
+    how far that rounding alone moves transformers' logits is the size of gap llama.cpp's numerics make by
+    themselves (the simulation is not bit-exact - rounding order, flash attention, F16 keys after rope - so it
+    measures the size of the perturbation, it does not reproduce llama.cpp's logits).
+
 Files (all SmolLM2-135M):
   control  the embedded SmolLM2 Q4_1 GGUF (`hfqat.integrations.gguf.embedded_smollm2`, made by llama.cpp's tools):
            the agreement llama.cpp's own numerics allow at 4 bits (it quantizes activations to 8 bits in its
@@ -30,6 +40,8 @@ Run (CPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import math
 import sys
@@ -72,6 +84,90 @@ def nll_ppl(logits: np.ndarray, ids: list[int]) -> float:
     return math.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
 
 
+class _TypeTraits(ctypes.Structure):  # ggml.h's struct ggml_type_traits
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+def ggml_library():
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_version.restype = lib.ggml_commit.restype = ctypes.c_char_p
+    return lib
+
+
+def ggml_dequantize_matches(path: Path) -> dict[str, str]:
+    """type -> "identical/total" tensors where ggml's to_float equals gguf-py's dequantize bit for bit."""
+    import gguf
+
+    lib, counts = ggml_library(), {}
+    to_float_t = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            continue
+        raw = np.ascontiguousarray(t.data)
+        ours = np.empty(int(t.n_elements), dtype=np.float32)
+        to_float = to_float_t(lib.ggml_get_type_traits(int(t.tensor_type)).contents.to_float)
+        to_float(raw.ctypes.data, ours.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), ours.size)
+        same = np.array_equal(ours, gguf.quants.dequantize(raw, t.tensor_type).reshape(-1))
+        done, total = counts.get(t.tensor_type.name, (0, 0))
+        counts[t.tensor_type.name] = (done + same, total + 1)
+    return {k: f"{a}/{b}" for k, (a, b) in counts.items()}
+
+
+# ggml-cpu's vec_dot_type: what a matmul's activations are quantized to for each weight type
+ACTIVATION_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+                   "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16"}
+
+
+def ggml_round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x as ggml's quantize_row_q8_0 / q8_1 (32-value blocks, d = amax / 127 stored F16) or q8_K (256-value blocks,
+    d = -max / 127 of the largest-magnitude value, F32) leaves it, dequantized; or rounded to F16."""
+    if kind == "F16":
+        return x.half().float()
+    block = 256 if kind == "Q8_K" else 32
+    v = x.float().reshape(-1, block)
+    if kind == "Q8_K":
+        big = v.gather(1, v.abs().argmax(1, keepdim=True))
+        iscale = torch.where(big != 0, -127.0 / big, torch.zeros_like(big))
+        q = torch.round(iscale * v).clamp(max=127)
+        d = torch.where(big != 0, 1 / iscale, torch.zeros_like(big))
+    else:
+        d = v.abs().amax(1, keepdim=True) / 127
+        q = torch.round(v * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+        d = d.half().float()
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def ggml_activation_rounding(model: torch.nn.Module, path: Path):
+    """Hooks: every linear layer's input rounded as ggml rounds it for that layer's weight type in the file, and
+    k/v projections' outputs to F16 (llama.cpp's KV cache)."""
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    handles = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        file_name = (names.get_name(name) or "") + ".weight"
+        kind = ACTIVATION_TYPE.get(types.get(file_name, types["token_embd.weight"]))  # tied head: the embedding
+        if kind is not None:
+            handles.append(module.register_forward_pre_hook(
+                lambda _, args, kind=kind: (ggml_round_activations(args[0], kind),)))
+        if name.endswith(("k_proj", "v_proj")):
+            handles.append(module.register_forward_hook(lambda _, __, out: out.half().float()))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class LlamaCpp:
     """llama.cpp (through llama-cpp-python) on one GGUF file: logits of a token sequence, greedy decoding."""
 
@@ -103,11 +199,16 @@ class Transformers:
     """transformers' GGUF loader (dequantized to float32) on the same file."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.model(torch.tensor([ids])).logits[0].float().numpy()
+
+    def logits_as_ggml_rounds(self, ids: list[int]) -> np.ndarray:
+        with ggml_activation_rounding(self.model, self.path):
+            return self.logits(ids)
 
     @torch.no_grad()
     def greedy(self, ids: list[int], steps: int) -> list[int]:
@@ -122,18 +223,27 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 def compare(path: Path, texts: dict[str, list[int]], prompt: list[int], strings: dict[str, str], args,
             tokenizer) -> dict:
     cpp, hf = LlamaCpp(path, args.tokens + args.steps + len(prompt), args.threads), Transformers(path)
-    row: dict = {"file": str(path), "mib": round(path.stat().st_size / 2**20, 1), "texts": {}}
+    row: dict = {"file": str(path), "mib": round(path.stat().st_size / 2**20, 1),
+                 "ggml_dequantize_identical": ggml_dequantize_matches(path), "texts": {}}
     for name, ids in texts.items():
-        a, b = cpp.logits(ids), hf.logits(ids)
+        a, b, c = cpp.logits(ids), hf.logits(ids), hf.logits_as_ggml_rounds(ids)
         diff = np.abs(a - b)
         row["texts"][name] = {
             "top1_agree": float((a.argmax(1) == b.argmax(1)).mean()),
             "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+            "rounding_alone_mean_abs_diff": float(np.abs(b - c).mean()),
+            "rounding_alone_top1_agree": float((b.argmax(1) == c.argmax(1)).mean()),
             "ppl_llamacpp": nll_ppl(a, ids), "ppl_transformers": nll_ppl(b, ids),
-            "same_tokenization": cpp.tokenize(strings[name]) == ids}
+            "same_tokenization": cpp.tokenize(strings[name]) == tokenizer(strings[name], add_special_tokens=False)[
+                "input_ids"]}
     g_cpp, g_hf = cpp.greedy(prompt, args.steps), hf.greedy(prompt, args.steps)
-    row["greedy"] = {"agree_leading": leading_agreement(g_cpp, g_hf), "steps": args.steps,
+    cpp.llm.close()
+    same = leading_agreement(g_cpp, g_hf)
+    row["greedy"] = {"agree_leading": same, "steps": args.steps,
                      "llamacpp": tokenizer.decode(g_cpp), "transformers": tokenizer.decode(g_hf)}
+    if same < args.steps:  # how close transformers' own top two were where the two runtimes parted
+        last = hf.logits(prompt + g_hf[:same])[-1]
+        row["greedy"]["transformers_margin_at_split"] = float(last[g_hf[same]] - last[g_cpp[same]])
     return row
 
 
@@ -156,23 +266,30 @@ def main(argv=None) -> int:
         ids = tokenizer((LICENSES / name).read_text(), add_special_tokens=False)["input_ids"][: args.tokens]
         texts[name], strings[name] = ids, tokenizer.decode(ids)
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    results = {"llama_cpp": llama_cpp.__version__, "torch": torch.__version__, "files": {}}
+    lib = ggml_library()
+    results = {"llama_cpp": llama_cpp.__version__, "ggml": f"{lib.ggml_version().decode()} "
+               f"({lib.ggml_commit().decode()})", "torch": torch.__version__, "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in export_files(float_dir, tokenizer, Path(tmp)).items():
             start = time.time()
             results["files"][name] = row = compare(path, texts, prompt, strings, args, tokenizer)
             row["seconds"] = round(time.time() - start, 1)
             print(name, json.dumps(row), flush=True)
-    print(f"\nllama_cpp {llama_cpp.__version__}; {args.tokens} teacher-forced tokens per text; greedy {args.steps} "
-          f"tokens from {PROMPT!r}\n")
-    print("| file | text | top-1 agree | mean abs dlogit | max abs dlogit | ppl llama.cpp | ppl transformers | "
-          "same tokens | greedy leading agree |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nllama_cpp {llama_cpp.__version__}, ggml {results['ggml']}; {args.tokens} teacher-forced tokens per "
+          f"text; greedy {args.steps} tokens from {PROMPT!r}\n")
+    print("| file | ggml dequant = gguf-py | text | top-1 agree | mean abs dlogit | max abs dlogit | "
+          "simulated ggml rounding alone: top-1, mean abs dlogit | ppl llama.cpp | ppl transformers | same tokens | "
+          "greedy leading agree (transformers' margin at the split) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results["files"].items():
+        dequant = ", ".join(f"{k} {v}" for k, v in row["ggml_dequantize_identical"].items()) or "-"
+        margin = row["greedy"].get("transformers_margin_at_split")
+        margin = f" ({margin:.3f})" if margin is not None else ""
         for text, t in row["texts"].items():
-            print(f"| {name} | {text} | {t['top1_agree']:.1%} | {t['mean_abs_diff']:.4f} | {t['max_abs_diff']:.4f} | "
-                  f"{t['ppl_llamacpp']:.3f} | {t['ppl_transformers']:.3f} | {t['same_tokenization']} | "
-                  f"{row['greedy']['agree_leading']}/{row['greedy']['steps']} |")
+            print(f"| {name} | {dequant} | {text} | {t['top1_agree']:.1%} | {t['mean_abs_diff']:.4f} | "
+                  f"{t['max_abs_diff']:.4f} | {t['rounding_alone_top1_agree']:.1%}, "
+                  f"{t['rounding_alone_mean_abs_diff']:.4f} | {t['ppl_llamacpp']:.3f} | {t['ppl_transformers']:.3f} | "
+                  f"{t['same_tokenization']} | {row['greedy']['agree_leading']}/{row['greedy']['steps']}{margin} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
