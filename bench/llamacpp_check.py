@@ -7,6 +7,10 @@ and each runtime's perplexity on that text; then greedy decoding for ``--steps``
 many leading tokens agree). It also checks that llama.cpp's tokenizer (from the file's metadata) splits the text
 into the same ids as transformers'. transformers runs in float32 on the file as its GGUF loader dequantizes it.
 
+Then (``--parts tiny``) tiny random llamas whose configs use what SmolLM2 does not - head_dim != hidden / heads,
+q/k/v biases, llama3 and linear rope scaling - exported in float32 and run by llama.cpp against the original
+transformers model (not a reload: transformers' GGUF loader drops biases and rope scaling of llama files).
+
 Two diagnostics tell a wrong file from llama.cpp's own arithmetic:
   * ggml's dequantizer (``ggml_get_type_traits(type)->to_float`` from llama.cpp's libggml-base) against gguf-py's
     (what transformers' loader and hfqat's tests use) on every quantized tensor of the file: bit-identical or not;
@@ -35,6 +39,7 @@ Install llama.cpp's Python binding from PyPI (it builds llama.cpp from the sdist
 
 Run (CPU):
     PYTHONPATH=. python bench/llamacpp_check.py --threads 2 --out bench/results/cpu_llamacpp_check.json
+    PYTHONPATH=. python bench/llamacpp_check.py --threads 2 --parts tiny
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import hfqat
 from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
@@ -247,12 +252,66 @@ def compare(path: Path, texts: dict[str, list[int]], prompt: list[int], strings:
     return row
 
 
+TINY_CASES = {
+    "head_dim 32 (hidden / heads = 16)": {"head_dim": 32},
+    "q/k/v biases": {"attention_bias": True},
+    "llama3 rope scaling": {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "linear rope scaling x4": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+}
+
+
+@torch.no_grad()
+def tiny_architecture_checks(tokenizer, folder: Path, threads: int, n_tokens: int = 200) -> dict[str, dict]:
+    """case -> llama.cpp vs the original transformers model on a float32 export of a tiny random llama."""
+    rows = {}
+    for case, extra in TINY_CASES.items():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=False, initializer_range=0.2, **extra)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)  # large enough that a misplaced bias row changes the attention
+        path = hfqat.export_gguf(model, folder / f"tiny{len(rows)}" / "m.gguf", tokenizer, float_type="F32",
+                                 tokenizer_pre="smollm")
+        ids = torch.randint(0, config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+        cpp = LlamaCpp(path, n_tokens, threads)
+        a, b = cpp.logits(ids), model(torch.tensor([ids])).logits[0].numpy()
+        cpp.llm.close()
+        rows[case] = {"mean_abs_diff": float(np.abs(a - b).mean()), "max_abs_diff": float(np.abs(a - b).max()),
+                      "mean_abs_logit": float(np.abs(b).mean())}
+        print(case, json.dumps(rows[case]), flush=True)
+    return rows
+
+
+def print_smollm_table(results: dict, args) -> None:
+    print(f"\nllama_cpp {results['llama_cpp']}, ggml {results['ggml']}; {args.tokens} teacher-forced tokens per "
+          f"text; greedy {args.steps} tokens from {PROMPT!r}\n")
+    print("| file | ggml dequant = gguf-py | text | top-1 agree | mean abs dlogit | max abs dlogit | "
+          "simulated ggml rounding alone: top-1, mean abs dlogit | ppl llama.cpp | ppl transformers | same tokens | "
+          "greedy leading agree (transformers' margin at the split) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in results["files"].items():
+        dequant = ", ".join(f"{k} {v}" for k, v in row["ggml_dequantize_identical"].items()) or "-"
+        margin = row["greedy"].get("transformers_margin_at_split")
+        margin = f" ({margin:.3f})" if margin is not None else ""
+        for text, t in row["texts"].items():
+            print(f"| {name} | {dequant} | {text} | {t['top1_agree']:.1%} | {t['mean_abs_diff']:.4f} | "
+                  f"{t['max_abs_diff']:.4f} | {t['rounding_alone_top1_agree']:.1%}, "
+                  f"{t['rounding_alone_mean_abs_diff']:.4f} | {t['ppl_llamacpp']:.3f} | {t['ppl_transformers']:.3f} | "
+                  f"{t['same_tokenization']} | {row['greedy']['agree_leading']}/{row['greedy']['steps']}{margin} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--texts", nargs="+", default=["GPL-3", "Apache-2.0"], help="file names in " + str(LICENSES))
     p.add_argument("--tokens", type=int, default=512, help="teacher-forced tokens per text")
     p.add_argument("--steps", type=int, default=32, help="greedy tokens")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", nargs="+", choices=("smollm", "tiny"), default=["smollm", "tiny"])
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "hfqat-smollm2-f32")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -270,26 +329,19 @@ def main(argv=None) -> int:
     results = {"llama_cpp": llama_cpp.__version__, "ggml": f"{lib.ggml_version().decode()} "
                f"({lib.ggml_commit().decode()})", "torch": torch.__version__, "files": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in export_files(float_dir, tokenizer, Path(tmp)).items():
-            start = time.time()
-            results["files"][name] = row = compare(path, texts, prompt, strings, args, tokenizer)
-            row["seconds"] = round(time.time() - start, 1)
-            print(name, json.dumps(row), flush=True)
-    print(f"\nllama_cpp {llama_cpp.__version__}, ggml {results['ggml']}; {args.tokens} teacher-forced tokens per "
-          f"text; greedy {args.steps} tokens from {PROMPT!r}\n")
-    print("| file | ggml dequant = gguf-py | text | top-1 agree | mean abs dlogit | max abs dlogit | "
-          "simulated ggml rounding alone: top-1, mean abs dlogit | ppl llama.cpp | ppl transformers | same tokens | "
-          "greedy leading agree (transformers' margin at the split) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, row in results["files"].items():
-        dequant = ", ".join(f"{k} {v}" for k, v in row["ggml_dequantize_identical"].items()) or "-"
-        margin = row["greedy"].get("transformers_margin_at_split")
-        margin = f" ({margin:.3f})" if margin is not None else ""
-        for text, t in row["texts"].items():
-            print(f"| {name} | {dequant} | {text} | {t['top1_agree']:.1%} | {t['mean_abs_diff']:.4f} | "
-                  f"{t['max_abs_diff']:.4f} | {t['rounding_alone_top1_agree']:.1%}, "
-                  f"{t['rounding_alone_mean_abs_diff']:.4f} | {t['ppl_llamacpp']:.3f} | {t['ppl_transformers']:.3f} | "
-                  f"{t['same_tokenization']} | {row['greedy']['agree_leading']}/{row['greedy']['steps']}{margin} |")
+        if "smollm" in args.parts:
+            for name, path in export_files(float_dir, tokenizer, Path(tmp)).items():
+                start = time.time()
+                results["files"][name] = row = compare(path, texts, prompt, strings, args, tokenizer)
+                row["seconds"] = round(time.time() - start, 1)
+                print(name, json.dumps(row), flush=True)
+            print_smollm_table(results, args)
+        if "tiny" in args.parts:
+            results["tiny"] = tiny_architecture_checks(tokenizer, Path(tmp), args.threads)
+            print("\n| tiny llama, float32 export | mean abs dlogit | max abs dlogit | mean abs logit |")
+            print("|---|---|---|---|")
+            for case, r in results["tiny"].items():
+                print(f"| {case} | {r['mean_abs_diff']:.5f} | {r['max_abs_diff']:.5f} | {r['mean_abs_logit']:.3f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
