@@ -284,6 +284,7 @@ def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
         assert np.array_equal(np.asarray(written[name].data), np.asarray(original[name].data)), name
     reader = gguf.GGUFReader(path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["general.name"].contents() == "float"  # the checkpoint folder's name, not its path
     source_fields = gguf.GGUFReader(source).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token"):
         assert reader.fields[key].contents() == source_fields[key].contents(), key  # CONTROL specials, no BOS

@@ -245,7 +245,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(getattr(config, "_name_or_path", "") or "hfqat-model")
+        # the checkpoint's folder / hub name, not its local path (llama.cpp prints it; the path is this machine's)
+        writer.add_name(Path(getattr(config, "_name_or_path", "") or "hfqat-model").name)
         _add_architecture(writer, arch, config)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if types and (file_type := _file_type(types)) is not None:
