@@ -216,6 +216,66 @@ def test_export_refuses_other_formats_or_requantizes_with_a_warning(tiny256, tmp
     assert 0 < (got - w).norm() / w.norm() < 0.3  # re-quantized: close, not the same
 
 
+def _tiny_llama(**config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**common, **config})).eval()
+
+
+def test_export_writes_the_head_size_llama_cpp_reads_when_head_dim_is_not_hidden_over_heads(tmp_path):
+    model = _tiny_llama(head_dim=32)  # hidden 64 / 4 heads = 16: llama.cpp would assume 16 without key_length
+    path = hfqat.export_gguf(model, tmp_path / "m.gguf", float_type="F32")
+    fields = gguf.GGUFReader(path).fields
+    assert [fields[f"llama.{k}"].contents() for k in ("attention.key_length", "attention.value_length",
+                                                       "rope.dimension_count")] == [32, 32, 32]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_export_permutes_q_k_biases_with_their_rows(tmp_path):
+    model = _tiny_llama(attention_bias=True)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # each bias = its row's first weight: the file must keep every row with its bias
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.bias.copy_(proj.weight[:, 0])
+    path = hfqat.export_gguf(model, tmp_path / "m.gguf", float_type="F32")
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    for proj in ("q", "k"):
+        weight, bias = tensors[f"blk.0.attn_{proj}.weight"], tensors[f"blk.0.attn_{proj}.bias"]
+        assert not np.array_equal(weight, getattr(attn, f"{proj}_proj").weight.detach().numpy())  # permuted
+        assert np.array_equal(bias, weight[:, 0])
+
+
+def test_llama3_rope_scaling_is_written_as_rope_freqs_and_other_scalings_are_refused(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    # wavelengths on both sides of the original context's band: factors 1, in between and `factor`
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = _tiny_llama(rope_parameters=rope)
+    path = hfqat.export_gguf(model, tmp_path / "m.gguf", float_type="F32")
+    written = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    dim = model.config.head_dim
+    unscaled = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    factors = (unscaled / scaled).numpy()  # llama.cpp divides each frequency by its factor
+    assert np.allclose(written, factors, rtol=1e-5) and len(set(np.round(factors, 3))) > 2
+    AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")  # transformers' loader skips the tensor
+    linear = hfqat.export_gguf(_tiny_llama(rope_parameters={"rope_type": "linear", "factor": 4.0}),
+                               tmp_path / "linear.gguf")
+    fields = gguf.GGUFReader(linear).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    yarn = _tiny_llama(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    with pytest.raises(ValueError, match=r"rope_type='yarn' is not supported; allowed values: "
+                                         r"\['default', 'linear', 'llama3'\]"):
+        hfqat.export_gguf(yarn, tmp_path / "yarn.gguf")
+    assert not (tmp_path / "yarn.gguf").exists()
+
+
 def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
     from hfqat.integrations.gguf import embedded_smollm2, load_gguf_for_qat
 
@@ -239,8 +299,10 @@ def test_embedded_smollm2_q4_1_round_trips_to_identical_blocks(tmp_path):
         assert np.array_equal(np.asarray(written[name].data), np.asarray(original[name].data)), name
     reader = gguf.GGUFReader(path)
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert reader.fields["tokenizer.ggml.tokens"].contents() == \
-        gguf.GGUFReader(source).fields["tokenizer.ggml.tokens"].contents()
+    assert reader.fields["general.name"].contents() == "float"  # the checkpoint folder's name, not its path
+    source_fields = gguf.GGUFReader(source).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.add_bos_token"):
+        assert reader.fields[key].contents() == source_fields[key].contents(), key  # CONTROL specials, no BOS
     again = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     ids = tokenizer("def f(x): return x", return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -4,8 +4,11 @@ Every fake-quantized layer is written as the raw blocks of its trained type (`hf
 of the layer's own codes: lossless, the file dequantizes to exactly the fake-quant weights); every other tensor as
 F16 (matrices) or F32 (vectors), as llama.cpp's converter does. What is reused rather than written here: tensor names
 (`gguf.get_tensor_name_map`), the architecture keys (transformers' `GGUF_CONFIG_MAPPING`, inverted), the vocabulary,
-merges and special tokens (`gguf.vocab`), the writer (`gguf.GGUFWriter`). What is written here: llama.cpp's q/k row
-permutation for llama/mistral (its ``LlamaModel.permute``, undone by transformers' loader) and the choice of types.
+merges and special tokens (`gguf.vocab`), the writer (`gguf.GGUFWriter`). What is written here, as llama.cpp's
+converter (convert_hf_to_gguf.py) does: the q/k row permutation for llama/mistral, biases included (its
+``LlamaModel.permute``, undone by transformers' loader), the head size (``attention.key_length``), linear rope scaling
+and llama3's ``rope_freqs`` factors (other rope scalings are refused), the added tokens' types (CONTROL when special)
+and the choice of types.
 
 Layers trained on another format are refused, naming the layer and the ``gguf_type`` to train with; with
 ``allow_requantize=True`` they are re-quantized (round-to-nearest on that type, from their fake-quant weights) with a
@@ -35,6 +38,7 @@ from .checkpoint import _check_plain_model
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 PERMUTED_QK = ("llama", "mistral")
 FLOAT_TYPES = ("F16", "F32")
+ROPE_TYPES = ("default", "linear", "llama3")  # what the file can say for llama.cpp's llama/qwen2 architectures
 
 
 def _permute(rows: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -63,21 +67,61 @@ def _layer_blocks(name: str, layer, allow_requantize: bool, lost: list[str]) -> 
     return pack_blocks(gguf_codes(w, scale, zero, grid), grid), grid
 
 
+def _rope_parameters(config) -> dict:
+    """The rope settings (transformers 5: ``rope_parameters``, with the theta; before: ``rope_scaling``), with
+    ``rope_type`` always set."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _add_architecture(writer, arch: str, config) -> None:
+    import gguf
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
+    rope = _rope_parameters(config)
     for key, attribute in GGUF_CONFIG_MAPPING[arch].items():
         value = getattr(config, attribute, None) if attribute else None
         if key == "rope.dimension_count" and value is None:
-            value = config.hidden_size // config.num_attention_heads
+            value = _head_dim(config)
         if key == "rope.freq_base" and value is None:  # transformers 5 keeps it in rope_parameters
-            value = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+            value = rope.get("rope_theta")
         if value is None:
             continue
         if isinstance(value, float):
             writer.add_float32(f"{arch}.{key}", value)
         else:
             writer.add_uint32(f"{arch}.{key}", int(value))
+    # llama.cpp takes the head size from these (else hidden_size / heads, wrong when a config sets head_dim)
+    writer.add_key_length(_head_dim(config))
+    writer.add_value_length(_head_dim(config))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _rope_freqs(config) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` tensor for llama3 rope scaling (its converter's factors: it divides each rotary
+    frequency by one); None for unscaled rope. Scalings llama.cpp's llama architecture would get wrong are refused."""
+    rope = _rope_parameters(config)
+    if rope["rope_type"] not in ROPE_TYPES:
+        raise ValueError(f"export_gguf: rope_type={rope['rope_type']!r} is not supported; allowed values: "
+                         f"{list(ROPE_TYPES)}")
+    if rope["rope_type"] != "llama3":
+        return None
+    dim = _head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, mid))
+    return out.astype(np.float32)
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
@@ -96,6 +140,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
             tokens.append(text)
             scores.append(score)
             types.append(kind)
+        if model == "gpt2":  # gguf-py types added tokens inside the vocabulary NORMAL; llama.cpp's converter does not
+            for i, added in tokenizer.added_tokens_decoder.items():
+                if i < len(types):
+                    types[i] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
         for i in range(len(tokens), vocab_size):  # as llama.cpp's converter: pad to the embedding's rows
             tokens.append(f"[PAD{i}]".encode())
             scores.append(-1000.0)
@@ -105,7 +153,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        SpecialVocab(Path(tmp), load_merges=model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        special = SpecialVocab(Path(tmp), load_merges=model == "gpt2", n_vocab=len(tokens))
+        if "bos" not in special.add_special_token and isinstance(getattr(tokenizer, "add_bos_token", None), bool):
+            special.add_special_token["bos"] = tokenizer.add_bos_token  # else llama.cpp guesses from the vocab type
+        special.add_to_gguf(writer, quiet=True)
 
 
 def _file_type(types: Counter):
@@ -154,6 +205,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
     lost: list[str] = []
     types: Counter = Counter()
     tensors: list[tuple[str, np.ndarray, object]] = []  # (gguf name, data, raw dtype or None)
+    if (rope_freqs := _rope_freqs(config)) is not None:
+        tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs, None))
 
     def gguf_name(hf_name: str) -> str:
         base, suffix = hf_name.rsplit(".", 1)
@@ -163,9 +216,9 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
         return f"{mapped}.{suffix}"
 
     def rows_in_file_order(name: str, rows: np.ndarray) -> np.ndarray:
-        if arch in PERMUTED_QK and name.endswith("attn_q.weight"):
+        if arch in PERMUTED_QK and name.endswith(("attn_q.weight", "attn_q.bias")):
             return _permute(rows, config.num_attention_heads)
-        if arch in PERMUTED_QK and name.endswith("attn_k.weight"):
+        if arch in PERMUTED_QK and name.endswith(("attn_k.weight", "attn_k.bias")):
             return _permute(rows, config.num_attention_heads, config.num_key_value_heads)
         return rows
 
@@ -192,7 +245,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer=None, allow
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        writer.add_name(getattr(config, "_name_or_path", "") or "hfqat-model")
+        # the checkpoint's folder / hub name, not its local path (llama.cpp prints it; the path is this machine's)
+        writer.add_name(Path(getattr(config, "_name_or_path", "") or "hfqat-model").name)
         _add_architecture(writer, arch, config)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if types and (file_type := _file_type(types)) is not None:
