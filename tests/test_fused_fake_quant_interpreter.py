@@ -1,0 +1,68 @@
+"""The fused fake-quant kernels of `hfqat.quant.fused_fake_quant`, run on the CPU by Triton's interpreter
+(``TRITON_INTERPRET=1``, in a subprocess: the variable must be set before the kernels are defined).
+
+Forward bit for bit ``dequantize(quantize(w))``, and the backward's STE mask and LSQ / zero-point gradients those of the
+torch code, with one width for the weight, one per output row (``bits_granularity="row"``) and one per group;
+symmetric and with zero points. The GPU test in test_compile.py covers the compiled kernels.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(r'''
+    import numpy, triton.runtime.interpreter as interp
+
+    if int(numpy.__version__.split(".")[0]) >= 2:  # triton 3.6's interpreter calls int() on 1-element arrays
+        _patch = interp._patch_lang_tensor
+
+        def _patched(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interp._patch_lang_tensor = _patched
+
+    import torch
+    from hfqat.quant import fused_fake_quant as F
+    from hfqat.quant import primitives as P
+
+    torch.manual_seed(0)
+    out_features, in_features, group = 12, 64, 16
+    widths = {"layer": torch.tensor(3), "row": torch.tensor([2, 3, 4, 8] * 3).view(-1, 1, 1),
+              "group": torch.randint(2, 9, (out_features, in_features // group, 1))}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(out_features, in_features) * 0.05).to(dtype)
+        for symmetric in (True, False):
+            for name, bits in widths.items():
+                scale, zero = P.init_scales(w, bits.view(-1) if name == "row" else 4, group, symmetric, "minmax")
+                scale = scale * 0.8  # some clamping
+                zero = zero + 0.3 if zero is not None else None  # a float zero point: its rounding must match
+                what = (dtype, symmetric, name)
+                # float32 out: the interpreter casts to bfloat16 by truncation (the GPU rounds, test_compile.py)
+                ref = P.dequantize(P.quantize(w, scale, zero, bits, group), scale, zero, group)
+                assert torch.equal(F.forward(w, scale, zero, bits, group, torch.float32), ref), what
+                grad = torch.linspace(-1, 1, w.numel()).reshape(w.shape).to(dtype)
+                leaves = [t.clone().requires_grad_() for t in (w, scale) + ((zero,) if zero is not None else ())]
+                P.fake_quantize(leaves[0], leaves[1], leaves[2] if zero is not None else None, bits, group,
+                                out_dtype=torch.float32).backward(grad.float())
+                grad_w, grad_s, grad_z = F.backward(w, scale, zero, bits, group, grad)
+                assert torch.equal(grad_w, leaves[0].grad), what
+                torch.testing.assert_close(grad_s, leaves[1].grad, rtol=1e-4, atol=1e-6, msg=str(what))
+                if zero is not None:
+                    torch.testing.assert_close(grad_z, leaves[2].grad, rtol=1e-4, atol=1e-6, msg=str(what))
+    print("fused fake quant ok")
+''')
+
+
+def test_fused_kernels_match_the_torch_code_in_the_interpreter():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "fused fake quant ok" in proc.stdout, proc.stderr[-4000:]
