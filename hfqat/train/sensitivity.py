@@ -54,6 +54,7 @@ CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enou
 # sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
 # same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
 CLIP_GROUPS_PER_ROW = 8
+CLIP_BATCH_ELEMENTS = 2**27  # float32 elements of one batch of clip-search grids (0.5 GiB per temporary)
 LayerList = list[tuple[str, FakeQuantMixin]]
 
 
@@ -114,8 +115,17 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     groups = w.shape[1] // spec.group_size
     step = max(1, groups // CLIP_GROUPS_PER_ROW)
     w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
-    return torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
-                        for c in CLIP_GRID])
+    # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
+    # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
+    # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
+    per_batch = max(1, CLIP_BATCH_ELEMENTS // (len(choices) * w.numel()))
+    totals = []
+    for start in range(0, len(CLIP_GRID), per_batch):
+        shrinks = CLIP_GRID[start:start + per_batch]
+        errors = _grid_errors(w, choices * len(shrinks), tuple(c for c in shrinks for _ in choices), spec.group_size,
+                              spec.symmetric)
+        totals += [block.sum((1, 2)) for block in errors.view(len(shrinks), len(choices), *w.shape).unbind(0)]
+    return torch.stack(totals)
 
 
 def _best_clip(totals: torch.Tensor | None, bit_choices: tuple[int, ...]) -> dict[int, float]:
