@@ -24,7 +24,7 @@ from hfqat.train.reallocation import Reallocation
 from hfqat.train.schedule import Schedule
 from hfqat.train.sensitivity import SensitivityContext, make_estimator, quantization_errors
 from hfqat.train.state_store import CheckpointStore
-from hfqat.train.teachers import attach_distillation
+from hfqat.train.teachers import attach_distillation, logged_losses
 from hfqat.train.tracker import SensitivityTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,6 +164,10 @@ def test_attach_distillation_builds_the_teacher_and_hooks_the_forward(model):
     sums = hook.pop_sums()
     assert hook.last_batch["input_ids"] is ids and sums["distill_loss"] > 0
     assert float(mixed) == pytest.approx(0.5 * sums["task_loss"] + 0.5 * sums["distill_loss"], rel=1e-5)
+    model(input_ids=ids, labels=ids)
+    model(input_ids=ids, labels=ids)
+    logged = logged_losses(hook, steps=2)  # two steps' sums, per step
+    assert logged == pytest.approx(sums) and hook.pop_sums() == {}
     hook.detach()
     model(input_ids=ids, labels=ids)
     assert hook.pop_sums() == {}  # detached: the model's own forward again

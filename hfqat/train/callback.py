@@ -34,7 +34,7 @@ Trainer re-creates the callback from its saved arguments, which cannot include a
 The class is a thin Trainer adapter over parts that work without a Trainer: `CallbackArguments` (settings,
 defaults, validation), `Schedule` (which step does what), `Reallocation` (the run's `SensitivityTracker` and
 `LayerAllocator` / `RowAllocator`, step by step, into an `AllocationHistory`), `GridStepUpdates`,
-`CheckpointStore` and `attach_distillation`.
+`CheckpointStore`, `attach_distillation` and `logged_losses`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..distributed import is_sharded, mean_across_ranks
+from ..distributed import is_sharded
 from ..quant.modeling import bit_allocation, qat_layers, set_soft_sharpness
 from .allocator import LayerAllocator, config_bits
 from .arguments import CallbackArguments
@@ -60,7 +60,7 @@ from .history import HISTORY_FILE, AllocationHistory
 from .reallocation import Reallocation
 from .schedule import Schedule
 from .state_store import ROW_SCORES_FILE, TEACHER_FILE, CheckpointStore
-from .teachers import attach_distillation
+from .teachers import attach_distillation, logged_losses
 
 __all__ = ["HISTORY_FILE", "ROW_SCORES_FILE", "TEACHER_FILE", "QATCallback"]
 
@@ -167,12 +167,7 @@ class QATCallback(CallbackArguments, TrainerCallback, ExportableState):
             return
         steps = max(state.global_step - self._last_logged_step, 1)
         self._last_logged_step = state.global_step
-        # Every rank logs (Trainer gathers its own loss there too): report the global value, as Trainer does.
-        sums = mean_across_ranks({"logs": self._hook.pop_sums()}).get("logs", {})
-        # Trainer's own rule for a global item count (then each rank's value is a part of one global mean).
-        if self._hook.saw_item_counts and args.average_tokens_across_devices and args.world_size > 1:
-            sums = {key: value * args.world_size for key, value in sums.items()}
-        extra = {key: value / steps for key, value in sums.items()}
+        extra = logged_losses(self._hook, steps, args.world_size, args.average_tokens_across_devices)
         logs.update(extra)
         # Trainer appended a copy of `logs` to the history before calling the callbacks.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
