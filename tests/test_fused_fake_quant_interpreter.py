@@ -3,7 +3,8 @@
 
 Forward bit for bit ``dequantize(quantize(w))``, and the backward's STE mask and LSQ / zero-point gradients those of the
 torch code, with one width for the weight, one per output row (``bits_granularity="row"``) and one per group;
-symmetric and with zero points. The GPU test in test_compile.py covers the compiled kernels.
+symmetric and with zero points. And the sensitivity estimators' candidate grids (`_grid_weights`, which run them on
+CUDA): the weights of their torch code. The GPU test in test_compile.py covers the compiled kernels.
 """
 
 import os
@@ -56,6 +57,19 @@ SCRIPT = textwrap.dedent(r'''
                 torch.testing.assert_close(grad_s, leaves[1].grad, rtol=1e-4, atol=1e-6, msg=str(what))
                 if zero is not None:
                     torch.testing.assert_close(grad_z, leaves[2].grad, rtol=1e-4, atol=1e-6, msg=str(what))
+
+    from hfqat.train import sensitivity as S
+
+    for dtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(out_features, in_features) * 0.05).to(dtype)
+        for symmetric in (True, False):
+            args = (w, (2, 3, 4, 8), (0.7, 0.8, 1.0, 0.9), group, symmetric)
+            expected = S._grid_weights(*args)  # CPU tensors: the torch code
+            supports, F.supports = F.supports, lambda *a: True  # the fused path, run on the CPU
+            try:
+                assert torch.equal(S._grid_weights(*args), expected), (dtype, symmetric)
+            finally:
+                F.supports = supports
     print("fused fake quant ok")
 ''')
 
