@@ -179,7 +179,7 @@ def test_batched_grid_errors_equal_the_primitives(symmetric):
 def test_clip_search_totals_are_those_of_one_factor_at_a_time(model, monkeypatch, batch_elements):
     """The batched clip search reduces each factor's grid on its own: the totals of the plain per-factor loop, bit
     for bit (so the chosen ratios cannot move)."""
-    monkeypatch.setattr(sensitivity, "CLIP_BATCH_ELEMENTS", batch_elements)
+    monkeypatch.setattr(sensitivity, "CLIP_BATCH_ELEMENTS", {"cpu": batch_elements})
     for name, layer in qat_layers(model):
         w, spec = layer.weight_oi().detach(), layer.spec
         groups = w.shape[1] // spec.group_size

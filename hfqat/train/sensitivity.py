@@ -55,7 +55,11 @@ CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enou
 # sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
 # same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
 CLIP_GROUPS_PER_ROW = 8
-CLIP_BATCH_ELEMENTS = 2**27  # float32 elements of one batch of clip-search grids (0.5 GiB per temporary)
+# Float32 elements of one batch of clip-search grids, by device type: on a GPU large (0.5 GiB per temporary: the
+# re-fit is launch-bound there), on a CPU within its caches (a batch that spills them is slower than one factor at a
+# time).
+CLIP_BATCH_ELEMENTS = {"cpu": 2**18}
+CLIP_BATCH_ELEMENTS_ACCELERATOR = 2**27
 LayerList = list[tuple[str, FakeQuantMixin]]
 
 
@@ -131,7 +135,8 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
     # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
     # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
-    per_batch = max(1, CLIP_BATCH_ELEMENTS // (len(choices) * w.numel()))
+    budget = CLIP_BATCH_ELEMENTS.get(w.device.type, CLIP_BATCH_ELEMENTS_ACCELERATOR)
+    per_batch = max(1, budget // (len(choices) * w.numel()))
     totals = []
     for start in range(0, len(CLIP_GRID), per_batch):
         shrinks = CLIP_GRID[start:start + per_batch]
