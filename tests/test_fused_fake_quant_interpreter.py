@@ -7,28 +7,14 @@ symmetric and with zero points. And the sensitivity estimators' candidate grids 
 CUDA): the weights of their torch code. The GPU test in test_compile.py covers the compiled kernels.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from triton_interpreter import run_in_interpreter
 
 pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(r'''
-    import numpy, triton.runtime.interpreter as interp
-
-    if int(numpy.__version__.split(".")[0]) >= 2:  # triton 3.6's interpreter calls int() on 1-element arrays
-        _patch = interp._patch_lang_tensor
-
-        def _patched(tensor, scope):
-            _patch(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = _patched
-
     import torch
     from hfqat.quant import fused_fake_quant as F
     from hfqat.quant import primitives as P
@@ -75,8 +61,5 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def test_fused_kernels_match_the_torch_code_in_the_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_in_interpreter(SCRIPT)
     assert proc.returncode == 0 and "fused fake quant ok" in proc.stdout, proc.stderr[-4000:]
