@@ -4,7 +4,8 @@
 Forward bit for bit ``dequantize(quantize(w))``, and the backward's STE mask and LSQ / zero-point gradients those of the
 torch code, with one width for the weight, one per output row (``bits_granularity="row"``) and one per group;
 symmetric and with zero points. And the sensitivity estimators' candidate grids (`_grid_weights`, which run them on
-CUDA): the weights of their torch code. The GPU test in test_compile.py covers the compiled kernels.
+CUDA): the weights of their torch code, hence the same calibration ΔL table (`measure_kinds`) on a tiny model. The GPU
+test in test_compile.py covers the compiled kernels.
 """
 
 import textwrap
@@ -56,6 +57,25 @@ SCRIPT = textwrap.dedent(r'''
                 assert torch.equal(S._grid_weights(*args), expected), (dtype, symmetric)
             finally:
                 F.supports = supports
+
+    import hfqat
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from hfqat.quant.modeling import bit_allocation, qat_layers, quantize_model
+    from hfqat.train.calibration import measure_kinds
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = AutoModelForCausalLM.from_config(config)
+    quantize_model(model, hfqat.QATConfig(bits=4, group_size=16))
+    layers, ids = list(qat_layers(model)), torch.randint(0, 64, (2, 12))
+    clip = {name: S.fit_clip_ratios(layer, (2, 3, 4, 8)) for name, layer in layers}
+    table = lambda: measure_kinds(model, layers, {"input_ids": ids}, (2, 3, 4, 8), clip, bit_allocation(model))
+    expected = table()
+    supports, F.supports = F.supports, lambda *a: True
+    try:
+        assert table() == expected
+    finally:
+        F.supports = supports
     print("fused fake quant ok")
 ''')
 
