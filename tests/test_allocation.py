@@ -19,12 +19,16 @@ from hfqat.train.allocation import (
     allocate_unit_bits,
     weighted_average_bits,
 )
+from hfqat.train import sensitivity
 from hfqat.train.sensitivity import (
+    CLIP_GRID,
+    CLIP_GROUPS_PER_ROW,
     ESTIMATORS,
     FisherEstimator,
     SensitivityContext,
     SensitivityEstimator,
     _grid_errors,
+    clip_error_totals,
     fit_clip_ratios,
     make_estimator,
     quantization_errors,
@@ -169,6 +173,21 @@ def test_batched_grid_errors_equal_the_primitives(symmetric):
         scale = scale * shrink[i]
         expected = (dequantize(quantize(w, scale, zero, bits, 32), scale, zero, 32) - w).pow(2)
         torch.testing.assert_close(errors[i], expected, rtol=1e-5, atol=1e-8)  # same grid, same codes
+
+
+@pytest.mark.parametrize("batch_elements", [2**27, 3 * 4 * 64 * 4 * 32])  # all factors at once; 3 to 12 per batch
+def test_clip_search_totals_are_those_of_one_factor_at_a_time(model, monkeypatch, batch_elements):
+    """The batched clip search reduces each factor's grid on its own: the totals of the plain per-factor loop, bit
+    for bit (so the chosen ratios cannot move)."""
+    monkeypatch.setattr(sensitivity, "CLIP_BATCH_ELEMENTS", {"cpu": batch_elements})
+    for name, layer in qat_layers(model):
+        w, spec = layer.weight_oi().detach(), layer.spec
+        groups = w.shape[1] // spec.group_size
+        step = max(1, groups // CLIP_GROUPS_PER_ROW)
+        w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
+        expected = torch.stack([_grid_errors(w, CHOICES, (c,) * len(CHOICES), spec.group_size, spec.symmetric)
+                                .sum((1, 2)) for c in CLIP_GRID])
+        assert torch.equal(clip_error_totals(layer, CHOICES), expected), name
 
 
 def test_fisher_weights_error_by_squared_gradient(model, input_ids):

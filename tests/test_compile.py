@@ -129,7 +129,8 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_fake_quant.av
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits,group_size,shape", [(4, 128, (512, 1024)), (3, 32, (96, 256)), (8, 576, (64, 576)),
                                                    (2, 64, (33, 192))])
-def test_fused_kernels_match_torch(dtype, symmetric, bits, group_size, shape):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fused_kernels_match_torch(dtype, symmetric, bits, group_size, shape, per_row):
     g = torch.Generator(device="cuda").manual_seed(bits * 7 + group_size)
     w = (torch.randn(shape, device="cuda", generator=g) * 0.05).to(dtype)
     scale, zero = init_scales(w, bits, group_size, symmetric, "minmax")
@@ -138,6 +139,10 @@ def test_fused_kernels_match_torch(dtype, symmetric, bits, group_size, shape):
         zero = zero + 0.3  # the stored zero point is a float; its rounding must match too
     ref = dequantize(quantize(w, scale, zero, bits, group_size), scale, zero, group_size).to(dtype)
     bits_t = torch.tensor(bits, dtype=torch.int32, device="cuda")
+    if per_row:  # one width per output row (bits_granularity="row"), as the layers pass them
+        bits_t = torch.tensor([2, 3, 4, 8], dtype=torch.int8, device="cuda").repeat(shape[0] // 4 + 1)[:shape[0]]
+        bits_t = bits_t.view(-1, 1, 1)
+        ref = dequantize(quantize(w, scale, zero, bits_t, group_size), scale, zero, group_size).to(dtype)
 
     def run(fused: bool):
         fused_fake_quant.ENABLED = fused
@@ -150,6 +155,7 @@ def test_fused_kernels_match_torch(dtype, symmetric, bits, group_size, shape):
         finally:
             fused_fake_quant.ENABLED = True
 
+    assert fused_fake_quant.supports(w, scale, zero, bits_t, group_size)
     out, grads = run(True)
     torch_out, torch_grads = run(False)
     assert torch.equal(out, ref) and torch.equal(torch_out, ref)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from hfqat.quant.primitives import (
+    MSE_SHRINK_GRID,
+    SCALE_EPS,
     dequantize,
     fake_quantize,
     fake_quantize_activations,
@@ -72,6 +74,46 @@ def test_init_scales_takes_one_width_per_row(symmetric, method):
         torch.testing.assert_close(scale[rows], s, rtol=0, atol=0)
         if not symmetric:
             torch.testing.assert_close(zero[rows], z, rtol=0, atol=0)
+
+
+def _mse_search_by_definition(w, bits, group_size, symmetric):
+    """The MSE scale search as defined: each shrink of the min-max range through dequantize(quantize(...)), the first
+    smallest group error kept."""
+    wg = w.float().reshape(w.shape[0], -1, group_size)
+    per_row = isinstance(bits, torch.Tensor)
+    grid_bits = bits.reshape(-1, 1, 1) if per_row else bits
+    qmin, qmax = int_range(grid_bits, symmetric)
+    qmin, qmax = (qmin.reshape(-1, 1), qmax.reshape(-1, 1)) if per_row else (float(qmin), float(qmax))
+    best = None
+    for shrink in MSE_SHRINK_GRID:
+        if symmetric:
+            scale, zero = (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS), None
+        else:
+            lo, hi = wg.amin(-1).clamp(max=0) * shrink, wg.amax(-1).clamp(min=0) * shrink
+            scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+            zero = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+        q = quantize(w.float(), scale, zero, grid_bits, group_size)
+        err = (dequantize(q, scale, zero, group_size) - w.float()).reshape(wg.shape).pow(2).sum(-1)
+        if best is None:
+            best = [err, scale, zero]
+            continue
+        better = err < best[0]
+        best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                None if zero is None else torch.where(better, zero, best[2])]
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mse_init_is_the_search_by_definition_bit_for_bit(symmetric, bits, dtype):
+    w = (torch.randn(24, 256, generator=torch.Generator().manual_seed(7)) * 0.05).to(dtype)
+    w[3, 17], w[5, :32] = 1.5, 0.0  # an outlier and an all-zero group
+    bits = torch.tensor([2, 3, 4, 8] * 6) if bits == "rows" else bits
+    scale, zero = init_scales(w, bits, 32, symmetric, "mse")
+    expected_scale, expected_zero = _mse_search_by_definition(w, bits, 32, symmetric)
+    assert torch.equal(scale, expected_scale)
+    assert zero is None if symmetric else torch.equal(zero, expected_zero)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -1,5 +1,6 @@
 """Running Triton kernels on the CPU in Triton's interpreter, for the kernel tests (`test_kernels_interpreter.py`,
-`test_w8a8_triton.py`): ``TRITON_INTERPRET=1`` must be set before the kernels are defined, hence a subprocess."""
+`test_w8a8_triton.py`, `test_fused_fake_quant_interpreter.py`): ``TRITON_INTERPRET=1`` must be set before the
+kernels are defined, hence a subprocess."""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ bit for bit (checked on GPU by ``tests/test_compile.py`` and ``bench/bench_qat_s
 
 Layout: a weight (out, in) with groups of ``g`` consecutive input features is, in memory, ``out · in / g`` rows of
 ``g`` elements, and the scale tensor (out, in / g) holds one value per row. A program handles ``BLOCK_G`` rows.
+The bits are one width for the weight, or one per output row (``bits_granularity="row"``: an (out, 1, 1) tensor)
+or per group; group row ``r`` reads width ``r // (rows per width)``.
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ def available() -> bool:
 
 def supports(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: torch.Tensor,
              group_size: int) -> bool:
-    """Whether the fused kernels apply: plain (non-subclass) contiguous CUDA tensors, one bit width for the whole
-    weight (not one per group), a group that fits."""
+    """Whether the fused kernels apply: plain (non-subclass) contiguous CUDA tensors, one bit width for the weight,
+    each output row or each group, a group that fits."""
     tensors = (w, scale) if zero_point is None else (w, scale, zero_point)
     return (
         ENABLED
         and w.is_cuda
-        and bits.numel() == 1
+        and bits.numel() in (1, w.shape[0], w.numel() // group_size)
+        and bits.is_contiguous()
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() for t in tensors)
         and group_size <= MAX_GROUP
         and available()
@@ -69,17 +72,18 @@ if triton is not None:
         return tl.where((r == t) & odd, r - 1.0, r)
 
     @triton.jit
-    def _grid_bounds(bits_ptr, HAS_Z: tl.constexpr):
-        # int_range: symmetric [-2^(b-1), 2^(b-1) - 1]; asymmetric (has a zero point) [0, 2^b - 1]
-        b = tl.load(bits_ptr).to(tl.int32)
+    def _grid_bounds(bits_ptr, rows, row_mask, groups_per_width, HAS_Z: tl.constexpr):
+        # int_range of each group row's width: symmetric [-2^(b-1), 2^(b-1) - 1]; asymmetric (has a zero point)
+        # [0, 2^b - 1]. (BLOCK_G, 1) bounds.
+        b = tl.load(bits_ptr + rows // groups_per_width, mask=row_mask, other=2).to(tl.int32)
         if HAS_Z:
-            qmin = tl.zeros((), dtype=tl.float32)
             qmax = ((1 << b) - 1).to(tl.float32)
+            qmin = tl.zeros_like(qmax)
         else:
             half = (1 << (b - 1)).to(tl.float32)
             qmin = -half
             qmax = half - 1.0
-        return qmin, qmax
+        return qmin[:, None], qmax[:, None]
 
     @triton.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, n_groups, pid, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -99,11 +103,11 @@ if triton is not None:
         return rows, row_mask, offs, mask, w, s_raw, s, z
 
     @triton.jit
-    def _fwd(w_ptr, s_ptr, z_ptr, bits_ptr, out_ptr, n_groups, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-            BLOCK_E: tl.constexpr, HAS_Z: tl.constexpr):
-        qmin, qmax = _grid_bounds(bits_ptr, HAS_Z)
-        _rows, _row_mask, offs, mask, w, _s_raw, s, z = _load_tile(
+    def _fwd(w_ptr, s_ptr, z_ptr, bits_ptr, out_ptr, n_groups, groups_per_width, GROUP: tl.constexpr,
+            BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, HAS_Z: tl.constexpr):
+        rows, row_mask, offs, mask, w, _s_raw, s, z = _load_tile(
             w_ptr, s_ptr, z_ptr, n_groups, tl.program_id(0), GROUP, BLOCK_G, BLOCK_E, HAS_Z)
+        qmin, qmax = _grid_bounds(bits_ptr, rows, row_mask, groups_per_width, HAS_Z)
         q = _round_half_even(tl.div_rn(w, s[:, None]))
         if HAS_Z:
             q = q + z[:, None]
@@ -113,11 +117,11 @@ if triton is not None:
         tl.store(out_ptr + offs, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd(w_ptr, s_ptr, z_ptr, bits_ptr, g_ptr, gw_ptr, gs_ptr, gz_ptr, n_groups, GROUP: tl.constexpr,
-            BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, HAS_Z: tl.constexpr):
-        qmin, qmax = _grid_bounds(bits_ptr, HAS_Z)
+    def _bwd(w_ptr, s_ptr, z_ptr, bits_ptr, g_ptr, gw_ptr, gs_ptr, gz_ptr, n_groups, groups_per_width,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, HAS_Z: tl.constexpr):
         rows, row_mask, offs, mask, w, s_raw, s, z = _load_tile(
             w_ptr, s_ptr, z_ptr, n_groups, tl.program_id(0), GROUP, BLOCK_G, BLOCK_E, HAS_Z)
+        qmin, qmax = _grid_bounds(bits_ptr, rows, row_mask, groups_per_width, HAS_Z)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.div_rn(w, s[:, None])
         r = _round_half_even(x) + z[:, None]
@@ -155,7 +159,7 @@ def forward(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | Non
     bits = bits.to(device=w.device, dtype=torch.int32)
     with _on(w.device):
         _fwd[grid](w, scale, zero_point if zero_point is not None else scale, bits, out, n_groups,
-                  HAS_Z=zero_point is not None, **meta)
+                  n_groups // bits.numel(), HAS_Z=zero_point is not None, **meta)
     return out
 
 
@@ -172,5 +176,6 @@ def backward(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | No
     bits = bits.to(device=w.device, dtype=torch.int32)
     with _on(w.device):
         _bwd[grid](w, scale, zero_point if zero_point is not None else scale, bits, grad, grad_w, grad_s,
-                  grad_z if grad_z is not None else grad_s, n_groups, HAS_Z=zero_point is not None, **meta)
+                  grad_z if grad_z is not None else grad_s, n_groups, n_groups // bits.numel(),
+                  HAS_Z=zero_point is not None, **meta)
     return grad_w, grad_s, grad_z

@@ -211,23 +211,40 @@ def init_scales(
         qmin, qmax = (v.reshape(-1, 1) for v in int_range(bits, symmetric))  # (out, 1): per row
     else:
         qmin, qmax = (float(v) for v in int_range(bits, symmetric))
+    # The group ranges once (every candidate scales them); the candidates' errors below are those of
+    # `dequantize(quantize(...))` op for op (the same values) without its host-side bound tensors, whose copy to
+    # the GPU waits for it at every candidate.
+    if symmetric:
+        amax = wg.abs().amax(-1)
+    else:
+        lo_range, hi_range = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
 
     def candidate(shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if symmetric:
-            return (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS), None
-        lo = wg.amin(-1).clamp(max=0) * shrink
-        hi = wg.amax(-1).clamp(min=0) * shrink
+            return (amax * shrink / qmax).clamp_min(SCALE_EPS), None
+        lo, hi = lo_range * shrink, hi_range * shrink
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
         return scale, torch.clamp(torch.round(-lo / scale), qmin, qmax)
 
     if method == "minmax":
         return candidate(1.0)
+    low, high = (v.unsqueeze(-1) if isinstance(v, torch.Tensor) else v for v in (qmin, qmax))
+
+    def squared_error(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        s = scale.unsqueeze(-1)
+        q = torch.round(wg / s)
+        if zero is None:
+            q = q.clamp_(low, high)
+        else:
+            z = zero.unsqueeze(-1)
+            q = q.add_(z).clamp_(low, high).sub_(z)
+        return q.mul_(s).sub_(wg).pow_(2).sum(-1)
+
     best_scale, best_zero = candidate(1.0)
     best_err = torch.full_like(best_scale, math.inf)
     for shrink in MSE_SHRINK_GRID:
         scale, zero = candidate(shrink)
-        err = (dequantize(quantize(wg.flatten(1), scale, zero, bits, group_size), scale, zero, group_size)
-               - wg.flatten(1)).reshape(wg.shape).pow(2).sum(-1)
+        err = squared_error(scale, zero)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

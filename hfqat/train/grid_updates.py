@@ -15,9 +15,13 @@ hold their own master copy of the weights (DeepSpeed), which overwrite the chang
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
 
 
 class GridStepUpdates:
@@ -34,6 +38,19 @@ class GridStepUpdates:
         self._plan: list[tuple[nn.Parameter, torch.Tensor | float]] = []  # (parameter, its update factor − 1)
         self._before: list[torch.Tensor] = []
         self.refresh()
+
+    @classmethod
+    def for_run(cls, layers: list[tuple[str, nn.Module]], power: float, reference_bits: int,
+                deepspeed: bool = False) -> GridStepUpdates | None:
+        """The updates of a run, or None: off (``power`` 0) or without effect (``deepspeed``: its optimizer keeps its
+        own master weights; warned)."""
+        if power <= 0:
+            return None
+        if deepspeed:
+            logger.warning("QATCallback: grid_lr_power has no effect under DeepSpeed (its optimizer keeps its "
+                           "own master weights); narrow rows train at the plain learning rate.")
+            return None
+        return cls(layers, power, reference_bits)
 
     def row_factors(self, layer: nn.Module) -> torch.Tensor | None:
         """(out,) update factor of each output row (or a scalar for one width per layer); None where all are 1."""

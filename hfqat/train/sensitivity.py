@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import all_reduce_mean_
+from ..quant import fused_fake_quant
 from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.primitives import MSE_SHRINK_GRID, SCALE_EPS
 
@@ -54,6 +55,11 @@ CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enou
 # sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
 # same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
 CLIP_GROUPS_PER_ROW = 8
+# Float32 elements of one batch of clip-search grids, by device type: on a GPU large (0.5 GiB per temporary: the
+# re-fit is launch-bound there), on a CPU within its caches (a batch that spills them is slower than one factor at a
+# time).
+CLIP_BATCH_ELEMENTS = {"cpu": 2**18}
+CLIP_BATCH_ELEMENTS_ACCELERATOR = 2**27
 LayerList = list[tuple[str, FakeQuantMixin]]
 
 
@@ -69,28 +75,40 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
+@lru_cache(maxsize=64)
+def _width(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int32, device=device)  # cached, as `_constant`
+
+
 @torch.no_grad()
 def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
                   symmetric: bool) -> torch.Tensor:
     """(bits, out, in) float32 weights on the min-max grids shrunk by ``shrink`` (one factor per bit width).
 
-    All bit widths in one batched computation (a few kernels per layer, no host sync). Scales and zero points
-    are those of ``init_scales(..., "minmax")`` times the shrink; zero points are shrink-invariant.
+    All bit widths in one batched computation (a few kernels per layer, no host sync); on CUDA, one fused
+    fake-quant pass per width (`hfqat.quant.fused_fake_quant`: the same fp32 operations, so the same weights,
+    bar the sign of zeros). Scales and zero points are those of ``init_scales(..., "minmax")`` times the shrink;
+    zero points are shrink-invariant.
     """
     out_features, in_features = w.shape
-    wg = w.float().reshape(1, out_features, in_features // group_size, group_size)
+    grouped = w.reshape(1, out_features, in_features // group_size, group_size)  # extrema are exact in w's dtype
     bits = _constant(tuple(float(b) for b in bit_choices), w.device)
     shrink = _constant(tuple(float(c) for c in shrink), w.device)
     if symmetric:
         qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
-        scale = (wg.abs().amax(-1) * shrink / qmax).clamp_min(SCALE_EPS)
+        scale = (grouped.abs().amax(-1).float() * shrink / qmax).clamp_min(SCALE_EPS)
         zero = torch.zeros_like(scale)
     else:
         qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
-        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        lo, hi = grouped.amin(-1).float().clamp(max=0), grouped.amax(-1).float().clamp(min=0)
         base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
         zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
         scale = (base * shrink).clamp_min(SCALE_EPS)
+    zeros = [None if symmetric else z for z in zero]
+    if fused_fake_quant.supports(w, scale[0], zeros[0], _width(bit_choices[0], w.device), group_size):
+        return torch.stack([fused_fake_quant.forward(w, s, z, _width(b, w.device), group_size, torch.float32)
+                            for s, z, b in zip(scale, zeros, bit_choices)])
+    wg = grouped.float()
     scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
     q = torch.clamp(torch.round(wg / scale) + zero, qmin.unsqueeze(-1), qmax.unsqueeze(-1))
     return ((q - zero) * scale).reshape(len(bit_choices), out_features, in_features)
@@ -114,8 +132,18 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     groups = w.shape[1] // spec.group_size
     step = max(1, groups // CLIP_GROUPS_PER_ROW)
     w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
-    return torch.stack([_grid_errors(w, choices, (c,) * len(choices), spec.group_size, spec.symmetric).sum((1, 2))
-                        for c in CLIP_GRID])
+    # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
+    # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
+    # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
+    budget = CLIP_BATCH_ELEMENTS.get(w.device.type, CLIP_BATCH_ELEMENTS_ACCELERATOR)
+    per_batch = max(1, budget // (len(choices) * w.numel()))
+    totals = []
+    for start in range(0, len(CLIP_GRID), per_batch):
+        shrinks = CLIP_GRID[start:start + per_batch]
+        errors = _grid_errors(w, choices * len(shrinks), tuple(c for c in shrinks for _ in choices), spec.group_size,
+                              spec.symmetric)
+        totals += [block.sum((1, 2)) for block in errors.view(len(shrinks), len(choices), *w.shape).unbind(0)]
+    return torch.stack(totals)
 
 
 def _best_clip(totals: torch.Tensor | None, bit_choices: tuple[int, ...]) -> dict[int, float]:

@@ -1,5 +1,6 @@
-"""The distillation teacher of one run: ``"snapshot"``, a model, a path or None (`hfqat.train.distillation`), with the
-snapshot of a resumed run read from the checkpoint it resumes (so it distills from the same train-start weights)."""
+"""The distillation of one run: its teacher — ``"snapshot"``, a model, a path or None (`hfqat.train.distillation`), with
+the snapshot of a resumed run read from the checkpoint it resumes (so it distills from the same train-start weights)
+— the `DistillationHook` that runs it on the model's training forwards, and the losses it logs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,34 @@ from typing import Any
 from torch import nn
 
 from ..quant.modeling import qat_layers
-from .distillation import SnapshotTeacher, Teacher, build_teacher
+from ..distributed import mean_across_ranks
+from .arguments import CallbackArguments
+from .distillation import DistillationHook, SnapshotTeacher, Teacher, build_teacher
 from .state_store import CheckpointStore, read_safetensors
+
+
+def attach_distillation(settings: CallbackArguments, model: nn.Module, store: CheckpointStore, grad_accum: int = 1,
+                        loss_in_trainer: bool = False) -> DistillationHook:
+    """The run's `DistillationHook` (teacher from ``settings``, `run_teacher`), attached to ``model``. Without a
+    teacher it only records the task loss and the last batch."""
+    teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store) \
+        if settings.teacher is not None else None
+    hook = DistillationHook(teacher, settings.distill_weight, settings.temperature, grad_accum,
+                            loss_in_trainer=loss_in_trainer)
+    hook.attach(model)
+    return hook
+
+
+def logged_losses(hook: DistillationHook, steps: int, world_size: int = 1, tokens_across_ranks: bool = False
+                  ) -> dict[str, float]:
+    """``task_loss`` / ``distill_loss`` recorded since the last call, per optimizer step (``steps`` of them), as global
+    values the way Trainer logs its own loss (collective: every rank logs). ``tokens_across_ranks``: Trainer's
+    ``average_tokens_across_devices``."""
+    sums = mean_across_ranks({"logs": hook.pop_sums()}).get("logs", {})
+    # Trainer's own rule for a global item count (then each rank's value is a part of one global mean).
+    if hook.saw_item_counts and tokens_across_ranks and world_size > 1:
+        sums = {key: value * world_size for key, value in sums.items()}
+    return {key: value / steps for key, value in sums.items()}
 
 
 def run_teacher(teacher: Any, model: nn.Module, replicate: bool, store: CheckpointStore) -> Teacher | None:
