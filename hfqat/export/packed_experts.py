@@ -99,12 +99,16 @@ class PackedExpertsMixin:
             for name in dense:
                 self.__dict__.pop(name, None)
 
+    @property
+    def _first_projection(self) -> str:
+        """The experts' input projection: fused gate/up, or up alone (classes without a gate, e.g. nemotron_h)."""
+        return "gate_up_proj" if self.has_gate else "up_proj"
+
     def has_grouped_decode(self) -> bool:
         """Whether the class has transformers' standard experts signature and both projections are packed."""
         if not hasattr(self, "has_gate"):
             return False
-        names = ("gate_up_proj" if self.has_gate else "up_proj", "down_proj")
-        return all(n in self.layouts for n in names)
+        return all(n in self.layouts for n in (self._first_projection, "down_proj"))
 
     def dequantized(self, name: str, experts: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
         """The stored-layout float tensor of ``name``: the listed experts (default all) dequantized, others zero."""
@@ -125,14 +129,14 @@ class PackedExpertsMixin:
     @torch.compiler.disable
     def prepare_decode(self, device: torch.device, dtype: torch.dtype) -> None:
         """Stack the experts for the decode path's grouped GEMV (before torch.compile or a CUDA-graph capture)."""
-        first = "gate_up_proj" if self.has_gate else "up_proj"
+        first = self._first_projection
         self.decode_stacks = nn.ModuleDict({name: ExpertStacks(list(self.packed[name]), dtype, DECODE_PAIRS)
                                             for name in (first, "down_proj")})
         self._decode_key = (device, dtype)
 
     def _decode(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        first = "gate_up_proj" if self.has_gate else "up_proj"
+        first = self._first_projection
         tokens, slots = top_k_index.shape
         ids = top_k_index.reshape(-1)
         sentinel = ids >= self.layouts[first].num_experts  # expert-parallel: the grouped GEMV gives them zeros

@@ -71,15 +71,21 @@ def _(x, expert_ids, expert_index, qweights, scales, zeros, bits, group_size):
     return x.new_empty(*expert_ids.shape, qweights[0].shape[2])
 
 
+def _triton_lowbit():
+    """`triton_lowbit`, or None where triton is missing or too old."""
+    try:
+        from . import triton_lowbit
+    except ImportError:
+        return None
+    return triton_lowbit
+
+
 def dequantized_kn(part, dtype: torch.dtype) -> torch.Tensor:
     """The (in, out) float weight of a `hfqat.export.packed.PackedLinear` (a view when not contiguous): on CUDA one
     Triton kernel (`triton_lowbit.dequantize`, the same fp32 math, so the same values), elsewhere
     ``dequantized_weight``. For the prefill path of packed experts, which dequantizes every routed expert."""
     if part.qweight.is_cuda and part.in_features % 32 == 0 and part.group_size % 32 == 0:
-        try:
-            from . import triton_lowbit
-        except ImportError:  # triton missing or too old
-            triton_lowbit = None
+        triton_lowbit = _triton_lowbit()
         if triton_lowbit is not None and part.bits in triton_lowbit.KERNEL_BITS:
             return triton_lowbit.dequantize(part.qweight, part.scales, part.zeros, part.bits, part.group_size,
                                             part.in_features, dtype)
@@ -87,13 +93,8 @@ def dequantized_kn(part, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _triton_applies(parts: list, dtype: torch.dtype) -> bool:
-    if parts[0].qweight.device.type != "cuda":
-        return False
-    try:
-        from . import triton_lowbit
-    except ImportError:  # triton missing or too old
-        return False
-    return all(triton_lowbit.applies(part, dtype) for part in parts)
+    triton_lowbit = _triton_lowbit() if parts[0].qweight.device.type == "cuda" else None
+    return triton_lowbit is not None and all(triton_lowbit.applies(part, dtype) for part in parts)
 
 
 class ExpertStacks(nn.Module):
