@@ -17,9 +17,12 @@ each layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends
 16×128 and 1×2048 tokens through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs
 hfqat's kernels vs the maintained PyPI kernels that install without compiling (gemlite, torchao int4,
 humming), on the 8B shapes at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled
-layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). Every line is printed
-as soon as it is measured; a time budget (``--budget-s``) skips what is left and says so; the final table holds
-tokens/s and the ratio vs bf16.
+layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). ``--sections ...,profile``
+runs one more generate per variant and mode under torch.profiler and says where a token's time goes
+(bench/decode_profile.py): GPU kernel time vs wall (the gap: the GPU waiting on the host), the GEMV/GEMM kernels'
+read bandwidth vs the HBM peak, and the ratio vs bf16 that perfect linear kernels would reach with the measured
+gap (the "ceiling"). Every line is printed as soon as it is measured; a time budget (``--budget-s``) skips what
+is left and says so; the final table holds tokens/s and the ratio vs bf16.
 
 GPU (H200). Static-cache generate compiles the 32-layer model once per variant (~1 min each), so the full run is
 split in three commands of under 10 minutes (indented lines continue the command above); the later ones take
@@ -29,6 +32,9 @@ bf16 from the first (``--baseline``):
         --out $OUT/static1
     PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths w3,w2,w4@fastest
         --baseline $OUT/static1/bench_decode.json --out $OUT/static2
+Why a target is missed (profile, ~4 minutes; static compile ~30 s per variant):
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate,profile
+        --widths bf16,w4,w4@fastest --out $OUT/dec
 (optional backends for the kernel table and ``@gemlite`` / ``@fastest``: ``pip install hfqat[gemlite]``, torchao,
 humming-kernels; a missing one is reported in the table, not fatal).
 CPU smoke (tiny model, a few seconds; what tests/test_bench_decode.py runs):
