@@ -89,7 +89,8 @@ class Bench:
         self.device = torch.device(args.device)
         self.start = time.perf_counter()
         self.results = {"args": vars(args), "torch": torch.__version__, "generate": {}, "prefill": {},
-                        "kernels": {}, "hand_loop": {}, "profile": {}, "checks": {}, "skipped": [], "errors": {}, "setup_s": {}}
+                        "kernels": {}, "hand_loop": {}, "profile": {}, "checks": {}, "skipped": [], "errors": {},
+                        "setup_s": {}}
         if self.device.type == "cuda":
             self.results["device"] = torch.cuda.get_device_name(self.device)
 
