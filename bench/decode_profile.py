@@ -25,7 +25,8 @@ from torch.autograd import DeviceType
 HBM_PEAK_GBPS = {"H200": 4800.0, "H100 80GB HBM3": 3350.0, "A100-SXM4-80GB": 2039.0}
 # lower-case fragments of the names of the kernels that compute linear layers: cuBLAS (nvjet_*, *gemv*, *gemm*,
 # cublasLt::splitKreduce_kernel finishing a split-K GEMM), tinygemm (tinygemm_m16n8k16_*), hfqat's Triton kernels
-# (_gemv_kernel, _gemv_one_kernel, _gemm_kernel, _lut_gemv_kernel), gemlite (gemv_A16fWn*, gemm_splitK_*)
+# (_gemv_kernel, _gemv_one_kernel, _gemm_kernel, _lut_gemv_kernel), gemlite (gemv_A16fWn*, gemm_splitK_*). An
+# attention that falls back to cuBLAS batched GEMMs would count too; the static-cache decode uses cuDNN/flash SDPA.
 LINEAR_KERNEL_MARKERS = ("gemv", "gemm", "nvjet", "splitkreduce")
 # records that CUPTI files under the GPU but that are its own bookkeeping, not GPU work (kineto's names)
 CUPTI_OVERHEAD = frozenset({"Buffer Flush", "Instrumentation", "Resource", "Driver Compiler",
