@@ -17,9 +17,12 @@ each layer shape and pins the fastest (`hfqat.export.packed.pin_fastest_backends
 16×128 and 1×2048 tokens through the model's forward. Then a GEMV table (``--backends``): bf16 cuBLAS vs
 hfqat's kernels vs the maintained PyPI kernels that install without compiling (gemlite, torchao int4,
 humming), on the 8B shapes at M=1, 16 and 2048 (``--kernel-m``). The old hand-written decode loop (compiled
-layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). Every line is printed
-as soon as it is measured; a time budget (``--budget-s``) skips what is left and says so; the final table holds
-tokens/s and the ratio vs bf16.
+layer + one CUDA graph per token) is a last, optional table (``--sections ...,hand``). ``--sections ...,profile``
+runs one more generate per variant and mode under torch.profiler and says where a token's time goes
+(bench/decode_profile.py): GPU kernel time vs wall (the gap: the GPU waiting on the host), the GEMV/GEMM kernels'
+read bandwidth vs the HBM peak, and the ratio vs bf16 that perfect linear kernels would reach with the measured
+gap (the "ceiling"). Every line is printed as soon as it is measured; a time budget (``--budget-s``) skips what
+is left and says so; the final table holds tokens/s and the ratio vs bf16.
 
 GPU (H200). Static-cache generate compiles the 32-layer model once per variant (~1 min each), so the full run is
 split in three commands of under 10 minutes (indented lines continue the command above); the later ones take
@@ -29,6 +32,9 @@ bf16 from the first (``--baseline``):
         --out $OUT/static1
     PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate --widths w3,w2,w4@fastest
         --baseline $OUT/static1/bench_decode.json --out $OUT/static2
+Why a target is missed (profile, ~4 minutes; static compile ~30 s per variant):
+    PYTHONPATH=. python bench/bench_decode.py --device cuda --modes static --sections generate,profile
+        --widths bf16,w4,w4@fastest --out $OUT/dec
 (optional backends for the kernel table and ``@gemlite`` / ``@fastest``: ``pip install hfqat[gemlite]``, torchao,
 humming-kernels; a missing one is reported in the table, not fatal).
 CPU smoke (tiny model, a few seconds; what tests/test_bench_decode.py runs):
@@ -51,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import decode_profile
 import hfqat
 from hfqat.export.packed import (
     PackedLinear,
@@ -82,7 +89,8 @@ class Bench:
         self.device = torch.device(args.device)
         self.start = time.perf_counter()
         self.results = {"args": vars(args), "torch": torch.__version__, "generate": {}, "prefill": {},
-                        "kernels": {}, "hand_loop": {}, "checks": {}, "skipped": [], "errors": {}, "setup_s": {}}
+                        "kernels": {}, "hand_loop": {}, "profile": {}, "checks": {}, "skipped": [], "errors": {},
+                        "setup_s": {}}
         if self.device.type == "cuda":
             self.results["device"] = torch.cuda.get_device_name(self.device)
 
@@ -196,10 +204,14 @@ def generate_kwargs(bench: Bench, static: bool, new_tokens: int) -> dict:
     return kwargs
 
 
+def prompt_ids(bench: Bench, model) -> torch.Tensor:
+    return torch.randint(1, model.config.vocab_size, (1, bench.args.prompt_len), device=bench.device,
+                         generator=torch.Generator(bench.device).manual_seed(1))
+
+
 def measure_generate(bench: Bench, model, label: str, mode: str) -> dict:
     args = bench.args
-    ids = torch.randint(1, model.config.vocab_size, (1, args.prompt_len), device=bench.device,
-                        generator=torch.Generator(bench.device).manual_seed(1))
+    ids = prompt_ids(bench, model)
     static = mode == "static"
     kwargs = generate_kwargs(bench, static, args.new_tokens)
     with torch.no_grad():
@@ -211,6 +223,22 @@ def measure_generate(bench: Bench, model, label: str, mode: str) -> dict:
     tokens = out["ids"][0, ids.shape[1]:].tolist()
     return {"tokens_per_s": args.new_tokens / seconds, "ms_per_token": 1e3 * seconds / args.new_tokens,
             "setup_s": setup, "first_tokens": tokens[:8]}
+
+
+def profile_generate(bench: Bench, model, mode: str, timed: dict, read_bytes: int) -> dict:
+    """One more generate of the timed length under torch.profiler (after the timed one, so static mode reuses
+    its compiled graphs): where each token's time goes (`decode_profile.summarize`)."""
+    args = bench.args
+    ids = prompt_ids(bench, model)
+    kwargs = generate_kwargs(bench, mode == "static", args.new_tokens)
+    with torch.no_grad():
+        activities, seconds = decode_profile.profiled(lambda: model.generate(ids, **kwargs),
+                                                      bench.device.type == "cuda", bench.sync)
+    bf16_wall = bench.results["generate"].get("bf16", {}).get(mode, {}).get("ms_per_token")
+    row = decode_profile.summarize(activities, args.new_tokens, timed["ms_per_token"], read_bytes,
+                                   decode_profile.hbm_peak_gbps(bench.results.get("device")), bf16_wall)
+    row["profiled_wall_ms"] = 1e3 * seconds / args.new_tokens  # the profiler's own cost included
+    return row
 
 
 def measure_prefill(bench: Bench, model, batch: int, length: int) -> dict:
@@ -262,8 +290,10 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
                 continue
             bench.results["setup_s"][spec] = time.perf_counter() - t0
             used = sorted({b for b in backends_in_use(model).values() if b}) if width != "bf16" else ["cuBLAS"]
-            gb = weight_bytes(model) / 1e9
-            head_gb = sum(p.numel() * p.element_size() for p in model.lm_head.state_dict().values()) / 1e9
+            decoder_bytes = weight_bytes(model)
+            gb = decoder_bytes / 1e9
+            # bytes each decode step must read: decoder weights + head
+            read_bytes = decoder_bytes + sum(p.numel() * p.element_size() for p in model.lm_head.state_dict().values())
             note = ""
             if width != "bf16":
                 note = f", logits rel err vs exact {exactness_check(bench, model, spec):.1e}"
@@ -275,13 +305,19 @@ def run_generate(bench: Bench, config: LlamaConfig) -> None:
                 row = bench.attempt(f"{spec} generate {mode}", measure_generate, bench, model, spec, mode)
                 if row is None:
                     continue
-                # bytes each decode step must read (decoder weights + head), at this speed: how far from HBM peak
-                row.update(weights_GB=gb, backends=used, streamed_GBps=(gb + head_gb) * row["tokens_per_s"])
+                # the bytes read per step at this speed: how far from HBM peak
+                row.update(weights_GB=gb, backends=used, streamed_GBps=read_bytes / 1e9 * row["tokens_per_s"])
                 bench.results["generate"].setdefault(spec, {})[mode] = row
                 base = bench.results["generate"].get("bf16", {}).get(mode, {}).get("tokens_per_s")
                 ratio = f"  x{row['tokens_per_s'] / base:.2f} vs bf16" if base else ""
                 bench.log(f"  generate {mode:6s} {row['tokens_per_s']:8.1f} tok/s{ratio}  "
                           f"({row['ms_per_token']:.2f} ms/token, first call {row['setup_s']:.0f}s)")
+                if "profile" in args.sections and not bench.over_budget(f"{spec} profile {mode}"):
+                    prof = bench.attempt(f"{spec} profile {mode}", profile_generate, bench, model, mode, row,
+                                         read_bytes)
+                    if prof is not None:
+                        bench.results["profile"].setdefault(spec, {})[mode] = prof
+                        bench.log(f"  profile  {mode:6s} {decode_profile.describe(prof)}")
             if "prefill" in args.sections:
                 for batch, length in prefill:
                     if bench.over_budget(f"{spec} prefill {batch}x{length}"):
@@ -597,6 +633,8 @@ def summary(bench: Bench) -> str:
             cells.append("-" if row is None else f"{row['tokens_per_s']:.0f}" + (
                 f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}x)" if base else ""))
         lines.append(f"| {spec} | {gb:.3f} | " + " | ".join(cells) + " |")
+    if r["profile"]:
+        lines += decode_profile.table(r["profile"])
     if r["hand_loop"]:
         lines += ["", "== hand-written loop (compiled layer + one CUDA graph per token) =="]
         base = r["hand_loop"].get("bf16", {}).get("tokens_per_s")
@@ -634,7 +672,8 @@ def main():
     parser.add_argument("--modes", default=None, help="generate modes: eager,static (default both; smoke eager)")
     parser.add_argument("--sections", default="generate,prefill,kernels",
                         help="generate, prefill (needs generate), kernels, hand (hand-written loop), tune "
-                             "(tune Triton GEMV launches before timing)")
+                             "(tune Triton GEMV launches before timing), profile (one more generate under "
+                             "torch.profiler per variant and mode: where a token's time goes)")
     parser.add_argument("--prefill", default=None, help="BxL list (default 16x128,1x2048; smoke 2x16,1x64)")
     parser.add_argument("--backends", default="ours,gemlite,torchao,humming", help="kernel table backends")
     parser.add_argument("--kernel-m", default="1,16,2048", help="rows (tokens) of the kernel table's inputs")
@@ -659,7 +698,7 @@ def main():
     bench = Bench(args)
     if args.baseline:
         earlier = json.loads(Path(args.baseline).read_text())
-        for section in ("generate", "prefill", "hand_loop"):
+        for section in ("generate", "prefill", "hand_loop", "profile"):
             if "bf16" in earlier.get(section, {}):
                 bench.results[section]["bf16"] = earlier[section]["bf16"]
         bench.log(f"bf16 reference rows from {args.baseline}")
@@ -674,7 +713,7 @@ def main():
               f"{bench.results.get('device', args.device)}; widths {args.widths}; modes {args.modes}; "
               f"sections {args.sections}")
     try:
-        if "generate" in args.sections or "prefill" in args.sections or "hand" in args.sections:
+        if any(s in args.sections for s in ("generate", "prefill", "hand", "profile")):
             run_generate(bench, config)
         if "kernels" in args.sections:
             bench.log("kernels (random bf16 weights, g128 sym):")
