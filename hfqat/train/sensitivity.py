@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import all_reduce_mean_
-from ..quant import fused_fake_quant
+from ..quant import fused_fake_quant, fused_group_errors
 from ..quant.layers import FakeQuantMixin, QATConv1D
 from ..quant.primitives import MSE_SHRINK_GRID, SCALE_EPS
 
@@ -80,38 +80,51 @@ def _width(bits: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.int32, device=device)  # cached, as `_constant`
 
 
-@torch.no_grad()
-def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
-                  symmetric: bool) -> torch.Tensor:
-    """(bits, out, in) float32 weights on the min-max grids shrunk by ``shrink`` (one factor per bit width).
+@lru_cache(maxsize=256)
+def _ints(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)  # cached, as `_constant`
 
-    All bit widths in one batched computation (a few kernels per layer, no host sync); on CUDA, one fused
-    fake-quant pass per width (`hfqat.quant.fused_fake_quant`: the same fp32 operations, so the same weights,
-    bar the sign of zeros). Scales and zero points are those of ``init_scales(..., "minmax")`` times the shrink;
-    zero points are shrink-invariant.
-    """
+
+@torch.no_grad()
+def _grid_scales(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
+                 symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(scale, zero point or None (symmetric), qmin, qmax) of the min-max grids shrunk by ``shrink`` (one factor per
+    bit width): (bits, out, groups) float32 scales and zero points, (bits, 1, 1) bounds. Scales and zero points are
+    those of ``init_scales(..., "minmax")`` times the shrink; zero points are shrink-invariant."""
     out_features, in_features = w.shape
     grouped = w.reshape(1, out_features, in_features // group_size, group_size)  # extrema are exact in w's dtype
     bits = _constant(tuple(float(b) for b in bit_choices), w.device)
     shrink = _constant(tuple(float(c) for c in shrink), w.device)
     if symmetric:
         qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
-        scale = (grouped.abs().amax(-1).float() * shrink / qmax).clamp_min(SCALE_EPS)
-        zero = torch.zeros_like(scale)
-    else:
-        qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
-        lo, hi = grouped.amin(-1).float().clamp(max=0), grouped.amax(-1).float().clamp(min=0)
-        base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
-        zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
-        scale = (base * shrink).clamp_min(SCALE_EPS)
-    zeros = [None if symmetric else z for z in zero]
+        return (grouped.abs().amax(-1).float() * shrink / qmax).clamp_min(SCALE_EPS), None, qmin, qmax
+    qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
+    lo, hi = grouped.amin(-1).float().clamp(max=0), grouped.amax(-1).float().clamp(min=0)
+    base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
+    return (base * shrink).clamp_min(SCALE_EPS), zero, qmin, qmax
+
+
+@torch.no_grad()
+def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
+                  symmetric: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(bits, out, in) weights on the min-max grids shrunk by ``shrink`` (`_grid_scales`), in ``out_dtype`` (one
+    rounding of the float32 values).
+
+    All bit widths in one batched computation (a few kernels per layer, no host sync); on CUDA, one fused
+    fake-quant pass per width (`hfqat.quant.fused_fake_quant`: the same fp32 operations, so the same weights,
+    bar the sign of zeros), written in ``out_dtype`` directly.
+    """
+    scale, zero, qmin, qmax = _grid_scales(w, bit_choices, shrink, group_size, symmetric)
+    zeros = [None] * len(bit_choices) if zero is None else list(zero)
     if fused_fake_quant.supports(w, scale[0], zeros[0], _width(bit_choices[0], w.device), group_size):
-        return torch.stack([fused_fake_quant.forward(w, s, z, _width(b, w.device), group_size, torch.float32)
-                            for s, z, b in zip(scale, zeros, bit_choices)])
-    wg = grouped.float()
-    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        parts = [fused_fake_quant.forward(w, s, z, _width(b, w.device), group_size, out_dtype)
+                 for s, z, b in zip(scale, zeros, bit_choices)]
+        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+    wg = w.reshape(1, w.shape[0], -1, group_size).float()
+    scale, zero = scale.unsqueeze(-1), (torch.zeros_like(scale) if zero is None else zero).unsqueeze(-1)
     q = torch.clamp(torch.round(wg / scale) + zero, qmin.unsqueeze(-1), qmax.unsqueeze(-1))
-    return ((q - zero) * scale).reshape(len(bit_choices), out_features, in_features)
+    return ((q - zero) * scale).reshape(len(bit_choices), *w.shape).to(out_dtype)
 
 
 def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
@@ -132,6 +145,12 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     groups = w.shape[1] // spec.group_size
     step = max(1, groups // CLIP_GROUPS_PER_ROW)
     w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
+    if fused_group_errors.supports(w, spec.group_size):  # every (factor, width) of the grid in one launch
+        widths, shrinks = choices * len(CLIP_GRID), tuple(c for c in CLIP_GRID for _ in choices)
+        scale, zero, _, _ = _grid_scales(w, widths, shrinks, spec.group_size, spec.symmetric)
+        sums = fused_group_errors.group_error_sums(w, scale, zero, _ints(widths, w.device),
+                                                   _ints((0,) * len(widths), w.device), spec.group_size)
+        return sums.sum((1, 2)).view(len(CLIP_GRID), len(choices))
     # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
     # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
     # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
@@ -146,16 +165,20 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     return torch.stack(totals)
 
 
-def _best_clip(totals: torch.Tensor | None, bit_choices: tuple[int, ...]) -> dict[int, float]:
-    if totals is None:
-        return {b: 1.0 for b in bit_choices}
-    return {b: CLIP_GRID[i] for b, i in zip(bit_choices, totals.argmin(0).tolist())}
+def _best_clips(totals: Mapping[str, torch.Tensor | None], bit_choices: tuple[int, ...]
+                ) -> dict[str, dict[int, float]]:
+    """name → {bits: the shrink factor of least total error} (1.0 where ``totals`` has None), read in one host sync."""
+    searched = [name for name, t in totals.items() if t is not None]
+    indices = dict(zip(searched, torch.stack([totals[name].argmin(0).to(totals[searched[0]].device)
+                                              for name in searched]).tolist() if searched else []))
+    return {name: {b: CLIP_GRID[i] for b, i in zip(bit_choices, indices[name])} if name in indices else
+            {b: 1.0 for b in bit_choices} for name in totals}
 
 
 def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
     """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE (1.0 for
     layers with their own candidate quantizers)."""
-    return _best_clip(clip_error_totals(layer, bit_choices), tuple(bit_choices))
+    return _best_clips({"": clip_error_totals(layer, bit_choices)}, tuple(bit_choices))[""]
 
 
 @torch.no_grad()
@@ -182,6 +205,29 @@ def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip:
 
 
 @torch.no_grad()
+def weighted_error_sums(layer: FakeQuantMixin, bit_choices: Iterable[int], clip: Mapping[int, float],
+                        current_bits: int, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(bits, out, groups) float32 per-group sums of ``weight · (Q_b(W) - W)²`` (weight None: 1) for the quantizers
+    of `quantization_errors`, in one fused pass (`hfqat.quant.fused_group_errors`: no (bits, out, in) tensor); None
+    where that kernel does not apply (CPU, shards, transposed weights, per-row widths, layers with their own
+    quantizer or stand-ins): `quantization_errors` there."""
+    w, spec, choices, cls = layer.weight_oi().detach(), layer.spec, tuple(bit_choices), type(layer)
+    if (layer.weight_row_bits is not None or cls.fake_quantize_weight is not FakeQuantMixin.fake_quantize_weight
+            or cls.candidate_errors is not FakeQuantMixin.candidate_errors
+            or not fused_group_errors.supports(w, spec.group_size, weight)):
+        return None
+    scale, zero, _, _ = _grid_scales(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size,
+                                     spec.symmetric)
+    if current_bits in choices:  # the layer's actual quantizer, whose values are in the weight's dtype
+        scale[choices.index(current_bits)] = layer.weight_scale
+        if zero is not None:
+            zero[choices.index(current_bits)] = layer.weight_zero_point
+    rounded = _ints(tuple(int(b == current_bits) for b in choices), w.device)
+    return fused_group_errors.group_error_sums(w, scale, zero, _ints(choices, w.device), rounded, spec.group_size,
+                                               weight)
+
+
+@torch.no_grad()
 def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float], current_bits: int) -> torch.Tensor:
     """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at its
     current bits, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
@@ -190,7 +236,8 @@ def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float]
         return layer.quantized_weight(exact=True)
     own = layer.candidate_weight(bits)
     if own is None:
-        own = _grid_weights(w, (bits,), (clip.get(bits, 1.0),), layer.spec.group_size, layer.spec.symmetric)[0]
+        own = _grid_weights(w, (bits,), (clip.get(bits, 1.0),), layer.spec.group_size, layer.spec.symmetric,
+                            w.dtype)[0]
     if layer.weight_row_bits is not None:  # rows at that width already: their actual quantizer
         own = torch.where((layer.weight_row_bits == bits).unsqueeze(1), layer.quantized_weight(exact=True), own)
     return own.to(w.dtype)
@@ -270,17 +317,20 @@ class SensitivityEstimator(ABC):
         totals = {name: clip_error_totals(layer, self.bit_choices) for name, layer in layers}
         # Ranks holding row shards (FSDP2) add up to the whole layer's errors: the same choice as on one process.
         all_reduce_mean_(t for t in totals.values() if t is not None)
-        self.clip = {name: _best_clip(t, self.bit_choices) for name, t in totals.items()}
+        self.clip = _best_clips(totals, self.bit_choices)
         self._bits = {name: layer.bits for name, layer in layers}
 
     def note_bits(self, bits: Mapping[str, int]) -> None:
         """Record the layers' new bits (after a re-allocation), so per-step measurements need no GPU read."""
         self._bits.update(bits)
 
-    def _errors(self, name: str, layer: FakeQuantMixin) -> torch.Tensor:
+    def _current_bits(self, name: str, layer: FakeQuantMixin) -> int:
         if name not in self._bits:  # e.g. after a resume, before the first re-fit
             self._bits[name] = layer.bits
-        return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._bits[name])
+        return self._bits[name]
+
+    def _errors(self, name: str, layer: FakeQuantMixin) -> torch.Tensor:
+        return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._current_bits(name, layer))
 
     def flush(self) -> None:
         """Fold observations kept aside into the EMAs (run it where they were observed: the same local view);
@@ -308,8 +358,14 @@ class SensitivityEstimator(ABC):
         """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
     def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
+        """½ Σ curvature · error² per bit choice (per row: (bits, out)); ``curvature``: weight-shaped or a scalar."""
         dims = (2,) if self.per_row else (1, 2)
-        return 0.5 * (self._errors(name, layer) * curvature).sum(dims, dtype=torch.float64)
+        elementwise = isinstance(curvature, torch.Tensor) and curvature.dim() == 2
+        sums = weighted_error_sums(layer, self.bit_choices, self.clip.get(name, {}), self._current_bits(name, layer),
+                                   curvature if elementwise else None)
+        if sums is None:
+            return 0.5 * (self._errors(name, layer) * curvature).sum(dims, dtype=torch.float64)
+        return 0.5 * sums.sum(dims, dtype=torch.float64) * (1.0 if elementwise else curvature)
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
