@@ -95,10 +95,12 @@ SCRIPT = textwrap.dedent(r'''
     assert len(entries) == len(expected) == 4 and clips == expected_clips
     assert len({str(e["bits"]) for e in expected}) > 1  # the budget moves widths: decisions are exercised
     for got, want in zip(entries, expected):
-        assert got["bits"] == want["bits"] and got["measured_kind_loss_increase"] == want["measured_kind_loss_increase"], got["step"]
-        assert (got["predicted_loss_increase"] is None) == (want["predicted_loss_increase"] is None)
-        if want["predicted_loss_increase"] is not None:
-            assert abs(got["predicted_loss_increase"] - want["predicted_loss_increase"]) <= 1e-5 * abs(want["predicted_loss_increase"]), got["step"]
+        assert got["bits"] == want["bits"], got["step"]
+        assert got["measured_kind_loss_increase"] == want["measured_kind_loss_increase"], got["step"]
+        predicted, reference = got["predicted_loss_increase"], want["predicted_loss_increase"]
+        assert (predicted is None) == (reference is None)
+        if reference is not None:
+            assert abs(predicted - reference) <= 1e-5 * abs(reference), got["step"]
     print("fused group errors ok")
 ''')
 

@@ -49,7 +49,8 @@ if triton is not None:
                 half = (1 << (b - 1)).to(tl.float32)
                 q = tl.minimum(tl.maximum(q, -half), half - 1.0)
             value = q * s[:, None]
-            value = tl.where(tl.load(rounded_ptr + k) != 0, value.to(w_ptr.dtype.element_ty).to(tl.float32), value)
+            as_weight = value.to(w_ptr.dtype.element_ty).to(tl.float32)
+            value = tl.where(tl.load(rounded_ptr + k) != 0, as_weight, value)
             error = value - w
             error = error * error
             if HAS_F:
@@ -70,9 +71,9 @@ def group_error_sums(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
                      rounded: torch.Tensor, group_size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """(K, out, in // group_size) float32: per group, ``Σ weight · (Q_k(w) - w)²`` for K exact quantizers.
 
-    ``scale`` / ``zero_point``: (K, out, in // group_size) (``zero_point`` None: symmetric grids); ``bits``, ``rounded``:
-    (K,) int32 on ``w``'s device (``rounded`` ≠ 0: round quantizer k's values to ``w``'s dtype before the error);
-    ``weight``: None (all 1) or a tensor of ``w``'s shape.
+    ``scale`` / ``zero_point``: (K, out, in // group_size) (``zero_point`` None: symmetric grids); ``bits`` and
+    ``rounded``: (K,) int32 on ``w``'s device (``rounded`` ≠ 0: round quantizer k's values to ``w``'s dtype before
+    the error); ``weight``: None (all 1) or a tensor of ``w``'s shape.
     """
     quantizers, out_features = scale.shape[0], w.shape[0]
     n_groups = w.numel() // group_size

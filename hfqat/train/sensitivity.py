@@ -27,9 +27,11 @@ then picks the bits. Estimators (``name`` → class in `ESTIMATORS`):
 ``Q_b`` for the layer's current bits is its actual quantizer (learned scales); for other bits it is the
 quantizer `set_bits` would start from, approximated cheaply by the min-max grid shrunk by a per-layer clip
 ratio (`fit_clip_ratios`, refit at every re-allocation) so that low bit widths are not penalised for the
-outliers a real clip search would cut off. Codebook layers (`hfqat.quant.codebook`) provide their own stand-ins
-instead (k-means codebooks per bit width, refit at the same moments: `FakeQuantMixin.refit_candidates` /
-`candidate_errors`).
+outliers a real clip search would cut off. On CUDA the clip search and the weighing of errors (Fisher, Hutchinson)
+run through one fused kernel per layer (`hfqat.quant.fused_group_errors`: every width, or every width × shrink
+factor, in one pass over the weight, no error tensor); elsewhere through the torch code below. Codebook layers
+(`hfqat.quant.codebook`) provide their own stand-ins instead (k-means codebooks per bit width, refit at the same
+moments: `FakeQuantMixin.refit_candidates` / `candidate_errors`).
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enou
 # sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
 # same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
 CLIP_GROUPS_PER_ROW = 8
-# Float32 elements of one batch of clip-search grids, by device type: on a GPU large (0.5 GiB per temporary: the
-# re-fit is launch-bound there), on a CPU within its caches (a batch that spills them is slower than one factor at a
-# time).
+# Float32 elements of one batch of clip-search grids in the torch code, by device type: on an accelerator large (0.5
+# GiB per temporary: launch-bound there; CUDA runs the fused kernel instead), on a CPU within its caches (a batch that
+# spills them is slower than one factor at a time).
 CLIP_BATCH_ELEMENTS = {"cpu": 2**18}
 CLIP_BATCH_ELEMENTS_ACCELERATOR = 2**27
 LayerList = list[tuple[str, FakeQuantMixin]]
@@ -136,7 +138,7 @@ def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
 @torch.no_grad()
 def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor | None:
     """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight (`CLIP_GROUPS_PER_ROW` groups of
-    each row) at each range shrink factor;
+    each row) at each range shrink factor (on CUDA summed group by group: the same totals up to float rounding);
     None for layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`: refitted
     here instead, they need no clip ratio)."""
     w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
@@ -151,9 +153,9 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
         sums = fused_group_errors.group_error_sums(w, scale, zero, _ints(widths, w.device),
                                                    _ints((0,) * len(widths), w.device), spec.group_size)
         return sums.sum((1, 2)).view(len(CLIP_GRID), len(choices))
-    # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
-    # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
-    # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
+    # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor); each factor's
+    # totals are still reduced over their own (bits, out, in) block, the reduction a single factor's grid gets, so
+    # they are the same sums bit for bit.
     budget = CLIP_BATCH_ELEMENTS.get(w.device.type, CLIP_BATCH_ELEMENTS_ACCELERATOR)
     per_batch = max(1, budget // (len(choices) * w.numel()))
     totals = []
@@ -167,7 +169,7 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
 
 def _best_clips(totals: Mapping[str, torch.Tensor | None], bit_choices: tuple[int, ...]
                 ) -> dict[str, dict[int, float]]:
-    """name → {bits: the shrink factor of least total error} (1.0 where ``totals`` has None), read in one host sync."""
+    """name → {bits: the shrink factor of least total error} (1.0 where ``totals`` has None); one host sync."""
     searched = [name for name, t in totals.items() if t is not None]
     indices = dict(zip(searched, torch.stack([totals[name].argmin(0).to(totals[searched[0]].device)
                                               for name in searched]).tolist() if searched else []))
@@ -358,7 +360,7 @@ class SensitivityEstimator(ABC):
         """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
     def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
-        """½ Σ curvature · error² per bit choice (per row: (bits, out)); ``curvature``: weight-shaped or a scalar."""
+        """½ Σ curvature · error² per bit choice (per row: (bits, out)); ``curvature``: weight-shaped, or scalar."""
         dims = (2,) if self.per_row else (1, 2)
         elementwise = isinstance(curvature, torch.Tensor) and curvature.dim() == 2
         sums = weighted_error_sums(layer, self.bit_choices, self.clip.get(name, {}), self._current_bits(name, layer),
