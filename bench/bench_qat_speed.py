@@ -50,6 +50,7 @@ from hfqat.quant import fused_fake_quant
 from hfqat.quant.layers import QATLinear
 from hfqat.quant.modeling import quantize_model
 from hfqat.quant.primitives import dequantize, quantize
+from hfqat.train import sensitivity
 from hfqat.train.callback import QATCallback
 
 VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "hfqat+callback-rows", "torchao")
@@ -242,6 +243,28 @@ def exactness_check() -> str:
     return ", ".join(out)
 
 
+def sensitivity_check() -> str:
+    """The re-allocation's fused error sums (`hfqat.quant.fused_group_errors`) vs its torch code on a bf16 (8192, 2048)
+    layer: the same clip ratios, Fisher costs within float rounding (summed in another order)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    linear = torch.nn.Linear(2048, 8192, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear.weight.data.copy_(torch.randn(8192, 2048, device="cuda", generator=g) * 0.02)
+    layer = QATLinear.from_float(linear, hfqat.QATConfig(bits=4, group_size=128).spec_for("x", 2048))
+    layer.reset_quant_params()
+    fisher, choices = torch.rand(8192, 2048, device="cuda", generator=g), (2, 3, 4, 8)
+    estimator = sensitivity.make_estimator("fisher", choices, 0.9)
+    found = []
+    for fused in (True, False):
+        fused_fake_quant.ENABLED = fused
+        estimator.clip, estimator._bits = {"x": sensitivity.fit_clip_ratios(layer, choices)}, {"x": 4}
+        found.append((estimator.clip["x"], estimator._weighted(layer, "x", fisher)))
+    fused_fake_quant.ENABLED = True
+    (clip, costs), (torch_clip, torch_costs) = found
+    worst = float(((costs - torch_costs).abs() / torch_costs.abs()).max())
+    return f"clip ratios {'equal' if clip == torch_clip else f'DIFFER {clip} vs {torch_clip}'}, Fisher costs " \
+           f"within {worst:.1e} (relative)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -263,6 +286,7 @@ def main() -> None:
     print(f"command: {command}\ntorch {torch.__version__}, {device}")
     if args.device == "cuda":
         print(f"fake-quant exactness (Triton vs torch, bf16): {exactness_check()}")
+        print(f"re-allocation error sums (fused vs torch, bf16): {sensitivity_check()}")
 
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device,
                           generator=torch.Generator(device=args.device).manual_seed(0))
