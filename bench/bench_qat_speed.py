@@ -50,7 +50,7 @@ from hfqat.quant import fused_fake_quant
 from hfqat.quant.layers import QATLinear
 from hfqat.quant.modeling import quantize_model
 from hfqat.quant.primitives import dequantize, quantize
-from hfqat.train import sensitivity
+from hfqat.train import candidates, sensitivity
 from hfqat.train.callback import QATCallback
 
 VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "hfqat+callback-rows", "torchao")
@@ -256,7 +256,7 @@ def sensitivity_check() -> str:
     found = []
     for fused in (True, False):
         fused_fake_quant.ENABLED = fused
-        estimator.clip, estimator._bits = {"x": sensitivity.fit_clip_ratios(layer, choices)}, {"x": 4}
+        estimator.clip, estimator._bits = {"x": candidates.fit_clip_ratios(layer, choices)}, {"x": 4}
         found.append((estimator.clip["x"], estimator._weighted(layer, "x", fisher)))
     fused_fake_quant.ENABLED = True
     (clip, costs), (torch_clip, torch_costs) = found

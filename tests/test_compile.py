@@ -187,7 +187,7 @@ def test_fused_group_errors_match_torch(dtype, symmetric):
     """The sensitivity estimators' fused error sums (`hfqat.quant.fused_group_errors`) on a real layer: the clip search
     chooses the torch code's ratios and the Fisher weighing gives its costs (summed in another order)."""
     from hfqat.quant.layers import QATLinear
-    from hfqat.train import sensitivity
+    from hfqat.train import candidates, sensitivity
 
     g = torch.Generator(device="cuda").manual_seed(3)
     linear = torch.nn.Linear(1024, 512, bias=False, device="cuda", dtype=dtype)
@@ -200,14 +200,14 @@ def test_fused_group_errors_match_torch(dtype, symmetric):
     def run(fused: bool):
         fused_fake_quant.ENABLED = fused
         try:
-            clip = sensitivity.fit_clip_ratios(layer, choices)
+            clip = candidates.fit_clip_ratios(layer, choices)
             estimator = sensitivity.make_estimator("fisher", choices, 0.9)
             estimator.clip, estimator._bits = {"x": clip}, {"x": 4}
-            return clip, sensitivity.clip_error_totals(layer, choices), estimator._weighted(layer, "x", fisher)
+            return clip, candidates.clip_error_totals(layer, choices), estimator._weighted(layer, "x", fisher)
         finally:
             fused_fake_quant.ENABLED = True
 
-    assert sensitivity.weighted_error_sums(layer, choices, {}, 4, fisher) is not None  # the fused path runs
+    assert candidates.weighted_error_sums(layer, choices, {}, 4, fisher) is not None  # the fused path runs
     (clip, totals, costs), (torch_clip, torch_totals, torch_costs) = run(True), run(False)
     assert clip == torch_clip
     torch.testing.assert_close(totals, torch_totals, rtol=1e-5, atol=0)

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(r'''
     import hfqat
     from transformers import AutoModelForCausalLM, LlamaConfig
     from hfqat.quant.modeling import qat_layers, quantize_model
-    from hfqat.train import sensitivity as S
+    from hfqat.train import candidates as S
     from hfqat.train.arguments import CallbackArguments
     from hfqat.train.reallocation import Reallocation
     from hfqat.train.schedule import Schedule
