@@ -18,7 +18,8 @@ Each step = forward + backward + optimizer step; the time is the median of CUDA-
 (the mean for the amortised QATCallback() rows, which warm up through their first re-allocation and then time one
 whole interval: measured steps, re-allocation and the grid updates of narrow layers on every step);
 memory is the peak allocated during the timed steps (``teacher excluded`` subtracts the snapshot's bytes).
-Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) is
+Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) and
+the re-allocation's error sums check (fused vs torch: the same clip ratios, Fisher costs to float rounding) are
 printed first; ``--profile`` adds the top CUDA kernels of one hfqat step and, for the callback rows, the time spent
 in each callback event over the timed interval (synchronised) and the top operators inside them.
 

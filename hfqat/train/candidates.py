@@ -48,14 +48,18 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
-@lru_cache(maxsize=64)
-def _width(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(bits, dtype=torch.int32, device=device)  # cached, as `_constant`
-
-
 @lru_cache(maxsize=256)
 def _ints(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)  # cached, as `_constant`
+
+
+@lru_cache(maxsize=256)
+def _bounds(bit_choices: tuple[int, ...], symmetric: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmin, qmax), (bits, 1, 1) float32, of the integer grids; cached (no small kernels per layer and call)."""
+    bits = _constant(tuple(float(b) for b in bit_choices), device)
+    if symmetric:
+        return -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
+    return torch.zeros_like(bits), torch.exp2(bits) - 1
 
 
 @torch.no_grad()
@@ -66,12 +70,10 @@ def _grid_scales(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[fl
     those of ``init_scales(..., "minmax")`` times the shrink; zero points are shrink-invariant."""
     out_features, in_features = w.shape
     grouped = w.reshape(1, out_features, in_features // group_size, group_size)  # extrema are exact in w's dtype
-    bits = _constant(tuple(float(b) for b in bit_choices), w.device)
     shrink = _constant(tuple(float(c) for c in shrink), w.device)
+    qmin, qmax = _bounds(tuple(bit_choices), symmetric, w.device)
     if symmetric:
-        qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
         return (grouped.abs().amax(-1).float() * shrink / qmax).clamp_min(SCALE_EPS), None, qmin, qmax
-    qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
     lo, hi = grouped.amin(-1).float().clamp(max=0), grouped.amax(-1).float().clamp(min=0)
     base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
     zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
@@ -90,8 +92,8 @@ def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[f
     """
     scale, zero, qmin, qmax = _grid_scales(w, bit_choices, shrink, group_size, symmetric)
     zeros = [None] * len(bit_choices) if zero is None else list(zero)
-    if fused_fake_quant.supports(w, scale[0], zeros[0], _width(bit_choices[0], w.device), group_size):
-        parts = [fused_fake_quant.forward(w, s, z, _width(b, w.device), group_size, out_dtype)
+    if fused_fake_quant.supports(w, scale[0], zeros[0], _ints(bit_choices[:1], w.device), group_size):
+        parts = [fused_fake_quant.forward(w, s, z, _ints((b,), w.device), group_size, out_dtype)
                  for s, z, b in zip(scale, zeros, bit_choices)]
         return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
     wg = w.reshape(1, w.shape[0], -1, group_size).float()
