@@ -29,7 +29,8 @@ training micro-batch instead. The same batch calibrates the weight-variance prio
 the configured bits break the budget (before any gradient).
 
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
-at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
+at most `MAX_TOKENS` tokens of the batch, each building its kind's candidate weights (one fused fake-quant pass per
+layer on CUDA, written in the weight's dtype: `hfqat.train.candidates.candidate_weight`). Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
 
 Experts of MoE models (`measure_expert_kinds`): an expert kind is an experts module up to the block index
