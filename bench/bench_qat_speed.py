@@ -18,7 +18,8 @@ Each step = forward + backward + optimizer step; the time is the median of CUDA-
 (the mean for the amortised QATCallback() rows, which warm up through their first re-allocation and then time one
 whole interval: measured steps, re-allocation and the grid updates of narrow layers on every step);
 memory is the peak allocated during the timed steps (``teacher excluded`` subtracts the snapshot's bytes).
-Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) is
+Ratios are against ``bf16``. A fake-quant exactness check (Triton vs torch code on a real layer, bit for bit) and
+the re-allocation's error sums check (fused vs torch: the same clip ratios, Fisher costs to float rounding) are
 printed first; ``--profile`` adds the top CUDA kernels of one hfqat step and, for the callback rows, the time spent
 in each callback event over the timed interval (synchronised) and the top operators inside them.
 
@@ -50,6 +51,7 @@ from hfqat.quant import fused_fake_quant
 from hfqat.quant.layers import QATLinear
 from hfqat.quant.modeling import quantize_model
 from hfqat.quant.primitives import dequantize, quantize
+from hfqat.train import candidates, sensitivity
 from hfqat.train.callback import QATCallback
 
 VARIANTS = ("bf16", "hfqat", "hfqat-torch", "hfqat+teacher", "hfqat+callback", "hfqat+callback-rows", "torchao")
@@ -242,6 +244,28 @@ def exactness_check() -> str:
     return ", ".join(out)
 
 
+def sensitivity_check() -> str:
+    """The re-allocation's fused error sums (`hfqat.quant.fused_group_errors`) vs its torch code on a bf16 (8192, 2048)
+    layer: the same clip ratios, Fisher costs within float rounding (summed in another order)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    linear = torch.nn.Linear(2048, 8192, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear.weight.data.copy_(torch.randn(8192, 2048, device="cuda", generator=g) * 0.02)
+    layer = QATLinear.from_float(linear, hfqat.QATConfig(bits=4, group_size=128).spec_for("x", 2048))
+    layer.reset_quant_params()
+    fisher, choices = torch.rand(8192, 2048, device="cuda", generator=g), (2, 3, 4, 8)
+    estimator = sensitivity.make_estimator("fisher", choices, 0.9)
+    found = []
+    for fused in (True, False):
+        fused_fake_quant.ENABLED = fused
+        estimator.clip, estimator._bits = {"x": candidates.fit_clip_ratios(layer, choices)}, {"x": 4}
+        found.append((estimator.clip["x"], estimator._weighted(layer, "x", fisher)))
+    fused_fake_quant.ENABLED = True
+    (clip, costs), (torch_clip, torch_costs) = found
+    worst = float(((costs - torch_costs).abs() / torch_costs.abs()).max())
+    return f"clip ratios {'equal' if clip == torch_clip else f'DIFFER {clip} vs {torch_clip}'}, Fisher costs " \
+           f"within {worst:.1e} (relative)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -263,6 +287,7 @@ def main() -> None:
     print(f"command: {command}\ntorch {torch.__version__}, {device}")
     if args.device == "cuda":
         print(f"fake-quant exactness (Triton vs torch, bf16): {exactness_check()}")
+        print(f"re-allocation error sums (fused vs torch, bf16): {sensitivity_check()}")
 
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device,
                           generator=torch.Generator(device=args.device).manual_seed(0))

@@ -19,19 +19,21 @@ from hfqat.train.allocation import (
     allocate_unit_bits,
     weighted_average_bits,
 )
-from hfqat.train import sensitivity
-from hfqat.train.sensitivity import (
+from hfqat.train import candidates
+from hfqat.train.candidates import (
     CLIP_GRID,
     CLIP_GROUPS_PER_ROW,
+    _grid_errors,
+    clip_error_totals,
+    fit_clip_ratios,
+    quantization_errors,
+)
+from hfqat.train.sensitivity import (
     ESTIMATORS,
     FisherEstimator,
     SensitivityContext,
     SensitivityEstimator,
-    _grid_errors,
-    clip_error_totals,
-    fit_clip_ratios,
     make_estimator,
-    quantization_errors,
     register_estimator,
     weight_variance_costs,
 )
@@ -179,7 +181,7 @@ def test_batched_grid_errors_equal_the_primitives(symmetric):
 def test_clip_search_totals_are_those_of_one_factor_at_a_time(model, monkeypatch, batch_elements):
     """The batched clip search reduces each factor's grid on its own: the totals of the plain per-factor loop, bit
     for bit (so the chosen ratios cannot move)."""
-    monkeypatch.setattr(sensitivity, "CLIP_BATCH_ELEMENTS", {"cpu": batch_elements})
+    monkeypatch.setattr(candidates, "CLIP_BATCH_ELEMENTS", {"cpu": batch_elements})
     for name, layer in qat_layers(model):
         w, spec = layer.weight_oi().detach(), layer.spec
         groups = w.shape[1] // spec.group_size

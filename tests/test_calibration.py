@@ -13,11 +13,8 @@ import hfqat
 from hfqat.quant.modeling import bit_allocation, qat_layers
 from hfqat.train.allocation import allocate_tied_bits, tied_groups
 from hfqat.train.calibration import calibrate, layer_kind, leading_batch, measure_kinds
-from hfqat.train.sensitivity import (
-    candidate_weight,
-    fit_clip_ratios,
-    weight_variance_costs,
-)
+from hfqat.train.candidates import candidate_weight, fit_clip_ratios
+from hfqat.train.sensitivity import weight_variance_costs
 from tests.conftest import text_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,8 @@ from hfqat.train.grid_updates import GridStepUpdates
 from hfqat.train.history import HISTORY_FILE, AllocationHistory
 from hfqat.train.reallocation import Reallocation
 from hfqat.train.schedule import Schedule
-from hfqat.train.sensitivity import SensitivityContext, make_estimator, quantization_errors
+from hfqat.train.candidates import quantization_errors
+from hfqat.train.sensitivity import SensitivityContext, make_estimator
 from hfqat.train.state_store import CheckpointStore
 from hfqat.train.teachers import attach_distillation, logged_losses
 from hfqat.train.tracker import SensitivityTracker

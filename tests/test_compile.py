@@ -178,3 +178,37 @@ def test_cuda_compiled_qat_model_matches_eager(tiny_model_dir, input_ids):
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert (grads[name] - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fused_group_errors_match_torch(dtype, symmetric):
+    """The sensitivity estimators' fused error sums (`hfqat.quant.fused_group_errors`) on a real layer: the clip search
+    chooses the torch code's ratios and the Fisher weighing gives its costs (summed in another order)."""
+    from hfqat.quant.layers import QATLinear
+    from hfqat.train import candidates, sensitivity
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    linear = torch.nn.Linear(1024, 512, bias=False, device="cuda", dtype=dtype)
+    linear.weight.data.copy_(torch.randn(512, 1024, device="cuda", generator=g) * 0.05)
+    layer = QATLinear.from_float(linear, hfqat.QATConfig(
+        bits=4, group_size=128, symmetric=symmetric).spec_for("x", 1024))
+    layer.reset_quant_params()
+    fisher, choices = torch.rand(512, 1024, device="cuda", generator=g), (2, 3, 4, 8)
+
+    def run(fused: bool):
+        fused_fake_quant.ENABLED = fused
+        try:
+            clip = candidates.fit_clip_ratios(layer, choices)
+            estimator = sensitivity.make_estimator("fisher", choices, 0.9)
+            estimator.clip, estimator._bits = {"x": clip}, {"x": 4}
+            return clip, candidates.clip_error_totals(layer, choices), estimator._weighted(layer, "x", fisher)
+        finally:
+            fused_fake_quant.ENABLED = True
+
+    assert candidates.weighted_error_sums(layer, choices, {}, 4, fisher) is not None  # the fused path runs
+    (clip, totals, costs), (torch_clip, torch_totals, torch_costs) = run(True), run(False)
+    assert clip == torch_clip
+    torch.testing.assert_close(totals, torch_totals, rtol=1e-5, atol=0)
+    torch.testing.assert_close(costs, torch_costs, rtol=1e-5, atol=0)

@@ -143,7 +143,7 @@ def _fsdp2_part(out: Path) -> dict:
     from hfqat.quant.modeling import qat_layers
     from hfqat.quant.primitives import init_scales
     from hfqat.train.callback import TEACHER_FILE, QATCallback
-    from hfqat.train.sensitivity import fit_clip_ratios
+    from hfqat.train.candidates import fit_clip_ratios
 
     model = _tiny_model()
     for layer in model.model.layers:

@@ -3,9 +3,9 @@
 
 Forward bit for bit ``dequantize(quantize(w))``, and the backward's STE mask and LSQ / zero-point gradients those of the
 torch code, with one width for the weight, one per output row (``bits_granularity="row"``) and one per group;
-symmetric and with zero points. And the sensitivity estimators' candidate grids (`_grid_weights`, which run them on
-CUDA): the weights of their torch code, hence the same calibration ΔL table (`measure_kinds`) on a tiny model. The GPU
-test in test_compile.py covers the compiled kernels.
+symmetric and with zero points. And the sensitivity estimators' candidate grids (`hfqat.train.candidates._grid_weights`,
+which run them on CUDA): the weights of their torch code, hence the same calibration ΔL table (`measure_kinds`) on a
+tiny model. The GPU test in test_compile.py covers the compiled kernels.
 """
 
 import textwrap
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(r'''
                 if zero is not None:
                     torch.testing.assert_close(grad_z, leaves[2].grad, rtol=1e-4, atol=1e-6, msg=str(what))
 
-    from hfqat.train import sensitivity as S
+    from hfqat.train import candidates as S
 
     for dtype in (torch.float32, torch.bfloat16):
         w = (torch.randn(out_features, in_features) * 0.05).to(dtype)

@@ -15,7 +15,8 @@ from hfqat.quant.modeling import qat_layers
 from hfqat.quant.primitives import fake_quantize, init_scales
 from hfqat.train.calibration import split_rows
 from hfqat.train.callback import ROW_SCORES_FILE, QATCallback
-from hfqat.train.sensitivity import gradient_row_costs, quantization_errors
+from hfqat.train.candidates import quantization_errors
+from hfqat.train.sensitivity import gradient_row_costs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

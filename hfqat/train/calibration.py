@@ -16,7 +16,7 @@ weights; `calibrate` rescales the predictions of kind ``k`` at ``b`` bits to sum
 so the quadratic model still decides within a kind, the measurement between kinds and bit widths.
 
 The ``b``-bit quantizer is the layer's own (learned scales) at its current bits and the stand-in the estimators
-use otherwise (`hfqat.train.sensitivity.candidate_weight`). The learned quantizer has adapted during training, so the
+use otherwise (`hfqat.train.candidates.candidate_weight`). The learned quantizer has adapted during training, so the
 current widths look cheap next to untrained stand-ins: an inertia that keeps trained layers where they are.
 Stand-ins at every width instead measured worse (SmolLM2, average 3.5 bits, `bench/bench_qat_quality.py`: 17.08
 vs 15.33 perplexity).
@@ -29,7 +29,8 @@ training micro-batch instead. The same batch calibrates the weight-variance prio
 the configured bits break the budget (before any gradient).
 
 Cost per re-allocation: ``kinds × bit choices + 1`` forward passes without backward (a Llama has 7 kinds) over
-at most `MAX_TOKENS` tokens of the batch. Not smoothed over time: each re-allocation measures afresh, so a
+at most `MAX_TOKENS` tokens of the batch, each building its kind's candidate weights (one fused fake-quant pass per
+layer on CUDA, written in the weight's dtype: `hfqat.train.candidates.candidate_weight`). Not smoothed over time: each re-allocation measures afresh, so a
 resumed run measures the same batch again and takes the same decisions.
 
 Experts of MoE models (`measure_expert_kinds`): an expert kind is an experts module up to the block index
@@ -52,7 +53,8 @@ from torch import nn
 
 from ..quant.experts import float_experts, qat_experts
 from ..quant.layers import FakeQuantMixin
-from .sensitivity import _grid_weights, candidate_weight, loss_inputs
+from .candidates import _grid_weights, candidate_weight
+from .sensitivity import loss_inputs
 
 LayerList = list[tuple[str, FakeQuantMixin]]
 MAX_TOKENS = 2048  # rows of the batch measured (at least one): enough for a paired difference, cheap on a CPU

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..quant.experts import QATExpertsMixin, expert_unit_name, qat_experts
 from .allocation import allocate_unit_bits
-from .sensitivity import _grid_weights
+from .candidates import _grid_weights
 
 
 def unit_name(module_name: str, expert: int) -> str:

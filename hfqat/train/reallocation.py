@@ -9,7 +9,9 @@ It owns the run's `SensitivityTracker` and allocator (`LayerAllocator`, or `RowA
 - around each optimizer step: per-step statistics only on the steps the schedule measures;
 - at each re-allocation step: measures (estimators that are not per-step), calibrates on a fixed batch
   (`hfqat.train.calibration`; on by default for per-layer widths only), re-chooses every layer's (row's) bits,
-  refits the clip ratios and records the allocation in the `AllocationHistory`.
+  refits the clip ratios and records the allocation in the `AllocationHistory`. On CUDA the Fisher weighing and the
+  clip re-fit are one fused error pass per layer each (`hfqat.train.candidates`); the calibration's forwards are
+  most of a re-allocation's time.
 
 Its calibration batch is the training set's first examples (`leading_batch`) where the data loader's dataset can
 be indexed, else the last training micro-batch the caller passes.

@@ -24,12 +24,8 @@ then picks the bits. Estimators (``name`` → class in `ESTIMATORS`):
                 mean within-group weight variance. Needs no data; also the prior for the very first
                 allocation of every estimator (before any gradient has been seen).
 
-``Q_b`` for the layer's current bits is its actual quantizer (learned scales); for other bits it is the
-quantizer `set_bits` would start from, approximated cheaply by the min-max grid shrunk by a per-layer clip
-ratio (`fit_clip_ratios`, refit at every re-allocation) so that low bit widths are not penalised for the
-outliers a real clip search would cut off. Codebook layers (`hfqat.quant.codebook`) provide their own stand-ins
-instead (k-means codebooks per bit width, refit at the same moments: `FakeQuantMixin.refit_candidates` /
-`candidate_errors`).
+``Q_b``: the candidate quantizers of `hfqat.train.candidates` (the actual quantizer at the current bits, a
+clipped min-max grid or a codebook stand-in otherwise).
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -46,154 +42,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import all_reduce_mean_
-from ..quant import fused_fake_quant
-from ..quant.layers import FakeQuantMixin, QATConv1D
-from ..quant.primitives import MSE_SHRINK_GRID, SCALE_EPS
+from ..quant.layers import FakeQuantMixin
+from .candidates import _as_oi, _best_clips, clip_error_totals, quantization_errors, weighted_error_sums
 
-CLIP_GRID = MSE_SHRINK_GRID[::4]  # per-layer clip search: a coarse grid is enough for a sensitivity estimate
-# Groups of each row the clip search reads (evenly spaced): one ratio per layer and width needs no more than a
-# sample (thousands of rows × this), and re-fits after every re-allocation then cost a fraction of a step. The
-# same columns on every row shard (FSDP2 shards rows), so shards add up to the whole layer's choice.
-CLIP_GROUPS_PER_ROW = 8
-# Float32 elements of one batch of clip-search grids, by device type: on a GPU large (0.5 GiB per temporary: the
-# re-fit is launch-bound there), on a CPU within its caches (a batch that spills them is slower than one factor at a
-# time).
-CLIP_BATCH_ELEMENTS = {"cpu": 2**18}
-CLIP_BATCH_ELEMENTS_ACCELERATOR = 2**27
 LayerList = list[tuple[str, FakeQuantMixin]]
-
-
-# -- quantization error per candidate bit width ---------------------------------------------------------------
-def _as_oi(layer: FakeQuantMixin, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor (e.g. a gradient) in (out, in) layout."""
-    return tensor.t() if isinstance(layer, QATConv1D) else tensor
-
-
-@lru_cache(maxsize=1024)
-def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    # Cached: creating a small CUDA tensor from Python data copies from pageable memory, which waits for the GPU.
-    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
-
-
-@lru_cache(maxsize=64)
-def _width(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(bits, dtype=torch.int32, device=device)  # cached, as `_constant`
-
-
-@torch.no_grad()
-def _grid_weights(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
-                  symmetric: bool) -> torch.Tensor:
-    """(bits, out, in) float32 weights on the min-max grids shrunk by ``shrink`` (one factor per bit width).
-
-    All bit widths in one batched computation (a few kernels per layer, no host sync); on CUDA, one fused
-    fake-quant pass per width (`hfqat.quant.fused_fake_quant`: the same fp32 operations, so the same weights,
-    bar the sign of zeros). Scales and zero points are those of ``init_scales(..., "minmax")`` times the shrink;
-    zero points are shrink-invariant.
-    """
-    out_features, in_features = w.shape
-    grouped = w.reshape(1, out_features, in_features // group_size, group_size)  # extrema are exact in w's dtype
-    bits = _constant(tuple(float(b) for b in bit_choices), w.device)
-    shrink = _constant(tuple(float(c) for c in shrink), w.device)
-    if symmetric:
-        qmin, qmax = -torch.exp2(bits - 1), torch.exp2(bits - 1) - 1
-        scale = (grouped.abs().amax(-1).float() * shrink / qmax).clamp_min(SCALE_EPS)
-        zero = torch.zeros_like(scale)
-    else:
-        qmin, qmax = torch.zeros_like(bits), torch.exp2(bits) - 1
-        lo, hi = grouped.amin(-1).float().clamp(max=0), grouped.amax(-1).float().clamp(min=0)
-        base = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
-        zero = torch.clamp(torch.round(-lo / base), qmin, qmax)
-        scale = (base * shrink).clamp_min(SCALE_EPS)
-    zeros = [None if symmetric else z for z in zero]
-    if fused_fake_quant.supports(w, scale[0], zeros[0], _width(bit_choices[0], w.device), group_size):
-        return torch.stack([fused_fake_quant.forward(w, s, z, _width(b, w.device), group_size, torch.float32)
-                            for s, z, b in zip(scale, zeros, bit_choices)])
-    wg = grouped.float()
-    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = torch.clamp(torch.round(wg / scale) + zero, qmin.unsqueeze(-1), qmax.unsqueeze(-1))
-    return ((q - zero) * scale).reshape(len(bit_choices), out_features, in_features)
-
-
-def _grid_errors(w: torch.Tensor, bit_choices: tuple[int, ...], shrink: tuple[float, ...], group_size: int,
-                 symmetric: bool) -> torch.Tensor:
-    """(bits, out, in) squared errors of `_grid_weights`."""
-    return (_grid_weights(w, bit_choices, shrink, group_size, symmetric) - w.float()).pow(2)
-
-
-@torch.no_grad()
-def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torch.Tensor | None:
-    """(len(CLIP_GRID), bits) total squared quantization error of the layer's weight (`CLIP_GROUPS_PER_ROW` groups of
-    each row) at each range shrink factor;
-    None for layers with their own candidate quantizers (codebooks, `FakeQuantMixin.refit_candidates`: refitted
-    here instead, they need no clip ratio)."""
-    w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
-    if layer.refit_candidates(choices):
-        return None
-    groups = w.shape[1] // spec.group_size
-    step = max(1, groups // CLIP_GROUPS_PER_ROW)
-    w = w.reshape(w.shape[0], groups, spec.group_size)[:, ::step].reshape(w.shape[0], -1)
-    # Several shrink factors per batched grid (a few kernels per layer instead of a few per factor: the re-fit of a
-    # whole model was launch-bound on a GPU); each factor's totals are still reduced over their own (bits, out, in)
-    # block, the reduction a single factor's grid gets, so they are the same sums bit for bit.
-    budget = CLIP_BATCH_ELEMENTS.get(w.device.type, CLIP_BATCH_ELEMENTS_ACCELERATOR)
-    per_batch = max(1, budget // (len(choices) * w.numel()))
-    totals = []
-    for start in range(0, len(CLIP_GRID), per_batch):
-        shrinks = CLIP_GRID[start:start + per_batch]
-        errors = _grid_errors(w, choices * len(shrinks), tuple(c for c in shrinks for _ in choices), spec.group_size,
-                              spec.symmetric)
-        totals += [block.sum((1, 2)) for block in errors.view(len(shrinks), len(choices), *w.shape).unbind(0)]
-    return torch.stack(totals)
-
-
-def _best_clip(totals: torch.Tensor | None, bit_choices: tuple[int, ...]) -> dict[int, float]:
-    if totals is None:
-        return {b: 1.0 for b in bit_choices}
-    return {b: CLIP_GRID[i] for b, i in zip(bit_choices, totals.argmin(0).tolist())}
-
-
-def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
-    """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE (1.0 for
-    layers with their own candidate quantizers)."""
-    return _best_clip(clip_error_totals(layer, bit_choices), tuple(bit_choices))
-
-
-@torch.no_grad()
-def quantization_errors(layer: FakeQuantMixin, bit_choices: Iterable[int], clip: Mapping[int, float],
-                        current_bits: int | None = None) -> torch.Tensor:
-    """(bits, out, in) per-element squared errors ``(Q_b(W) - W)²`` (float32), in `bit_choices` order.
-
-    The layer's current bit width uses its actual quantizer (learned scales); the others the clipped grid.
-    Pass ``current_bits`` when known: reading ``layer.bits`` waits for the GPU.
-    """
-    w, spec, choices = layer.weight_oi().detach(), layer.spec, tuple(bit_choices)
-    errors = layer.candidate_errors(choices)  # the layer's own stand-ins (codebooks), else the clipped grid
-    if errors is None:
-        errors = _grid_errors(w, choices, tuple(clip.get(b, 1.0) for b in choices), spec.group_size, spec.symmetric)
-    if layer.weight_row_bits is not None:  # each row's current width uses its actual quantizer
-        actual = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
-        for i, bits in enumerate(choices):
-            errors[i] = torch.where((layer.weight_row_bits == bits).unsqueeze(1), actual, errors[i])
-        return errors
-    current = layer.bits if current_bits is None else current_bits
-    if current in choices:
-        errors[choices.index(current)] = (layer.quantized_weight(exact=True).float() - w.float()).pow(2)
-    return errors
-
-
-@torch.no_grad()
-def candidate_weight(layer: FakeQuantMixin, bits: int, clip: Mapping[int, float], current_bits: int) -> torch.Tensor:
-    """The (out, in) weight the layer would compute at ``bits``, in the weight's dtype: its actual quantizer at its
-    current bits, else the stand-in `quantization_errors` measures (its own, e.g. a codebook, or the clipped grid)."""
-    w = layer.weight_oi()
-    if bits == current_bits and layer.weight_row_bits is None:
-        return layer.quantized_weight(exact=True)
-    own = layer.candidate_weight(bits)
-    if own is None:
-        own = _grid_weights(w, (bits,), (clip.get(bits, 1.0),), layer.spec.group_size, layer.spec.symmetric)[0]
-    if layer.weight_row_bits is not None:  # rows at that width already: their actual quantizer
-        own = torch.where((layer.weight_row_bits == bits).unsqueeze(1), layer.quantized_weight(exact=True), own)
-    return own.to(w.dtype)
 
 
 def loss_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,17 +122,20 @@ class SensitivityEstimator(ABC):
         totals = {name: clip_error_totals(layer, self.bit_choices) for name, layer in layers}
         # Ranks holding row shards (FSDP2) add up to the whole layer's errors: the same choice as on one process.
         all_reduce_mean_(t for t in totals.values() if t is not None)
-        self.clip = {name: _best_clip(t, self.bit_choices) for name, t in totals.items()}
+        self.clip = _best_clips(totals, self.bit_choices)
         self._bits = {name: layer.bits for name, layer in layers}
 
     def note_bits(self, bits: Mapping[str, int]) -> None:
         """Record the layers' new bits (after a re-allocation), so per-step measurements need no GPU read."""
         self._bits.update(bits)
 
-    def _errors(self, name: str, layer: FakeQuantMixin) -> torch.Tensor:
+    def _current_bits(self, name: str, layer: FakeQuantMixin) -> int:
         if name not in self._bits:  # e.g. after a resume, before the first re-fit
             self._bits[name] = layer.bits
-        return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._bits[name])
+        return self._bits[name]
+
+    def _errors(self, name: str, layer: FakeQuantMixin) -> torch.Tensor:
+        return quantization_errors(layer, self.bit_choices, self.clip.get(name, {}), self._current_bits(name, layer))
 
     def flush(self) -> None:
         """Fold observations kept aside into the EMAs (run it where they were observed: the same local view);
@@ -308,8 +163,14 @@ class SensitivityEstimator(ABC):
         """layer name → predicted loss increase per bit choice (a (bits,) tensor), for the layers measurable now."""
 
     def _weighted(self, layer: FakeQuantMixin, name: str, curvature: torch.Tensor | float) -> torch.Tensor:
+        """½ Σ curvature · error² per bit choice (per row: (bits, out)); ``curvature``: weight-shaped, or scalar."""
         dims = (2,) if self.per_row else (1, 2)
-        return 0.5 * (self._errors(name, layer) * curvature).sum(dims, dtype=torch.float64)
+        elementwise = isinstance(curvature, torch.Tensor) and curvature.dim() == 2
+        sums = weighted_error_sums(layer, self.bit_choices, self.clip.get(name, {}), self._current_bits(name, layer),
+                                   curvature if elementwise else None)
+        if sums is None:
+            return 0.5 * (self._errors(name, layer) * curvature).sum(dims, dtype=torch.float64)
+        return 0.5 * sums.sum(dims, dtype=torch.float64) * (1.0 if elementwise else curvature)
 
     # -- state (JSON-friendly: plain floats, string keys restored to ints) ----------------------------------
     def state_dict(self) -> dict[str, Any]:
