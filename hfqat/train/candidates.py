@@ -37,7 +37,7 @@ CLIP_BATCH_ELEMENTS = {"cpu": 2**18}
 CLIP_BATCH_ELEMENTS_ACCELERATOR = 2**27
 
 
-def _as_oi(layer: FakeQuantMixin, tensor: torch.Tensor) -> torch.Tensor:
+def as_oi(layer: FakeQuantMixin, tensor: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor (e.g. a gradient) in (out, in) layout."""
     return tensor.t() if isinstance(layer, QATConv1D) else tensor
 
@@ -140,7 +140,7 @@ def clip_error_totals(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> torc
     return torch.stack(totals)
 
 
-def _best_clips(totals: Mapping[str, torch.Tensor | None], bit_choices: tuple[int, ...]
+def best_clips(totals: Mapping[str, torch.Tensor | None], bit_choices: tuple[int, ...]
                 ) -> dict[str, dict[int, float]]:
     """name → {bits: the shrink factor of least total error} (1.0 where ``totals`` has None); one host sync."""
     searched = [name for name, t in totals.items() if t is not None]
@@ -153,7 +153,7 @@ def _best_clips(totals: Mapping[str, torch.Tensor | None], bit_choices: tuple[in
 def fit_clip_ratios(layer: FakeQuantMixin, bit_choices: Iterable[int]) -> dict[int, float]:
     """Per bit width, the range shrink factor (one per layer) minimising the layer's quantization MSE (1.0 for
     layers with their own candidate quantizers)."""
-    return _best_clips({"": clip_error_totals(layer, bit_choices)}, tuple(bit_choices))[""]
+    return best_clips({"": clip_error_totals(layer, bit_choices)}, tuple(bit_choices))[""]
 
 
 @torch.no_grad()

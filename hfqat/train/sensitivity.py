@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..distributed import all_reduce_mean_
 from ..quant.layers import FakeQuantMixin
-from .candidates import _as_oi, _best_clips, clip_error_totals, quantization_errors, weighted_error_sums
+from .candidates import as_oi, best_clips, clip_error_totals, quantization_errors, weighted_error_sums
 
 LayerList = list[tuple[str, FakeQuantMixin]]
 
@@ -122,7 +122,7 @@ class SensitivityEstimator(ABC):
         totals = {name: clip_error_totals(layer, self.bit_choices) for name, layer in layers}
         # Ranks holding row shards (FSDP2) add up to the whole layer's errors: the same choice as on one process.
         all_reduce_mean_(t for t in totals.values() if t is not None)
-        self.clip = _best_clips(totals, self.bit_choices)
+        self.clip = best_clips(totals, self.bit_choices)
         self._bits = {name: layer.bits for name, layer in layers}
 
     def note_bits(self, bits: Mapping[str, int]) -> None:
@@ -238,7 +238,7 @@ class FisherEstimator(SensitivityEstimator):
         # n steps of the EMA from `old`: ema^n · old + Σ_k (1 - ema) · ema^(n-1-k) · ½ Σ_i g_ki² e_i²
         window, self._window = self._window, {}
         for name, (layer, squares, steps) in window.items():
-            value = self._weighted(layer, name, _as_oi(layer, squares))
+            value = self._weighted(layer, name, as_oi(layer, squares))
             old = self._ema.get(name)
             self._ema[name] = value if old is None else self.ema ** steps * old.to(value.device) + value
 
@@ -376,7 +376,7 @@ def gradient_row_costs(model: nn.Module, layers: LayerList, batches: Iterable[Ma
                     f += g.detach().float().pow(2)
     finally:
         model.train(was_training)
-    return {name: 0.5 * (quantization_errors(layer, choices, clip.get(name, {})) * _as_oi(layer, f)).sum(
+    return {name: 0.5 * (quantization_errors(layer, choices, clip.get(name, {})) * as_oi(layer, f)).sum(
                 2, dtype=torch.float64)
             for (name, layer), f in zip(layers, fisher)}
 
