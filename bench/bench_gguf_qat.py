@@ -39,7 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hfqat
-from hfqat.cli.data import pack_tokens, stdlib_train_text
+from hfqat.cli.data import TRAIN_CORPORA, pack_tokens, stdlib_train_text
 from hfqat.cli.evaluation import perplexity
 from hfqat.integrations.gguf import embedded_smollm2, gguf_to_float_checkpoint
 from hfqat.quant.modeling import qat_layers
@@ -77,7 +77,7 @@ def ppl(model, tokenizer, text, args) -> float:
 
 
 def train(model, tokenizer, args, out: Path) -> float:
-    blocks = pack_tokens(tokenizer, stdlib_train_text(), args.seq_len)
+    blocks = pack_tokens(tokenizer, stdlib_train_text(args.train_corpus), args.seq_len)
     data = [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in blocks]
     targs = TrainingArguments(
         str(out), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--train-corpus", choices=TRAIN_CORPORA, default="reference",
+                   help="reference+docstrings is several times larger: long runs see each block fewer times")
     p.add_argument("--eval-tokens", type=int, default=60000)
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--no-check-export", action="store_true", help="skip reloading the exported GGUF")
