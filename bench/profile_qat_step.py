@@ -3,18 +3,22 @@
 A random SmolLM2-135M-shaped Llama (30 layers, hidden 576, intermediate 1536, 9/3 heads, vocab 49152, tied
 embeddings) saved to a temporary directory and loaded back in float32 as a user does (``from_pretrained``, with
 ``quantization_config=hfqat.QATConfig(bits=4, group_size=64, symmetric=True)`` for the hfqat variant), trained by the
-stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat. Steps
-6-8 run under torch.profiler; printed per step: wall time (inflated by the profiler), the sum of GPU kernel
-durations, kernels launched, and the top operators and kernels by device time. Not a benchmark: the timed
-comparison is bench/bench_qat_real.py; this says whether a step is GPU-bound or waits on the host.
+stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat (its
+default teacher: bf16 for this float32 model on a GPU), ``teacher_dtype="model"`` for hfqat-fp32-teacher (the teacher in
+float32 like the student) and ``teacher=None`` for hfqat-no-teacher. Steps 2-5 are timed unprofiled (their median is
+compared with the plain step's at the end), steps 6-8 run under torch.profiler; printed per step: wall time (inflated by
+the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
+This says whether a step is GPU-bound or waits on the host; the end-to-end comparison is bench/bench_qat_real.py.
 
 GPU: python bench/profile_qat_step.py --device cuda      (results quoted in bench/results/h200_s12_qat_real.md)
+     python bench/profile_qat_step.py --device cuda --variants plain,hfqat,hfqat-fp32-teacher,hfqat-no-teacher
 CPU smoke (a tiny model):  python bench/profile_qat_step.py --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -35,7 +39,14 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 TINY = dict(SMOLLM2, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-PROFILED_FROM, PROFILED_STEPS = 6, 3
+TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 2, 6, 3
+# QATCallback arguments of each hfqat variant (uniform widths: no re-allocation)
+VARIANTS = {
+    "plain": None,
+    "hfqat": dict(reallocate_every=0, budget_bits=None),
+    "hfqat-fp32-teacher": dict(reallocate_every=0, budget_bits=None, teacher_dtype="model"),
+    "hfqat-no-teacher": dict(reallocate_every=0, budget_bits=None, teacher=None),
+}
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -54,12 +65,16 @@ class StepProfiler(TrainerCallback):
 
     def __init__(self, device: torch.device):
         self.device, self.prof, self.t0 = device, None, 0.0
+        self.step_s: list[float] = []  # unprofiled steps TIMED_FROM .. PROFILED_FROM - 1
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if TIMED_FROM <= state.global_step < PROFILED_FROM:
+            self._sync()
+            self.t0 = time.perf_counter()
         if state.global_step == PROFILED_FROM:
             self._sync()
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -68,6 +83,9 @@ class StepProfiler(TrainerCallback):
             self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if TIMED_FROM < state.global_step <= PROFILED_FROM:
+            self._sync()
+            self.step_s.append(time.perf_counter() - self.t0)
         if self.prof is None or state.global_step != PROFILED_FROM + PROFILED_STEPS:
             return
         self._sync()
@@ -82,36 +100,43 @@ class StepProfiler(TrainerCallback):
         self.prof = None
 
 
-def run(variant: str, checkpoint: str, device: torch.device, batch: int, seq: int, vocab: int) -> None:
+def run(variant: str, checkpoint: str, device: torch.device, batch: int, seq: int, vocab: int) -> float:
+    """The variant's median unprofiled step time in seconds (and its profile, printed)."""
     print(f"=== {variant}", flush=True)
     qconfig = None if variant == "plain" else hfqat.QATConfig(bits=4, group_size=64, symmetric=True)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, quantization_config=qconfig)
-    callbacks: list[TrainerCallback] = [StepProfiler(device)]
-    if variant == "hfqat":
-        callbacks.append(hfqat.QATCallback(reallocate_every=0, budget_bits=None, write_plots=False))
+    profiler = StepProfiler(device)
+    callbacks: list[TrainerCallback] = [profiler]
+    if VARIANTS[variant] is not None:
+        callbacks.append(hfqat.QATCallback(**VARIANTS[variant], write_plots=False))
     ids = torch.randint(0, vocab, (8 * batch, seq), generator=torch.Generator().manual_seed(0))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=PROFILED_FROM + PROFILED_STEPS + 1,
                              per_device_train_batch_size=batch, learning_rate=5e-5, warmup_steps=2,
                              logging_steps=100, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
                              use_cpu=device.type == "cpu")
     Trainer(model=model.to(device), args=args, train_dataset=TokenBlocks(ids), callbacks=callbacks).train()
+    step = statistics.median(profiler.step_s)
+    print(f"  unprofiled median step {1e3 * step:.1f} ms (steps {TIMED_FROM}-{PROFILED_FROM - 1})", flush=True)
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda: the SmolLM2 shape, 8 x 512; cpu: a tiny model")
-    parser.add_argument("--variants", default="plain,hfqat", help="comma-separated: plain, hfqat")
+    parser.add_argument("--variants", default="plain,hfqat", help=f"comma-separated: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for variant in variants:
-        if variant not in ("plain", "hfqat"):
-            raise ValueError(f"--variants: {variant!r} is unknown; allowed values: plain, hfqat")
+        if variant not in VARIANTS:
+            raise ValueError(f"--variants: {variant!r} is unknown; allowed values: {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     shape, batch, seq = (SMOLLM2, 8, 512) if device.type == "cuda" else (TINY, 2, 64)
     checkpoint = tempfile.mkdtemp(prefix="hfqat_profile_")
     LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(checkpoint)
-    for variant in variants:
-        run(variant, checkpoint, device, batch, seq, shape["vocab_size"])
+    steps = {variant: run(variant, checkpoint, device, batch, seq, shape["vocab_size"]) for variant in variants}
+    if "plain" in steps:
+        for variant, step in steps.items():
+            print(f"{variant}: {1e3 * step:.1f} ms/step unprofiled = {step / steps['plain']:.2f}x plain", flush=True)
 
 
 if __name__ == "__main__":

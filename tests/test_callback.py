@@ -147,6 +147,7 @@ def test_state_is_json_and_reallocation_off(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(teacher=3), "teacher"),
+    (dict(teacher_dtype="fp8"), "teacher_dtype"),
     (dict(replicate_teacher="yes"), "replicate_teacher"),
     (dict(distill_weight=1.5), "distill_weight"),
     (dict(temperature=0), "temperature"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, text_dataset
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import hfqat
@@ -20,6 +21,7 @@ from hfqat.train.distillation import (
     SnapshotTeacher,
     build_teacher,
     distillation_loss,
+    teacher_dtype,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +122,49 @@ def test_snapshot_teacher_save_load_roundtrip(tiny_model_dir, tmp_path, input_id
     teacher.save(tmp_path / "t.safetensors")
     torch.testing.assert_close(SnapshotTeacher.load(student, tmp_path / "t.safetensors").logits((input_ids,), {}),
                                expected)
+
+
+def test_bf16_snapshot_teacher_is_the_float_model_under_bf16_autocast(tiny_model_dir, tmp_path, input_ids):
+    path = tiny_model_dir("llama")
+    student = _model(path)
+    float_model = AutoModelForCausalLM.from_pretrained(path)
+    teacher = SnapshotTeacher(student, dtype=torch.bfloat16)
+    # stored in bf16: half the bytes of the float32 snapshot
+    assert {t.dtype for t in teacher.tensors.values()} == {torch.bfloat16}
+    assert teacher.nbytes() == SnapshotTeacher(student).nbytes() // 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = float_model(input_ids).logits
+    logits = teacher.logits((input_ids,), {})
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        exact = float_model(input_ids).logits
+    assert not torch.equal(logits.float(), exact)  # it did compute in bf16
+    torch.testing.assert_close(logits.float(), exact, rtol=0.05, atol=0.05)
+    # reloaded in the same dtype it is the same teacher; reloaded with the student's dtype it keeps the bf16 weights
+    teacher.save(tmp_path / "t.safetensors")
+    again = SnapshotTeacher.load(student, tmp_path / "t.safetensors", dtype=torch.bfloat16)
+    torch.testing.assert_close(again.logits((input_ids,), {}), logits, rtol=0, atol=0)
+
+
+def test_teacher_dtype_resolution(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"))
+    assert teacher_dtype("auto", model) is None  # float32 on the CPU: the student's own dtype
+    assert teacher_dtype("model", model) is None
+    assert teacher_dtype("bfloat16", model) is torch.bfloat16
+    assert teacher_dtype("float16", model) is torch.float16
+
+
+def test_bf16_teacher_under_trainer_distills_and_resumes_it(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("llama")
+    run = tmp_path / "run"
+    trainer = Trainer(model=_model(path), args=_args(run, max_steps=2, save_steps=1, save_strategy="steps"),
+                      train_dataset=text_dataset(8), callbacks=[QATCallback(teacher_dtype="bfloat16",
+                                                                            reallocate_every=0)])
+    trainer.train()
+    assert next(e["distill_loss"] for e in trainer.state.log_history if "distill_loss" in e) > 1e-3
+    saved = [f for f in (run / "checkpoint-1").iterdir() if "teacher" in f.name]
+    assert saved, "the snapshot teacher is saved with the checkpoint"
+    assert {t.dtype for t in load_file(str(saved[0])).values()} == {torch.bfloat16}
 
 
 def test_teacher_as_model_and_as_path_match_the_snapshot_at_start(tiny_model_dir, tmp_path):

@@ -18,9 +18,11 @@ from ..config import SUPPORTED_BITS
 from .sensitivity import ESTIMATORS
 
 # The settings a checkpoint's trainer_state.json records (JSON values; a teacher *model* cannot be saved).
-SAVED_FIELDS = ("replicate_teacher", "distill_weight", "temperature", "budget_bits", "reallocate_every",
-                "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after", "seed",
-                "write_plots", "tie_fused")
+SAVED_FIELDS = ("teacher_dtype", "replicate_teacher", "distill_weight", "temperature", "budget_bits",
+                "reallocate_every", "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after",
+                "seed", "write_plots", "tie_fused")
+
+TEACHER_DTYPES = ("auto", "model", "bfloat16", "float16")
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -43,6 +45,11 @@ class CallbackArguments:
         teacher: "snapshot" (frozen copy of the quantized layers' float weights taken at train start, sharing
             everything else with the student), a model, a path/hub id loadable by `AutoModelForCausalLM`,
             or None (no distillation).
+        teacher_dtype: what the teacher computes in: "auto" (bfloat16 when the student's weights are float32 on a
+            CUDA device with bf16 support, else the student's dtype), "model" (always the student's dtype: the
+            teacher is then exactly the train-start model), "bfloat16" or "float16" (the snapshot is stored in it and
+            the teacher pass runs under autocast to it; a path teacher is loaded in it). A teacher given as a model
+            runs as it is.
         replicate_teacher: under FSDP2, keep a whole copy of the snapshot teacher on every rank instead of
             sharding it like the weights (the teacher pass then gathers nothing; costs the quantized layers'
             full float weights per rank). Other engines keep it whole anyway.
@@ -78,6 +85,7 @@ class CallbackArguments:
     """
 
     teacher: Any = "snapshot"
+    teacher_dtype: str = "auto"
     replicate_teacher: bool = False
     distill_weight: float = 0.5
     temperature: float = 2.0
@@ -106,6 +114,8 @@ class CallbackArguments:
         t = self.teacher
         if not (t is None or isinstance(t, (str, os.PathLike, nn.Module))):
             raise _invalid("teacher", t, '"snapshot", a model, a path, or None')
+        if not (isinstance(self.teacher_dtype, str) and self.teacher_dtype in TEACHER_DTYPES):
+            raise _invalid("teacher_dtype", self.teacher_dtype, ", ".join(f'"{d}"' for d in TEACHER_DTYPES))
         for name in ("replicate_teacher", "write_plots", "tie_fused"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "True or False")

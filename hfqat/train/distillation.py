@@ -41,6 +41,11 @@ Teachers
     independent frozen teacher pass a model or a path (`ModelTeacher`), which may live on another device
     or in another dtype.
 
+    Precision (`teacher_dtype`): a float32 student on a GPU gets a bfloat16 teacher by default — the snapshot stored
+    in bf16 and the teacher pass run under bf16 autocast. In float32 the teacher's matmuls were a third of a whole
+    plain training step on SmolLM2 (bench/results/h200_s12_qat_real.md); its logits are only soft targets, and bf16
+    moves them far less than the quantization error the distillation corrects.
+
     Under FSDP2 the snapshot is sharded like the weights it copies and the teacher pass gathers it one layer at a
     time; ``replicate=True`` gathers it once instead and keeps a whole copy on every rank (no gathers per step,
     at the cost of the quantized layers' full weights per rank). Under ZeRO-3 and DDP it is always whole.
@@ -175,16 +180,38 @@ class ModelTeacher(Teacher):
 
 def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # Under FSDP2 the snapshot is sharded like the weights it copies: gather it per layer (`full_tensor`).
-    weight = full_tensor(weight).to(x.dtype)
-    return F.linear(x, weight, None if bias is None else full_tensor(bias).to(x.dtype))
+    weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts both to the autocast dtype
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def teacher_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
+    """The dtype the teacher computes in for ``QATCallback(teacher_dtype=setting)``; None: the student's own.
+
+    "auto": bfloat16 when the student's weights are float32 on a CUDA device with bf16 tensor cores (the teacher
+    pass is then a quarter of its float32 cost or less and its logits only serve as soft targets), else the student's.
+    """
+    if setting == "model":
+        return None
+    if setting != "auto":
+        return getattr(torch, setting)
+    param = next(model.parameters())
+    fp32_on_cuda = param.dtype == torch.float32 and param.device.type == "cuda"
+    return torch.bfloat16 if fp32_on_cuda and torch.cuda.is_bf16_supported() else None
 
 
 class SnapshotTeacher(Teacher):
-    """The student with its quantized layers swapped, for the teacher pass only, to their train-start floats."""
+    """The student with its quantized layers swapped, for the teacher pass only, to their train-start floats.
+
+    ``dtype``: the snapshot is stored in it and the teacher pass runs under autocast to it (None: the weights' own
+    dtype, no autocast) — a float32 student on a GPU gets a bf16 teacher this way (`teacher_dtype`).
+    """
 
     def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
-                 replicate: bool = False) -> None:
+                 replicate: bool = False, dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.dtype = dtype
         self.layers = dict(qat_layers(model))
         self.replicate = replicate
         if tensors is None:
@@ -202,13 +229,14 @@ class SnapshotTeacher(Teacher):
 
     def _placed(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         # On the layer's device; under FSDP2 sharded like the layer's own tensor, or whole if replicated.
+        dtype = self.dtype or tensor.dtype
         if key.rsplit(".", 1)[0] not in self.layers:  # a fused expert tensor
-            return tensor.to(self.model.get_parameter(key).device)
+            return tensor.to(self.model.get_parameter(key).device, dtype)
         layer = self.layers[key.rsplit(".", 1)[0]]
         like = layer.weight_oi() if key.endswith(".weight") else layer.bias
         if self.replicate:
-            return full_tensor(tensor).to(like.device)  # a collective for a sharded copy
-        return shard_like(tensor.to(like.device), like)
+            return full_tensor(tensor).to(like.device, dtype)  # a collective for a sharded copy
+        return shard_like(tensor.to(like.device, dtype), like)
 
     @contextmanager
     def _float_layers(self) -> Iterator[None]:
@@ -227,9 +255,14 @@ class SnapshotTeacher(Teacher):
             for layer in self.layers.values():
                 del layer.forward
 
+    def _autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
+
     @torch.no_grad()
     def logits(self, args, kwargs):
-        with self._float_layers():
+        with self._float_layers(), self._autocast():
             return self.model(*args, **kwargs).logits
 
     def nbytes(self) -> int:
@@ -249,23 +282,26 @@ class SnapshotTeacher(Teacher):
             os.replace(tmp, path)
 
     @classmethod
-    def load(cls, model: nn.Module, path: str | os.PathLike, replicate: bool = False) -> SnapshotTeacher:
-        return cls(model, load_file(str(path)), replicate)
+    def load(cls, model: nn.Module, path: str | os.PathLike, replicate: bool = False,
+             dtype: torch.dtype | None = None) -> SnapshotTeacher:
+        return cls(model, load_file(str(path)), replicate, dtype)
 
 
-def build_teacher(teacher: Any, student: nn.Module, replicate: bool = False) -> Teacher | None:
-    """"snapshot" → `SnapshotTeacher` (``replicate``: whole on every rank under FSDP2); a model → `ModelTeacher`;
-    a path → loaded like the student; None → None."""
+def build_teacher(teacher: Any, student: nn.Module, replicate: bool = False,
+                  dtype: torch.dtype | None = None) -> Teacher | None:
+    """"snapshot" → `SnapshotTeacher` (``replicate``: whole on every rank under FSDP2); a model → `ModelTeacher`,
+    as it is; a path → loaded in ``dtype`` (None: the student's) on the student's device; None → None."""
     if teacher is None:
         return None
     if isinstance(teacher, str) and teacher == "snapshot":
-        return SnapshotTeacher(student, replicate=replicate)
+        return SnapshotTeacher(student, replicate=replicate, dtype=dtype)
     if isinstance(teacher, nn.Module):
         return ModelTeacher(teacher)
     from transformers import AutoModelForCausalLM
 
     param = next(student.parameters())
-    return ModelTeacher(AutoModelForCausalLM.from_pretrained(os.fspath(teacher), dtype=param.dtype).to(param.device))
+    loaded = AutoModelForCausalLM.from_pretrained(os.fspath(teacher), dtype=dtype or param.dtype)
+    return ModelTeacher(loaded.to(param.device))
 
 
 # -- the hook ---------------------------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..quant.modeling import qat_layers
 from ..distributed import mean_across_ranks
 from .arguments import CallbackArguments
-from .distillation import DistillationHook, SnapshotTeacher, Teacher, build_teacher
+from .distillation import DistillationHook, SnapshotTeacher, Teacher, build_teacher, teacher_dtype
 from .state_store import CheckpointStore, read_safetensors
 
 
@@ -19,8 +20,10 @@ def attach_distillation(settings: CallbackArguments, model: nn.Module, store: Ch
                         loss_in_trainer: bool = False) -> DistillationHook:
     """The run's `DistillationHook` (teacher from ``settings``, `run_teacher`), attached to ``model``. Without a
     teacher it only records the task loss and the last batch."""
-    teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store) \
-        if settings.teacher is not None else None
+    teacher = None
+    if settings.teacher is not None:
+        dtype = teacher_dtype(settings.teacher_dtype, model)
+        teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store, dtype)
     hook = DistillationHook(teacher, settings.distill_weight, settings.temperature, grad_accum,
                             loss_in_trainer=loss_in_trainer)
     hook.attach(model)
@@ -39,17 +42,19 @@ def logged_losses(hook: DistillationHook, steps: int, world_size: int = 1, token
     return {key: value / steps for key, value in sums.items()}
 
 
-def run_teacher(teacher: Any, model: nn.Module, replicate: bool, store: CheckpointStore) -> Teacher | None:
+def run_teacher(teacher: Any, model: nn.Module, replicate: bool, store: CheckpointStore,
+                dtype: torch.dtype | None = None) -> Teacher | None:
     """`build_teacher`, except that a resumed run's snapshot comes from ``store``'s resumed checkpoint when it holds
     one (a damaged or mismatched file raises a `ValueError` naming it)."""
     if isinstance(teacher, str) and teacher == "snapshot" and store.resumed is not None:
         path = store.teacher_file()
         if path is not None:
-            return load_snapshot(model, path, replicate)
-    return build_teacher(teacher, model, replicate)
+            return load_snapshot(model, path, replicate, dtype)
+    return build_teacher(teacher, model, replicate, dtype)
 
 
-def load_snapshot(model: nn.Module, path: str, replicate: bool = False) -> SnapshotTeacher:
+def load_snapshot(model: nn.Module, path: str, replicate: bool = False,
+                  dtype: torch.dtype | None = None) -> SnapshotTeacher:
     """The snapshot teacher saved at ``path``, checked against the model's quantized layers."""
     tensors = read_safetensors(path, "snapshot teacher")
     for name, layer in qat_layers(model):
@@ -58,4 +63,4 @@ def load_snapshot(model: nn.Module, path: str, replicate: bool = False) -> Snaps
             found = "no weight" if saved is None else f"shape {tuple(saved.shape)}"
             raise ValueError(f"QATCallback: the snapshot teacher {path!r} does not fit this model: {name} has "
                              f"{found}, allowed shape {tuple(own.shape)}; resume with the model that was trained")
-    return SnapshotTeacher(model, tensors, replicate)
+    return SnapshotTeacher(model, tensors, replicate, dtype)
