@@ -12,15 +12,18 @@ This says whether a step is GPU-bound or waits on the host; the end-to-end compa
 
 GPU: python bench/profile_qat_step.py --device cuda      (results quoted in bench/results/h200_s12_qat_real.md)
      python bench/profile_qat_step.py --device cuda --variants plain,hfqat,hfqat-fp32-teacher,hfqat-no-teacher
+     (--sync-debug also lists where one step makes the host wait for the device)
 CPU smoke (a tiny model):  python bench/profile_qat_step.py --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -39,7 +42,7 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 TINY = dict(SMOLLM2, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 2, 6, 3
+SYNC_CHECKED, TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 1, 2, 6, 3
 # QATCallback arguments of each hfqat variant (uniform widths: no re-allocation)
 VARIANTS = {
     "plain": None,
@@ -63,8 +66,9 @@ class TokenBlocks(torch.utils.data.Dataset):
 class StepProfiler(TrainerCallback):
     """Profiles `PROFILED_STEPS` optimizer steps from step `PROFILED_FROM` and prints the summary."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sync_debug: bool = False):
         self.device, self.prof, self.t0 = device, None, 0.0
+        self.sync_debug, self._warnings, self._recorded = sync_debug, None, []
         self.step_s: list[float] = []  # unprofiled steps TIMED_FROM .. PROFILED_FROM - 1
 
     def _sync(self) -> None:
@@ -72,6 +76,11 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize(self.device)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.sync_debug and state.global_step == SYNC_CHECKED and self.device.type == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._recorded = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         if TIMED_FROM <= state.global_step < PROFILED_FROM:
             self._sync()
             self.t0 = time.perf_counter()
@@ -83,6 +92,15 @@ class StepProfiler(TrainerCallback):
             self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in self._recorded
+                                        if "synchroniz" in str(w.message))
+            print(f"  host-device synchronisations in step {SYNC_CHECKED}: {sum(syncs.values())}", flush=True)
+            for where, count in syncs.most_common(10):
+                print(f"    {count:4d} x {where}", flush=True)
+            self._warnings = None
         if TIMED_FROM < state.global_step <= PROFILED_FROM:
             self._sync()
             self.step_s.append(time.perf_counter() - self.t0)
@@ -100,12 +118,13 @@ class StepProfiler(TrainerCallback):
         self.prof = None
 
 
-def run(variant: str, checkpoint: str, device: torch.device, batch: int, seq: int, vocab: int) -> float:
+def run(variant: str, checkpoint: str, device: torch.device, batch: int, seq: int, vocab: int,
+        sync_debug: bool = False) -> float:
     """The variant's median unprofiled step time in seconds (and its profile, printed)."""
     print(f"=== {variant}", flush=True)
     qconfig = None if variant == "plain" else hfqat.QATConfig(bits=4, group_size=64, symmetric=True)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, quantization_config=qconfig)
-    profiler = StepProfiler(device)
+    profiler = StepProfiler(device, sync_debug)
     callbacks: list[TrainerCallback] = [profiler]
     if VARIANTS[variant] is not None:
         callbacks.append(hfqat.QATCallback(**VARIANTS[variant], write_plots=False))
@@ -124,6 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda: the SmolLM2 shape, 8 x 512; cpu: a tiny model")
     parser.add_argument("--variants", default="plain,hfqat", help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help=f"CUDA: list where step {SYNC_CHECKED} synchronises the host with the device")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for variant in variants:
@@ -133,7 +154,8 @@ def main() -> None:
     shape, batch, seq = (SMOLLM2, 8, 512) if device.type == "cuda" else (TINY, 2, 64)
     checkpoint = tempfile.mkdtemp(prefix="hfqat_profile_")
     LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(checkpoint)
-    steps = {variant: run(variant, checkpoint, device, batch, seq, shape["vocab_size"]) for variant in variants}
+    steps = {variant: run(variant, checkpoint, device, batch, seq, shape["vocab_size"], args.sync_debug)
+             for variant in variants}
     if "plain" in steps:
         for variant, step in steps.items():
             print(f"{variant}: {1e3 * step:.1f} ms/step unprofiled = {step / steps['plain']:.2f}x plain", flush=True)
