@@ -140,9 +140,13 @@ if triton is not None:
 
 def _on(device: torch.device):
     # Triton launches on the current CUDA device; the interpreter (TRITON_INTERPRET=1) also runs on CPU tensors.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Switching costs host time on every launch (hundreds per training step): only when the device is another.
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
+@functools.cache  # a few shapes per model, asked for on every launch
 def _launch_shape(n_groups: int, group_size: int) -> tuple[tuple[int], dict]:
     block_e = triton.next_power_of_2(group_size)
     block_g = max(1, _ELEMENTS_PER_PROGRAM // block_e)
