@@ -6,7 +6,7 @@ import pytest
 import torch
 from packed_layers import random_rows_layer
 
-from hfqat.export.packed import PackedLinear, prepare_backends
+from hfqat.export.packed import PackedLinear, prepare_backends, set_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,3 +37,21 @@ def test_prepared_packed_layers_compile_without_graph_breaks(kind, dtype):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         reference = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
         assert ((got.double() - reference).norm() / reference.norm()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "rows"])
+def test_set_backend_sets_prepared_layers_up_again_before_compile(kind):
+    # A backend pinned (or unpinned) after the first forward: the next compile must not meet the set-up.
+    torch.manual_seed(0)
+    layer = _rows_layer() if kind == "rows" else PackedLinear.from_float(torch.nn.Linear(128, 64), 4, 32, True)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        expected = model(x)
+    for backend in ("dequant", None):
+        set_backend(model, backend)
+        assert layer._prepared_key == (x.device, x.dtype, backend)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)

@@ -316,11 +316,16 @@ def set_backend(model: nn.Module, backend: str | None) -> None:
     """Pin every packed layer to `backend` (a name from `hfqat.export.kernels.BACKENDS`), or None for auto.
 
     A per-row layer (`PackedRowsLinear`) runs its fused ``triton_rows`` path for None and "triton", and otherwise
-    passes `backend` to each of its width blocks."""
-    for _, layer in packed_modules(model):
+    passes `backend` to each of its width blocks. Layers already set up are set up again now, on the device and
+    for the activation dtype they ran with, so that a ``torch.compile`` or CUDA-graph capture that follows sees no
+    set-up (as after `prepare_backends`)."""
+    layers = [layer for _, layer in packed_modules(model)] + [layer for _, layer in rows_modules(model)]
+    for layer in layers:
         layer.force_backend = backend
-    for _, layer in rows_modules(model):
-        layer.force_backend = backend
+    for layer in layers:
+        if layer._prepared_key is not None:
+            device, dtype, _ = layer._prepared_key
+            layer._prepare(device, dtype)
 
 
 def rows_modules(model: nn.Module) -> Iterator[tuple[str, PackedRowsLinear]]:
