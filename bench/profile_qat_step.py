@@ -4,14 +4,14 @@ A random SmolLM2-135M-shaped Llama (30 layers, hidden 576, intermediate 1536, 9/
 embeddings) saved to a temporary directory and loaded back in float32 as a user does (``from_pretrained``, with
 ``quantization_config=hfqat.QATConfig(bits=4, group_size=64, symmetric=True)`` for the hfqat variant), trained by the
 stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat (its
-default teacher: bf16 for this float32 model on a GPU), ``teacher_dtype="model"`` for hfqat-fp32-teacher (the teacher in
-float32 like the student) and ``teacher=None`` for hfqat-no-teacher. Steps 2-5 are timed unprofiled (their median is
+default teacher computes in float32 like the student), ``teacher_dtype="bfloat16"`` for hfqat-bf16-teacher and
+``teacher=None`` for hfqat-no-teacher. Steps 2-5 are timed unprofiled (their median is
 compared with the plain step's at the end), steps 6-8 run under torch.profiler; printed per step: wall time (inflated by
 the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
 This says whether a step is GPU-bound or waits on the host; the end-to-end comparison is bench/bench_qat_real.py.
 
 GPU: python bench/profile_qat_step.py --device cuda      (results quoted in bench/results/h200_s12_qat_real.md)
-     python bench/profile_qat_step.py --device cuda --variants plain,hfqat,hfqat-fp32-teacher,hfqat-no-teacher
+     python bench/profile_qat_step.py --device cuda --variants plain,hfqat,hfqat-bf16-teacher,hfqat-no-teacher
      (--sync-debug also lists where one step makes the host wait for the device)
 CPU smoke (a tiny model):  python bench/profile_qat_step.py --device cpu
 """
@@ -47,7 +47,7 @@ SYNC_CHECKED, TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 1, 2, 6, 3
 VARIANTS = {
     "plain": None,
     "hfqat": dict(reallocate_every=0, budget_bits=None),
-    "hfqat-fp32-teacher": dict(reallocate_every=0, budget_bits=None, teacher_dtype="model"),
+    "hfqat-bf16-teacher": dict(reallocate_every=0, budget_bits=None, teacher_dtype="bfloat16"),
     "hfqat-no-teacher": dict(reallocate_every=0, budget_bits=None, teacher=None),
 }
 

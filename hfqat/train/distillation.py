@@ -41,10 +41,11 @@ Teachers
     independent frozen teacher pass a model or a path (`ModelTeacher`), which may live on another device
     or in another dtype.
 
-    Precision (`teacher_dtype`): a float32 student on a GPU gets a bfloat16 teacher by default — the snapshot stored
-    in bf16 and the teacher pass run under bf16 autocast. In float32 the teacher's matmuls were a third of a whole
-    plain training step on SmolLM2 (bench/results/h200_s12_qat_real.md); its logits are only soft targets, and bf16
-    moves them far less than the quantization error the distillation corrects.
+    Precision (`teacher_dtype`): by default the teacher computes like the student. ``"bfloat16"`` stores the snapshot
+    in bf16 and runs the teacher pass under bf16 autocast: for a float32 student that halves the snapshot's memory
+    and cut the teacher's GPU time from 49 to 10 ms per step on SmolLM2 (H200), at the same perplexity after QAT;
+    but that model's step waits on the host, and autocast's casts added host time: its steps got no faster (11 %
+    slower in bench_qat_real, bench/results/h200_s14_qat_real.md), so it is not the default.
 
     Under FSDP2 the snapshot is sharded like the weights it copies and the teacher pass gathers it one layer at a
     time; ``replicate=True`` gathers it once instead and keeps a whole copy on every rank (no gathers per step,
@@ -186,26 +187,16 @@ def _float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def teacher_dtype(setting: str, model: nn.Module) -> torch.dtype | None:
-    """The dtype the teacher computes in for ``QATCallback(teacher_dtype=setting)``; None: the student's own.
-
-    "auto": bfloat16 when the student's weights are float32 on a CUDA device with bf16 tensor cores (the teacher
-    pass is then a quarter of its float32 cost or less and its logits only serve as soft targets), else the student's.
-    """
-    if setting == "model":
-        return None
-    if setting != "auto":
-        return getattr(torch, setting)
-    param = next(model.parameters())
-    fp32_on_cuda = param.dtype == torch.float32 and param.device.type == "cuda"
-    return torch.bfloat16 if fp32_on_cuda and torch.cuda.is_bf16_supported() else None
+def teacher_dtype(setting: str) -> torch.dtype | None:
+    """The dtype the teacher computes in for ``QATCallback(teacher_dtype=setting)``; None: the student's own."""
+    return None if setting == "model" else getattr(torch, setting)
 
 
 class SnapshotTeacher(Teacher):
     """The student with its quantized layers swapped, for the teacher pass only, to their train-start floats.
 
     ``dtype``: the snapshot is stored in it and the teacher pass runs under autocast to it (None: the weights' own
-    dtype, no autocast) — a float32 student on a GPU gets a bf16 teacher this way (`teacher_dtype`).
+    dtype, no autocast); ``QATCallback(teacher_dtype="bfloat16")`` gives a float32 student a bf16 teacher this way.
     """
 
     def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None,

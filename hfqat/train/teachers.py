@@ -22,7 +22,7 @@ def attach_distillation(settings: CallbackArguments, model: nn.Module, store: Ch
     teacher it only records the task loss and the last batch."""
     teacher = None
     if settings.teacher is not None:
-        dtype = teacher_dtype(settings.teacher_dtype, model)
+        dtype = teacher_dtype(settings.teacher_dtype)
         teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store, dtype)
     hook = DistillationHook(teacher, settings.distill_weight, settings.temperature, grad_accum,
                             loss_in_trainer=loss_in_trainer)
