@@ -235,9 +235,12 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_step(tiny_model_d
     ref, _ = _one_step_weights(path, tmp_path / "a", per_device_train_batch_size=8)
     accum, trainer = _one_step_weights(path, tmp_path / "b", per_device_train_batch_size=2,
                                        gradient_accumulation_steps=4)
-    ckpt, ckpt_trainer = _one_step_weights(path, tmp_path / "c", per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                activation_checkpointing=True)
-    assert ckpt_trainer.model.is_activation_checkpointing
+    # transformers renamed gradient checkpointing to activation checkpointing (5.2x); the package admits both
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    ckpt, ckpt_trainer = _one_step_weights(path, tmp_path / "c", per_device_train_batch_size=4,
+                                           gradient_accumulation_steps=2, **{name: True})
+    assert getattr(ckpt_trainer.model, f"is_{name}")
     initial = {n: p.detach() for n, p in _model(path).named_parameters()}
     moved = sum(float((ref[n] - initial[n]).abs().sum()) for n in ref)
     assert moved > 0
