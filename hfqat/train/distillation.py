@@ -43,7 +43,7 @@ Teachers
 
     Precision (`teacher_dtype`): by default the teacher computes like the student. ``"bfloat16"`` stores the snapshot
     in bf16 and runs the teacher pass under bf16 autocast: for a float32 student that halves the snapshot's memory
-    and cut the teacher's GPU time from 49 to 10 ms per step on SmolLM2 (H200), at the same perplexity after QAT;
+    and cut the teacher's GPU time from 47 to 10 ms per step on SmolLM2 (H200), at the same perplexity after QAT;
     but that model's step waits on the host, and autocast's casts added host time: its steps got no faster (11 %
     slower in bench_qat_real, bench/results/h200_s14_qat_real.md), so it is not the default.
 
