@@ -144,6 +144,8 @@ def test_bf16_snapshot_teacher_is_the_float_model_under_bf16_autocast(tiny_model
     teacher.save(tmp_path / "t.safetensors")
     again = SnapshotTeacher.load(student, tmp_path / "t.safetensors", dtype=torch.bfloat16)
     torch.testing.assert_close(again.logits((input_ids,), {}), logits, rtol=0, atol=0)
+    as_saved = SnapshotTeacher.load(student, tmp_path / "t.safetensors")
+    assert {t.dtype for t in as_saved.tensors.values()} == {torch.bfloat16}
 
 
 def test_teacher_dtype_resolution():
@@ -152,7 +154,7 @@ def test_teacher_dtype_resolution():
     assert teacher_dtype("float16") is torch.float16
 
 
-def test_bf16_teacher_under_trainer_distills_and_resumes_it(tiny_model_dir, tmp_path):
+def test_bf16_teacher_under_trainer_distills_and_is_saved_in_bf16(tiny_model_dir, tmp_path):
     path = tiny_model_dir("llama")
     run = tmp_path / "run"
     trainer = Trainer(model=_model(path), args=_args(run, max_steps=2, save_steps=1, save_strategy="steps"),
