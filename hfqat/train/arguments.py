@@ -18,7 +18,7 @@ from ..config import SUPPORTED_BITS
 from .sensitivity import ESTIMATORS
 
 # The settings a checkpoint's trainer_state.json records (JSON values; a teacher *model* cannot be saved).
-SAVED_FIELDS = ("teacher_dtype", "replicate_teacher", "distill_weight", "temperature", "budget_bits",
+SAVED_FIELDS = ("teacher_dtype", "teacher_cuda_graph", "replicate_teacher", "distill_weight", "temperature", "budget_bits",
                 "reallocate_every", "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after",
                 "seed", "write_plots", "tie_fused")
 
@@ -50,6 +50,9 @@ class CallbackArguments:
             autocast to it; a path teacher is loaded in it): for a float32 student, half the snapshot's memory and a
             fraction of the teacher's GPU time, which speeds up steps that wait on the GPU, not those that wait on the
             host (`hfqat.train.distillation`). A teacher given as a model runs as it is.
+        teacher_cuda_graph: on a GPU, record the teacher's forward once as a CUDA graph and replay it on later steps
+            of the same batch shape (`hfqat.train.teacher_graph`): the pass then costs no host time, which is what
+            a small model's step waits on. Plain causal-LM batches only (others run eagerly); False: always eager.
         replicate_teacher: under FSDP2, keep a whole copy of the snapshot teacher on every rank instead of
             sharding it like the weights (the teacher pass then gathers nothing; costs the quantized layers'
             full float weights per rank). Other engines keep it whole anyway.
@@ -86,6 +89,7 @@ class CallbackArguments:
 
     teacher: Any = "snapshot"
     teacher_dtype: str = "model"
+    teacher_cuda_graph: bool = True
     replicate_teacher: bool = False
     distill_weight: float = 0.5
     temperature: float = 2.0
@@ -116,7 +120,7 @@ class CallbackArguments:
             raise _invalid("teacher", t, '"snapshot", a model, a path, or None')
         if not (isinstance(self.teacher_dtype, str) and self.teacher_dtype in TEACHER_DTYPES):
             raise _invalid("teacher_dtype", self.teacher_dtype, ", ".join(f'"{d}"' for d in TEACHER_DTYPES))
-        for name in ("replicate_teacher", "write_plots", "tie_fused"):
+        for name in ("teacher_cuda_graph", "replicate_teacher", "write_plots", "tie_fused"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "True or False")
         if not (_is_number(self.distill_weight) and 0.0 <= self.distill_weight <= 1.0):

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
@@ -77,6 +77,7 @@ from ..distributed import (
 from ..quant.experts import expert_tensors, float_experts
 from ..quant.modeling import qat_layers
 from . import fused_kl
+from .teacher_graph import TeacherGraphs
 
 IGNORE_INDEX = -100
 # Inputs that only concern the loss; the teacher is run without them.
@@ -165,17 +166,36 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if torch.is_tensor(value) else value
 
 
-class ModelTeacher(Teacher):
-    """A separate frozen model (any device/dtype); inputs are moved to it, logits come back as they are."""
+def _model_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
 
-    def __init__(self, model: nn.Module) -> None:
+
+def _graphs_apply(tensors: Iterable[torch.Tensor]) -> bool:
+    # CUDA graphs need every tensor whole, on the GPU and at a fixed address: not FSDP2 shards (DTensor, gathered per
+    # layer) or ZeRO-3 partitions (gathered into fresh memory each forward).
+    return all(t.is_cuda and type(t) in (torch.Tensor, nn.Parameter) and not hasattr(t, "ds_id") for t in tensors)
+
+
+class ModelTeacher(Teacher):
+    """A separate frozen model (any device/dtype); inputs are moved to it, logits come back as they are (with
+    ``cuda_graph``, from a CUDA graph replay where the batch allows: `hfqat.train.teacher_graph`)."""
+
+    def __init__(self, model: nn.Module, cuda_graph: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
+        graphs = cuda_graph and _graphs_apply(_model_tensors(model))
+        self.graphs = TeacherGraphs(self._forward, partial(_model_tensors, model)) if graphs else None
+
+    def _forward(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.model(**kwargs).logits
 
     @torch.no_grad()
     def logits(self, args, kwargs):
         args = tuple(_to(a, self.device) for a in args)
         kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
+        if self.graphs is not None and not args:
+            return self.graphs(kwargs)
         return self.model(*args, **kwargs).logits
 
 
@@ -197,10 +217,11 @@ class SnapshotTeacher(Teacher):
 
     ``dtype``: the snapshot is stored in it and the teacher pass runs under autocast to it (None: the weights' own
     dtype, no autocast); ``QATCallback(teacher_dtype="bfloat16")`` gives a float32 student a bf16 teacher this way.
+    ``cuda_graph``: replay the pass as a CUDA graph where the batch and the model allow (`hfqat.train.teacher_graph`).
     """
 
     def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None,
-                 replicate: bool = False, dtype: torch.dtype | None = None) -> None:
+                 replicate: bool = False, dtype: torch.dtype | None = None, cuda_graph: bool = False) -> None:
         self.model = model
         self.dtype = dtype
         self.layers = dict(qat_layers(model))
@@ -217,6 +238,13 @@ class SnapshotTeacher(Teacher):
         if missing:
             raise ValueError(f"teacher snapshot lacks the weights of layers {missing[:3]}...")
         self.tensors = {k: self._placed(k, v) for k, v in tensors.items()}
+        experts = any(k.rsplit(".", 1)[0] not in self.layers for k in self.tensors)  # MoE routing: read on the host
+        graphs = cuda_graph and not experts and _graphs_apply(self._read_tensors())
+        self.graphs = TeacherGraphs(self._forward, self._read_tensors) if graphs else None
+
+    def _read_tensors(self) -> Iterator[torch.Tensor]:
+        yield from _model_tensors(self.model)
+        yield from self.tensors.values()
 
     def _placed(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         # On the layer's device; under FSDP2 sharded like the layer's own tensor, or whole if replicated.
@@ -249,12 +277,18 @@ class SnapshotTeacher(Teacher):
     def _autocast(self):
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
+        # No cache of cast weights: a CUDA graph capture must record its own casts (`hfqat.train.teacher_graph`).
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype, cache_enabled=False)
+
+    def _forward(self, kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
+        with self._float_layers(), self._autocast():
+            return self.model(*args, **kwargs).logits
 
     @torch.no_grad()
     def logits(self, args, kwargs):
-        with self._float_layers(), self._autocast():
-            return self.model(*args, **kwargs).logits
+        if self.graphs is not None and not args:
+            return self.graphs(kwargs)
+        return self._forward(kwargs, args)
 
     def nbytes(self) -> int:
         """Bytes this rank holds (its shards of a sharded snapshot)."""
@@ -274,25 +308,26 @@ class SnapshotTeacher(Teacher):
 
     @classmethod
     def load(cls, model: nn.Module, path: str | os.PathLike, replicate: bool = False,
-             dtype: torch.dtype | None = None) -> SnapshotTeacher:
-        return cls(model, load_file(str(path)), replicate, dtype)
+             dtype: torch.dtype | None = None, cuda_graph: bool = False) -> SnapshotTeacher:
+        return cls(model, load_file(str(path)), replicate, dtype, cuda_graph)
 
 
 def build_teacher(teacher: Any, student: nn.Module, replicate: bool = False,
-                  dtype: torch.dtype | None = None) -> Teacher | None:
+                  dtype: torch.dtype | None = None, cuda_graph: bool = False) -> Teacher | None:
     """"snapshot" → `SnapshotTeacher` (``replicate``: whole on every rank under FSDP2); a model → `ModelTeacher`,
-    as it is; a path → loaded in ``dtype`` (None: the student's) on the student's device; None → None."""
+    as it is; a path → loaded in ``dtype`` (None: the student's) on the student's device; None → None.
+    ``cuda_graph``: the teacher pass replays as a CUDA graph where it can (`hfqat.train.teacher_graph`)."""
     if teacher is None:
         return None
     if isinstance(teacher, str) and teacher == "snapshot":
-        return SnapshotTeacher(student, replicate=replicate, dtype=dtype)
+        return SnapshotTeacher(student, replicate=replicate, dtype=dtype, cuda_graph=cuda_graph)
     if isinstance(teacher, nn.Module):
-        return ModelTeacher(teacher)
+        return ModelTeacher(teacher, cuda_graph)
     from transformers import AutoModelForCausalLM
 
     param = next(student.parameters())
     loaded = AutoModelForCausalLM.from_pretrained(os.fspath(teacher), dtype=dtype or param.dtype)
-    return ModelTeacher(loaded.to(param.device))
+    return ModelTeacher(loaded.to(param.device), cuda_graph)
 
 
 # -- the hook ---------------------------------------------------------------------------------------------------

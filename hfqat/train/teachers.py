@@ -23,7 +23,8 @@ def attach_distillation(settings: CallbackArguments, model: nn.Module, store: Ch
     teacher = None
     if settings.teacher is not None:
         dtype = teacher_dtype(settings.teacher_dtype)
-        teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store, dtype)
+        teacher = run_teacher(settings.teacher, model, settings.replicate_teacher, store, dtype,
+                              settings.teacher_cuda_graph)
     hook = DistillationHook(teacher, settings.distill_weight, settings.temperature, grad_accum,
                             loss_in_trainer=loss_in_trainer)
     hook.attach(model)
@@ -43,18 +44,18 @@ def logged_losses(hook: DistillationHook, steps: int, world_size: int = 1, token
 
 
 def run_teacher(teacher: Any, model: nn.Module, replicate: bool, store: CheckpointStore,
-                dtype: torch.dtype | None = None) -> Teacher | None:
+                dtype: torch.dtype | None = None, cuda_graph: bool = False) -> Teacher | None:
     """`build_teacher`, except that a resumed run's snapshot comes from ``store``'s resumed checkpoint when it holds
     one (a damaged or mismatched file raises a `ValueError` naming it)."""
     if isinstance(teacher, str) and teacher == "snapshot" and store.resumed is not None:
         path = store.teacher_file()
         if path is not None:
-            return load_snapshot(model, path, replicate, dtype)
-    return build_teacher(teacher, model, replicate, dtype)
+            return load_snapshot(model, path, replicate, dtype, cuda_graph)
+    return build_teacher(teacher, model, replicate, dtype, cuda_graph)
 
 
 def load_snapshot(model: nn.Module, path: str, replicate: bool = False,
-                  dtype: torch.dtype | None = None) -> SnapshotTeacher:
+                  dtype: torch.dtype | None = None, cuda_graph: bool = False) -> SnapshotTeacher:
     """The snapshot teacher saved at ``path``, checked against the model's quantized layers."""
     tensors = read_safetensors(path, "snapshot teacher")
     for name, layer in qat_layers(model):
@@ -63,4 +64,4 @@ def load_snapshot(model: nn.Module, path: str, replicate: bool = False,
             found = "no weight" if saved is None else f"shape {tuple(saved.shape)}"
             raise ValueError(f"QATCallback: the snapshot teacher {path!r} does not fit this model: {name} has "
                              f"{found}, allowed shape {tuple(own.shape)}; resume with the model that was trained")
-    return SnapshotTeacher(model, tensors, replicate, dtype)
+    return SnapshotTeacher(model, tensors, replicate, dtype, cuda_graph)
