@@ -33,6 +33,8 @@ from .primitives import fake_quantize, fake_quantize_activations, init_scales
 
 # Parameters whose values the fit sets: reading one of them first runs a deferred fit.
 FITTED_PARAMS = frozenset({"weight_scale", "weight_zero_point", "weight_codebook"})
+# The __dict__ entry where `hfqat.quant.batched_fake_quant` leaves (quantized weight, `quant_versions`) for a forward.
+BATCHED_WEIGHT = "_batched_weight"
 
 
 class FakeQuantMixin:
@@ -137,7 +139,18 @@ class FakeQuantMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.activation_bits is not None:
             x = fake_quantize_activations(x, self.spec.activation_bits, self.spec.activation_format)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        weight = None if torch.compiler.is_compiling() else self._take_batched_weight()
+        return F.linear(x, self.quantized_weight() if weight is None else weight, self.bias)
+
+    def quant_versions(self) -> tuple[int, ...]:
+        """Versions of the tensors the quantized weight is computed from (in-place updates bump them)."""
+        tensors = (self.weight, self.weight_scale, self.weight_zero_point, self.quantizer_bits)
+        return tuple(t._version for t in tensors if t is not None)
+
+    def _take_batched_weight(self) -> torch.Tensor | None:
+        # Left by the model's bucketed pass for this forward; stale (None) if a tensor changed since.
+        entry = self.__dict__.pop(BATCHED_WEIGHT, None)
+        return entry[0] if entry is not None and entry[1] == self.quant_versions() else None
 
     def quant_parameters(self) -> list[nn.Parameter]:
         """The quantizer's own trainable parameters (scales, zero points, codebook): what a bit change re-fits."""

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import QATConfig
 from ..distributed import full_numel
+from .batched_fake_quant import BatchedWeights
 from .codebook import CodebookConv1D, CodebookLinear
 from .finite import check_finite_weights
 from .fp8 import FP8Conv1D, FP8Linear
@@ -62,6 +63,7 @@ def replace_with_qat_layers(model: nn.Module, config: QATConfig, modules_to_not_
         logger.warning("hfqat: group_size=%d does not divide these layers; used instead: %s",
                        config.group_size, "; ".join(ragged))
     converted += replace_experts_with_qat(model, config, lambda n: is_skipped(n, modules_to_not_convert))
+    BatchedWeights.attach(model)  # small layers' weights quantized in buckets, not one launch per layer
     if not converted:
         logger.warning("hfqat: no linear layer was converted (all skipped by modules_to_not_convert?)")
     _warn_unmatched_patterns(model, config, converted)

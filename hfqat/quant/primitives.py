@@ -107,53 +107,60 @@ def dequantize(
     return (qg * effective_scale(scale).unsqueeze(-1)).reshape(q.shape)
 
 
+def ste_forward(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: torch.Tensor,
+                group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The exact quantizer's value ``dequantize(quantize(w))`` in ``out_dtype``: one fused kernel where
+    `hfqat.quant.fused_fake_quant` applies, the torch code otherwise."""
+    if fused_fake_quant.supports(w, scale, zero_point, bits, group_size):
+        return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
+    return dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size).to(out_dtype)
+
+
+def ste_backward(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: torch.Tensor,
+                 group_size: int, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(grad_w in w's dtype, grad_scale, grad_zero_point or None) of `ste_forward` (STE / LSQ), recomputing the
+    codes from the inputs. Gradients (x = w/s, r = round(x) + z): ``∂ŵ/∂w = 1[qmin ≤ r ≤ qmax]``,
+    ``∂ŵ/∂s = (q - z) - x·1[inside]`` (LSQ), ``∂ŵ/∂z = -s·1[outside]``."""
+    if fused_fake_quant.supports(w, scale, zero_point, bits, group_size):
+        return fused_fake_quant.backward(w, scale, zero_point, bits, group_size, grad)
+    qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
+    s = effective_scale(scale).unsqueeze(-1)
+    x = _grouped(w, group_size) / s
+    r = torch.round(x)
+    z = torch.round(zero_point.float()).unsqueeze(-1) if zero_point is not None else None
+    if z is not None:
+        r = r + z
+    inside = (r >= qmin) & (r <= qmax)
+    g = _grouped(grad, group_size)
+    grad_w = (g * inside).reshape(w.shape).to(w.dtype)
+    q_minus_z = torch.clamp(r, qmin, qmax) - (z if z is not None else 0)
+    ds = (g * (q_minus_z - torch.where(inside, x, 0.0))).sum(-1)
+    # through effective_scale = |scale| clamped at SCALE_EPS
+    grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
+    grad_z = (-(g * s) * ~inside).sum(-1).to(zero_point.dtype) if zero_point is not None else None
+    return grad_w, grad_s, grad_z
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fused exact quantize→dequantize with STE/LSQ gradients, for ``rounding="ste"``, ``clamping="hard"``.
 
     One graph node instead of ~10 elementwise ones; backward recomputes the codes from the saved inputs
-    rather than keeping full-size intermediates alive. Gradients (x = w/s, r = round(x) + z):
-    ``∂ŵ/∂w = 1[qmin ≤ r ≤ qmax]``, ``∂ŵ/∂s = (q - z) - x·1[inside]`` (LSQ), ``∂ŵ/∂z = -s·1[outside]``.
+    rather than keeping full-size intermediates alive (`ste_forward`, `ste_backward`).
     """
 
     @staticmethod
     def forward(ctx, w, scale, zero_point, bits, group_size, out_dtype):
         ctx.save_for_backward(w, scale, zero_point, bits)
         ctx.group_size = group_size
-        ctx.fused = fused_fake_quant.supports(w, scale, zero_point, bits, group_size)
-        if ctx.fused:
-            return fused_fake_quant.forward(w, scale, zero_point, bits, group_size, out_dtype)
-        wq = dequantize(quantize(w, scale, zero_point, bits, group_size), scale, zero_point, group_size)
-        return wq.to(out_dtype)
+        return ste_forward(w, scale, zero_point, bits, group_size, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale, zero_point, bits = ctx.saved_tensors
-        if ctx.fused:
-            grad_w, grad_s, grad_z = fused_fake_quant.backward(w, scale, zero_point, bits, ctx.group_size, grad)
-            return (grad_w if ctx.needs_input_grad[0] else None, grad_s if ctx.needs_input_grad[1] else None,
-                    grad_z if zero_point is not None and ctx.needs_input_grad[2] else None, None, None, None)
-        qmin, qmax = (v.to(w.device) for v in int_range(bits, zero_point is None))
-        s = effective_scale(scale).unsqueeze(-1)
-        x = _grouped(w, ctx.group_size) / s
-        r = torch.round(x)
-        z = torch.round(zero_point.float()).unsqueeze(-1) if zero_point is not None else None
-        if z is not None:
-            r = r + z
-        inside = (r >= qmin) & (r <= qmax)
-        g = _grouped(grad, ctx.group_size)
-        grad_w = grad_s = grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_w = (g * inside).reshape(w.shape).to(w.dtype)
-        if ctx.needs_input_grad[1]:
-            q_minus_z = torch.clamp(r, qmin, qmax) - (z if z is not None else 0)
-            ds = (g * (q_minus_z - torch.where(inside, x, 0.0))).sum(-1)
-            # through effective_scale = |scale| clamped at SCALE_EPS
-            grad_s = (ds * torch.sign(scale.float()) * (scale.float().abs() > SCALE_EPS)).to(scale.dtype)
-        if zero_point is not None and ctx.needs_input_grad[2]:
-            grad_z = (-(g * s) * ~inside).sum(-1).to(zero_point.dtype)
-        return grad_w, grad_s, grad_z, None, None, None
-
-
+        grad_w, grad_s, grad_z = ste_backward(w, scale, zero_point, bits, ctx.group_size, grad)
+        return (grad_w if ctx.needs_input_grad[0] else None, grad_s if ctx.needs_input_grad[1] else None,
+                grad_z if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 def fake_quantize(

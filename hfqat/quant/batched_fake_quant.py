@@ -1,0 +1,192 @@
+"""Many small layers' weights fake-quantized in one fused pass per model forward (and one per backward).
+
+Why: a fake-quant layer quantizes its weight in its own forward — one fused kernel launch, one autograd node, and the
+same again in backward. On a small model that host work, not the math, is the step's cost: SmolLM2-135M on an H200
+spent 24 ms of host time per forward in its 210 layers' fake quant for 1.2 ms of GPU work (bench/results/
+h200_s15_qat_real.md). A weight does not depend on the batch, so every layer's quantized weight can be computed
+before the forward reaches it: `BatchedWeights`, a forward pre-hook on the model, concatenates the weights of
+consecutive small layers into buckets, runs the exact quantizer once per bucket (`hfqat.quant.primitives.ste_forward`:
+per group the same arithmetic, so the values are bit for bit those of the layer's own pass) and hands each layer its
+slice; the bucket's backward computes every layer's weight, scale and zero-point gradients in one pass as well.
+
+Which layers: integer-grid layers (`QATLinear`) on CUDA with the exact quantizer (or eval
+mode; STE rounding with hard clamping), a contiguous (out, in) weight of at most `MAX_LAYER_ELEMENTS` (larger layers' matmuls dwarf a launch, and a
+bucket copies its weights), no forward swapped by a caller (the distillation teacher, calibration); a bucket holds
+at most `BUCKET_ELEMENTS` weights (its backward waits for all its layers' gradients, and copies the bucket's
+weights and gradients). Not under torch.compile (inductor fuses the layer's quantizer itself) or gradient
+checkpointing (the buckets' quantized weights would stay alive through the forward instead of being recomputed).
+A layer that does not consume its slice (a LoRA adapter computes ``Q(W + s·BA)`` itself) is left out from then on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import BATCHED_WEIGHT, FakeQuantMixin, QATLinear
+from .primitives import ste_backward, ste_forward
+
+MAX_LAYER_ELEMENTS = 1 << 22
+BUCKET_ELEMENTS = 1 << 24
+# Where host time per launch matters: on a CPU the math dominates and the bucket's copies would only add to it
+# (tests add "cpu" to check the values and gradients against the layers' own passes).
+DEVICES = ("cuda",)
+
+
+class _BucketFakeQuant(torch.autograd.Function):
+    """``ste_forward`` of the concatenation of a bucket's weights; outputs each layer's (out, in) quantized weight."""
+
+    @staticmethod
+    def forward(ctx, bucket: Bucket, bits: torch.Tensor, *tensors: torch.Tensor):
+        ctx.bucket = bucket
+        ctx.save_for_backward(bits, *tensors)
+        w, scale, zero = bucket.flat(tensors)
+        out = ste_forward(w, scale, zero, bits, bucket.group_size, w.dtype)
+        return tuple(bucket.split(out))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        bucket: Bucket = ctx.bucket
+        bits, *tensors = ctx.saved_tensors
+        w, scale, zero = bucket.flat(tensors)
+        grad = torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                          for g, t in zip(grads, tensors)]).view_as(w)
+        grad_w, grad_s, grad_z = ste_backward(w, scale, zero, bits, bucket.group_size, grad)
+        out = bucket.split(grad_w) + bucket.split_groups(grad_s)
+        if grad_z is not None:
+            out += bucket.split_groups(grad_z)
+        return (None, None, *out)
+
+
+class Bucket:
+    """Consecutive layers sharing device, dtype, group size and grid kind, quantized as one (groups, size) tensor."""
+
+    def __init__(self, layers: Sequence[FakeQuantMixin]) -> None:
+        self.layers = list(layers)
+        self.group_size = self.layers[0].spec.group_size
+        self.shapes = [layer.weight.shape for layer in self.layers]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.has_zero = self.layers[0].weight_zero_point is not None
+        self._bits: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Weights, then scales, then zero points (asymmetric grids)."""
+        out = [layer.weight for layer in self.layers] + [layer.weight_scale for layer in self.layers]
+        return out + ([layer.weight_zero_point for layer in self.layers] if self.has_zero else [])
+
+    def flat(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weights as (groups, group_size), scales and zero points as (groups, 1)) of ``tensors`` (`tensors` order)."""
+        n = len(self.layers)
+        w = torch.cat([t.reshape(-1) for t in tensors[:n]]).view(-1, self.group_size)
+        scale = torch.cat([t.reshape(-1) for t in tensors[n:2 * n]]).view(-1, 1)
+        zero = torch.cat([t.reshape(-1) for t in tensors[2 * n:]]).view(-1, 1) if self.has_zero else None
+        return w, scale, zero
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(shape) for part, shape in zip(flat.view(-1).split(self.sizes), self.shapes)]
+
+    def split_groups(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-group values (scale or zero-point gradients) back into each layer's (out, in // group_size)."""
+        shapes = [layer.weight_scale.shape for layer in self.layers]
+        return [part.view(shape) for part, shape in zip(flat.view(-1).split([math.prod(s) for s in shapes]), shapes)]
+
+    def bits(self) -> torch.Tensor:
+        """(groups, 1, 1) int32: each group row's width (re-built only when a layer's widths changed)."""
+        versions = tuple(layer.quantizer_bits._version for layer in self.layers)
+        if self._bits is None or self._bits[0] != versions:
+            rows = []
+            for layer, size in zip(self.layers, self.sizes):
+                bits = layer.quantizer_bits.to(torch.int32)
+                if bits.numel() == 1:  # one width for the layer
+                    rows.append(bits.reshape(1).expand(size // self.group_size))
+                else:  # one per output row
+                    rows.append(bits.reshape(-1, 1).expand(-1, layer.weight.shape[1] // self.group_size).reshape(-1))
+            self._bits = versions, torch.cat(rows).view(-1, 1, 1)
+        return self._bits[1]
+
+
+def eligible(layer: nn.Module) -> bool:
+    """Whether ``layer``'s forward would run the exact integer quantizer on a small contiguous CUDA weight."""
+    return (
+        type(layer).forward is QATLinear.forward
+        and type(layer).fake_quantize_weight is FakeQuantMixin.fake_quantize_weight
+        and "forward" not in layer.__dict__
+        and not layer.__dict__.get("_fit_pending")
+        and layer.weight.device.type in DEVICES and type(layer.weight) is nn.Parameter and layer.weight.is_contiguous()
+        and not hasattr(layer.weight, "ds_id")  # ZeRO-3: partitioned, gathered by the layer's own hooks
+        and layer.weight.numel() <= MAX_LAYER_ELEMENTS
+        and (not layer.training or not math.isfinite(layer.soft_sharpness)  # the exact quantizer, as in
+             or "soft" not in (layer.spec.rounding, layer.spec.clamping))      # `hfqat.quant.primitives.fake_quantize`
+    )
+
+
+def plan_buckets(layers: Sequence[FakeQuantMixin]) -> list[Bucket]:
+    """Consecutive ``layers`` cut into buckets of one kind, at most `BUCKET_ELEMENTS` weights each."""
+    buckets, current, size, kind = [], [], 0, None
+    for layer in layers:
+        layer_kind = (layer.weight.device, layer.weight.dtype, layer.spec.group_size, layer.weight_zero_point is None,
+                      layer.weight_scale.dtype)
+        if current and (layer_kind != kind or size + layer.weight.numel() > BUCKET_ELEMENTS):
+            buckets.append(Bucket(current))
+            current, size = [], 0
+        current.append(layer)
+        size, kind = size + layer.weight.numel(), layer_kind
+    if current:
+        buckets.append(Bucket(current))
+    return [bucket for bucket in buckets if len(bucket.layers) > 1]  # a single layer gains nothing
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers renamed is_gradient_checkpointing to is_activation_checkpointing (5.2x); read whichever it has
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+class BatchedWeights:
+    """Forward pre-hook (and post-hook) on a model: computes its small layers' quantized weights bucket by bucket."""
+
+    def __init__(self) -> None:
+        self.left_out: set[int] = set()  # ids of layers that did not consume their slice
+        self._plans: dict[tuple[int, ...], list[Bucket]] = {}
+        self._active: list[Bucket] = []
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> BatchedWeights:
+        """The model's hook (attached once, whatever the number of conversions)."""
+        if not isinstance(model.__dict__.get("_hfqat_batched_weights"), cls):
+            hook = model.__dict__["_hfqat_batched_weights"] = cls()
+            model.register_forward_pre_hook(hook.before)
+            model.register_forward_hook(hook.after)
+        return model.__dict__["_hfqat_batched_weights"]
+
+    def before(self, model: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling() or _checkpointing(model):
+            return
+        layers = [m for m in model.modules() if isinstance(m, QATLinear) and id(m) not in self.left_out and eligible(m)]
+        if not layers:  # e.g. the distillation teacher's pass, whose layers compute their float weights
+            return
+        key = tuple(id(layer) for layer in layers)
+        if key not in self._plans:
+            self._plans = {key: plan_buckets(layers)}  # one model, one live plan
+        self._active = self._plans[key]
+        for bucket in self._active:
+            tensors = bucket.tensors()
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                weights = _BucketFakeQuant.apply(bucket, bucket.bits(), *tensors)
+            else:
+                w, scale, zero = bucket.flat(tensors)
+                weights = bucket.split(ste_forward(w, scale, zero, bucket.bits(), bucket.group_size, w.dtype))
+            for layer, weight in zip(bucket.layers, weights):
+                layer.__dict__[BATCHED_WEIGHT] = (weight, layer.quant_versions())
+
+    def after(self, model: nn.Module, args: tuple, output) -> None:
+        for bucket in self._active:
+            for layer in bucket.layers:
+                if layer.__dict__.pop(BATCHED_WEIGHT, None) is not None:  # not consumed: computed for nothing
+                    self.left_out.add(id(layer))
+        self._active = []
