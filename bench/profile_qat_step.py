@@ -5,7 +5,9 @@ embeddings) saved to a temporary directory and loaded back in float32 as a user 
 ``quantization_config=hfqat.QATConfig(bits=4, group_size=64, symmetric=True)`` for the hfqat variant), trained by the
 stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat (its
 default teacher computes in float32 like the student), ``teacher_dtype="bfloat16"`` for hfqat-bf16-teacher and
-``teacher=None`` for hfqat-no-teacher. Steps 2-5 are timed unprofiled (their median is
+``teacher=None`` for hfqat-no-teacher, ``teacher_cuda_graph=False`` for hfqat-eager-teacher (the teacher's forward
+run eagerly, not replayed as a CUDA graph), and hfqat-per-layer-fq quantizes each layer's weight in its own forward
+(`hfqat.quant.batched_fake_quant` off). Steps 2-5 are timed unprofiled (their median is
 compared with the plain step's at the end), steps 6-8 run under torch.profiler; printed per step: wall time (inflated by
 the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
 This says whether a step is GPU-bound or waits on the host; the end-to-end comparison is bench/bench_qat_real.py.
@@ -37,6 +39,7 @@ from transformers import (
 )
 
 import hfqat
+from hfqat.quant import batched_fake_quant
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -49,6 +52,8 @@ VARIANTS = {
     "hfqat": dict(reallocate_every=0, budget_bits=None),
     "hfqat-bf16-teacher": dict(reallocate_every=0, budget_bits=None, teacher_dtype="bfloat16"),
     "hfqat-no-teacher": dict(reallocate_every=0, budget_bits=None, teacher=None),
+    "hfqat-eager-teacher": dict(reallocate_every=0, budget_bits=None, teacher_cuda_graph=False),
+    "hfqat-per-layer-fq": dict(reallocate_every=0, budget_bits=None),  # every layer quantizes its own weight
 }
 
 
@@ -123,6 +128,7 @@ def run(variant: str, checkpoint: str, device: torch.device, batch: int, seq: in
     """The variant's median unprofiled step time in seconds (and its profile, printed)."""
     print(f"=== {variant}", flush=True)
     qconfig = None if variant == "plain" else hfqat.QATConfig(bits=4, group_size=64, symmetric=True)
+    batched_fake_quant.DEVICES = () if variant == "hfqat-per-layer-fq" else ("cuda",)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, quantization_config=qconfig)
     profiler = StepProfiler(device, sync_debug)
     callbacks: list[TrainerCallback] = [profiler]
