@@ -45,6 +45,15 @@ def test_loading_defers_and_a_move_fits(pair):
     _assert_same_quant_params(eager, deferred)
 
 
+def test_reads_that_bypass_the_fit_see_finite_placeholders(pair):
+    # model.named_parameters() reads the tensors without a layer's attribute access: before the fit they hold scale 1
+    # and zero point 0, not what a meta-device load leaves (the GPU machine read NaN there)
+    _, deferred = pair
+    quant = {name: p for name, p in deferred.named_parameters() if "weight_scale" in name or "zero_point" in name}
+    assert quant and _pending(deferred)
+    assert all(bool((p == (1.0 if "scale" in name else 0.0)).all()) for name, p in quant.items())
+
+
 def test_forward_fits_a_pending_layer(pair, input_ids):
     eager, deferred = pair
     with torch.no_grad():

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import LayerQuantSpec, QATConfig
-from .primitives import fake_quantize, init_scales
+from .primitives import fake_quantize, fill_placeholder_scales, init_scales
 
 
 @dataclass(frozen=True)
@@ -278,8 +278,12 @@ class QATExpertsMixin:
         for name, q in self.quantizers.items():
             q.reset(self._parameters[name])
 
+    @torch.no_grad()
     def defer_fit(self) -> None:
-        """Fit on first use, on the device the weights are then on (as `FakeQuantMixin.defer_fit`)."""
+        """Fit on first use, on the device the weights are then on (as `FakeQuantMixin.defer_fit`, with its
+        placeholders until then)."""
+        for q in self.quantizers.values():
+            fill_placeholder_scales(q.weight_scale, q.weight_zero_point)
         self.__dict__["_fit_pending"] = True
 
     def run_pending_fit(self) -> None:

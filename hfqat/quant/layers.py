@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LayerQuantSpec
-from .primitives import fake_quantize, fake_quantize_activations, init_scales
+from .primitives import fake_quantize, fake_quantize_activations, fill_placeholder_scales, init_scales
 
 # Parameters whose values the fit sets: reading one of them first runs a deferred fit.
 FITTED_PARAMS = frozenset({"weight_scale", "weight_zero_point", "weight_codebook"})
@@ -67,8 +67,12 @@ class FakeQuantMixin:
         self.register_state_dict_pre_hook(_fit_before_state_dict)
 
     # -- deferred fit -----------------------------------------------------------------------------------------
+    @torch.no_grad()
     def defer_fit(self) -> None:
-        """Fit scales / zero points on first use instead of now (see the module docstring)."""
+        """Fit scales / zero points on first use instead of now (see the module docstring). Until then they hold
+        placeholders (scale 1, zero point 0): a read that bypasses the fit (``model.named_parameters()``) sees
+        finite values, not the uninitialised memory a meta-device load leaves."""
+        fill_placeholder_scales(self._parameters["weight_scale"], self._parameters.get("weight_zero_point"))
         self.__dict__["_fit_pending"] = True
 
     def _run_pending_fit(self) -> None:

@@ -203,6 +203,15 @@ def fake_quantize(
     return (q * s).reshape(w.shape).to(out_dtype)
 
 
+@torch.no_grad()
+def fill_placeholder_scales(scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+    """Scale 1, zero point 0: finite stand-ins for quantizer parameters whose fit has not run yet."""
+    if not scale.is_meta:
+        scale.fill_(1.0)
+        if zero_point is not None:
+            zero_point.zero_()
+
+
 def init_scales(
     w: torch.Tensor, bits: int | torch.Tensor, group_size: int, symmetric: bool, method: str = "mse"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
