@@ -5,8 +5,8 @@ embeddings) saved to a temporary directory and loaded back in float32 as a user 
 ``quantization_config=hfqat.QATConfig(bits=4, group_size=64, symmetric=True)`` for the hfqat variant), trained by the
 stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat (its
 default teacher computes in float32 like the student), ``teacher_dtype="bfloat16"`` for hfqat-bf16-teacher and
-``teacher=None`` for hfqat-no-teacher, ``teacher_cuda_graph=False`` for hfqat-eager-teacher (the teacher's forward
-run eagerly, not replayed as a CUDA graph), and hfqat-per-layer-fq quantizes each layer's weight in its own forward
+``teacher=None`` for hfqat-no-teacher, ``teacher_cuda_graph=True`` for hfqat-graph-teacher (the teacher's forward
+replayed as a CUDA graph, `hfqat.train.teacher_graph`), and hfqat-per-layer-fq quantizes each layer's weight in its own forward
 (`hfqat.quant.batched_fake_quant` off). Steps 2-5 are timed unprofiled (their median is
 compared with the plain step's at the end), steps 6-8 run under torch.profiler; printed per step: wall time (inflated by
 the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
@@ -52,7 +52,7 @@ VARIANTS = {
     "hfqat": dict(reallocate_every=0, budget_bits=None),
     "hfqat-bf16-teacher": dict(reallocate_every=0, budget_bits=None, teacher_dtype="bfloat16"),
     "hfqat-no-teacher": dict(reallocate_every=0, budget_bits=None, teacher=None),
-    "hfqat-eager-teacher": dict(reallocate_every=0, budget_bits=None, teacher_cuda_graph=False),
+    "hfqat-graph-teacher": dict(reallocate_every=0, budget_bits=None, teacher_cuda_graph=True),
     "hfqat-per-layer-fq": dict(reallocate_every=0, budget_bits=None),  # every layer quantizes its own weight
 }
 

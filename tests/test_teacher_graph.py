@@ -25,7 +25,8 @@ def _student(path, device="cpu"):
 def test_teacher_cuda_graph_setting_is_validated_and_saved():
     with pytest.raises(ValueError, match="teacher_cuda_graph.*True or False"):
         CallbackArguments(teacher_cuda_graph="yes")
-    assert CallbackArguments().saved_arguments()["teacher_cuda_graph"] is True
+    assert CallbackArguments().saved_arguments()["teacher_cuda_graph"] is False
+    assert CallbackArguments(teacher_cuda_graph=True).saved_arguments()["teacher_cuda_graph"] is True
 
 
 def test_no_graphs_off_the_gpu(tiny_model_dir, input_ids):

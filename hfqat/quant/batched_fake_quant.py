@@ -3,7 +3,7 @@
 Why: a fake-quant layer quantizes its weight in its own forward — one fused kernel launch, one autograd node, and the
 same again in backward. On a small model that host work, not the math, is the step's cost: SmolLM2-135M on an H200
 spent 24 ms of host time per forward in its 210 layers' fake quant for 1.2 ms of GPU work (bench/results/
-h200_s15_qat_real.md). A weight does not depend on the batch, so every layer's quantized weight can be computed
+h200_s15_qat_step.md). A weight does not depend on the batch, so every layer's quantized weight can be computed
 before the forward reaches it: `BatchedWeights`, a forward pre-hook on the model, concatenates the weights of
 consecutive small layers into buckets, runs the exact quantizer once per bucket (`hfqat.quant.primitives.ste_forward`:
 per group the same arithmetic, so the values are bit for bit those of the layer's own pass) and hands each layer its

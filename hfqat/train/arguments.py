@@ -51,8 +51,10 @@ class CallbackArguments:
             fraction of the teacher's GPU time, which speeds up steps that wait on the GPU, not those that wait on the
             host (`hfqat.train.distillation`). A teacher given as a model runs as it is.
         teacher_cuda_graph: on a GPU, record the teacher's forward once as a CUDA graph and replay it on later steps
-            of the same batch shape (`hfqat.train.teacher_graph`): the pass then costs no host time, which is what
-            a small model's step waits on. Plain causal-LM batches only (others run eagerly); False: always eager.
+            of the same batch shape (`hfqat.train.teacher_graph`): the pass then costs no host time. Plain causal-LM
+            batches only (others run eagerly). Off by default: on SmolLM2 (H200) the replayed teacher's GPU time
+            no longer overlapped its own host work and the Trainer step got slower (231 vs 220 ms), though
+            faster where the host was slower still (under the profiler: 277 vs 311 ms).
         replicate_teacher: under FSDP2, keep a whole copy of the snapshot teacher on every rank instead of
             sharding it like the weights (the teacher pass then gathers nothing; costs the quantized layers'
             full float weights per rank). Other engines keep it whole anyway.
@@ -89,7 +91,7 @@ class CallbackArguments:
 
     teacher: Any = "snapshot"
     teacher_dtype: str = "model"
-    teacher_cuda_graph: bool = True
+    teacher_cuda_graph: bool = False
     replicate_teacher: bool = False
     distill_weight: float = 0.5
     temperature: float = 2.0
