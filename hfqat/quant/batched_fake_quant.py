@@ -9,13 +9,14 @@ consecutive small layers into buckets, runs the exact quantizer once per bucket 
 per group the same arithmetic, so the values are bit for bit those of the layer's own pass) and hands each layer its
 slice; the bucket's backward computes every layer's weight, scale and zero-point gradients in one pass as well.
 
-Which layers: integer-grid layers (`QATLinear`) on CUDA with the exact quantizer (or eval
-mode; STE rounding with hard clamping), a contiguous (out, in) weight of at most `MAX_LAYER_ELEMENTS` (larger layers' matmuls dwarf a launch, and a
-bucket copies its weights), no forward swapped by a caller (the distillation teacher, calibration); a bucket holds
-at most `BUCKET_ELEMENTS` weights (its backward waits for all its layers' gradients, and copies the bucket's
-weights and gradients). Not under torch.compile (inductor fuses the layer's quantizer itself) or gradient
-checkpointing (the buckets' quantized weights would stay alive through the forward instead of being recomputed).
-A layer that does not consume its slice (a LoRA adapter computes ``Q(W + s·BA)`` itself) is left out from then on.
+Which layers: integer-grid layers (`QATLinear`) on CUDA running the exact quantizer (STE rounding with hard clamping,
+or any rounding in eval mode), with a whole contiguous (out, in) weight of at most `MAX_LAYER_ELEMENTS` (a larger
+layer's matmul dwarfs its launch, and a bucket copies its weights) and no forward swapped by a caller (the
+distillation teacher, calibration). A bucket holds at most `BUCKET_ELEMENTS` weights: its backward waits for all its
+layers' gradients and copies the bucket's weights and gradients. Off under torch.compile (inductor fuses the layer's
+quantizer itself) and gradient checkpointing (the buckets' quantized weights would stay alive through the forward
+instead of being recomputed). A layer that does not consume its slice (its weight computed another way, e.g. by a
+LoRA adapter as ``Q(W + s·BA)``) is left out from then on.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def eligible(layer: nn.Module) -> bool:
         and not layer.__dict__.get("_fit_pending")
         and layer.weight.device.type in DEVICES and type(layer.weight) is nn.Parameter and layer.weight.is_contiguous()
         and not hasattr(layer.weight, "ds_id")  # ZeRO-3: partitioned, gathered by the layer's own hooks
+        and layer.weight.shape == (layer.out_features, layer.in_features)  # whole, not a shard of a flat parameter
         and layer.weight.numel() <= MAX_LAYER_ELEMENTS
         and (not layer.training or not math.isfinite(layer.soft_sharpness)  # the exact quantizer, as in
              or "soft" not in (layer.spec.rounding, layer.spec.clamping))      # `hfqat.quant.primitives.fake_quantize`
