@@ -134,3 +134,13 @@ def test_a_layer_that_does_not_consume_its_slice_is_left_out(on_cpu):
     assert hook.left_out == {id(skipped)}
     hook.before(model, ())
     assert BATCHED_WEIGHT not in vars(skipped) and all(BATCHED_WEIGHT in vars(layer) for _, layer in others)
+
+
+def test_new_widths_reach_the_bucket(on_cpu, monkeypatch):
+    model = _model()
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 16))
+    _step(model, ids)
+    model.zero_grad(set_to_none=True)
+    for _, layer in list(qat_layers(model))[::2]:  # what a re-allocation does: widths changed in place
+        layer.set_bits(2)
+    _assert_same_step(model, "cpu", monkeypatch)

@@ -71,7 +71,7 @@ class Bucket:
         self.shapes = [layer.weight.shape for layer in self.layers]
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.has_zero = self.layers[0].weight_zero_point is not None
-        self._bits: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._bits: tuple[tuple, torch.Tensor] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Weights, then scales, then zero points (asymmetric grids)."""
@@ -95,8 +95,8 @@ class Bucket:
         return [part.view(shape) for part, shape in zip(flat.view(-1).split([math.prod(s) for s in shapes]), shapes)]
 
     def bits(self) -> torch.Tensor:
-        """(groups, 1, 1) int32: each group row's width (re-built only when a layer's widths changed)."""
-        versions = tuple(layer.quantizer_bits._version for layer in self.layers)
+        """(groups, 1, 1) int32: each group row's width (re-built only when a layer's widths changed or moved)."""
+        versions = tuple((bits.data_ptr(), bits._version) for bits in (layer.quantizer_bits for layer in self.layers))
         if self._bits is None or self._bits[0] != versions:
             rows = []
             for layer, size in zip(self.layers, self.sizes):
