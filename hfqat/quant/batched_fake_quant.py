@@ -75,8 +75,9 @@ class Bucket:
 
     def tensors(self) -> list[torch.Tensor]:
         """Weights, then scales, then zero points (asymmetric grids)."""
-        out = [layer.weight for layer in self.layers] + [layer.weight_scale for layer in self.layers]
-        return out + ([layer.weight_zero_point for layer in self.layers] if self.has_zero else [])
+        params = [layer._parameters for layer in self.layers]
+        out = [p["weight"] for p in params] + [p["weight_scale"] for p in params]
+        return out + ([p["weight_zero_point"] for p in params] if self.has_zero else [])
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(weights as (groups, group_size), scales and zero points as (groups, 1)) of ``tensors`` (`tensors` order)."""
@@ -111,17 +112,18 @@ class Bucket:
 
 def eligible(layer: nn.Module) -> bool:
     """Whether ``layer``'s forward would run the exact integer quantizer on a small contiguous CUDA weight."""
+    state = layer.__dict__
+    if "forward" in state or state.get("_fit_pending") or type(layer).forward is not QATLinear.forward or (
+            type(layer).fake_quantize_weight is not FakeQuantMixin.fake_quantize_weight):
+        return False
+    weight, spec = layer._parameters["weight"], layer.spec
     return (
-        type(layer).forward is QATLinear.forward
-        and type(layer).fake_quantize_weight is FakeQuantMixin.fake_quantize_weight
-        and "forward" not in layer.__dict__
-        and not layer.__dict__.get("_fit_pending")
-        and layer.weight.device.type in DEVICES and type(layer.weight) is nn.Parameter and layer.weight.is_contiguous()
-        and not hasattr(layer.weight, "ds_id")  # ZeRO-3: partitioned, gathered by the layer's own hooks
-        and layer.weight.shape == (layer.out_features, layer.in_features)  # whole, not a shard of a flat parameter
-        and layer.weight.numel() <= MAX_LAYER_ELEMENTS
+        weight.device.type in DEVICES and type(weight) is nn.Parameter and weight.is_contiguous()
+        and not hasattr(weight, "ds_id")  # ZeRO-3: partitioned, gathered by the layer's own hooks
+        and weight.shape == (layer.out_features, layer.in_features)  # whole, not a shard of a flat parameter
+        and weight.numel() <= MAX_LAYER_ELEMENTS
         and (not layer.training or not math.isfinite(layer.soft_sharpness)  # the exact quantizer, as in
-             or "soft" not in (layer.spec.rounding, layer.spec.clamping))      # `hfqat.quant.primitives.fake_quantize`
+             or "soft" not in (spec.rounding, spec.clamping))               # `hfqat.quant.primitives.fake_quantize`
     )
 
 

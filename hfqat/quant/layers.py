@@ -148,8 +148,12 @@ class FakeQuantMixin:
 
     def quant_versions(self) -> tuple[int, ...]:
         """Versions of the tensors the quantized weight is computed from (in-place updates bump them)."""
-        tensors = (self.weight, self.weight_scale, self.weight_zero_point, self.quantizer_bits)
-        return tuple(t._version for t in tensors if t is not None)
+        # Read from the module's dicts, not as attributes: called twice per layer and forward (host time).
+        params, buffers = self._parameters, self._buffers
+        bits = buffers["weight_bits"] if buffers["weight_row_bits"] is None else buffers["weight_row_bits"]
+        zero = params["weight_zero_point"]
+        return (params["weight"]._version, params["weight_scale"]._version, bits._version,
+                -1 if zero is None else zero._version)
 
     def _take_batched_weight(self) -> torch.Tensor | None:
         # Left by the model's bucketed pass for this forward; stale (None) if a tensor changed since.
