@@ -7,8 +7,8 @@ stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, bu
 default teacher computes in float32 like the student), ``teacher_dtype="bfloat16"`` for hfqat-bf16-teacher and
 ``teacher=None`` for hfqat-no-teacher, ``teacher_cuda_graph=True`` for hfqat-graph-teacher (the teacher's forward
 replayed as a CUDA graph, `hfqat.train.teacher_graph`), and hfqat-per-layer-fq quantizes each layer's weight in its own forward
-(`hfqat.quant.batched_fake_quant` off). Steps 2-5 are timed unprofiled (their median is
-compared with the plain step's at the end), steps 6-8 run under torch.profiler; printed per step: wall time (inflated by
+(`hfqat.quant.batched_fake_quant` off). Steps 5-24 are timed unprofiled (their median is
+compared with the plain step's at the end), steps 25-27 run under torch.profiler; printed per step: wall time (inflated by
 the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
 This says whether a step is GPU-bound or waits on the host; the end-to-end comparison is bench/bench_qat_real.py.
 
@@ -45,7 +45,9 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
 TINY = dict(SMOLLM2, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512)
-SYNC_CHECKED, TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 1, 2, 6, 3
+# Timed from step 5, over 20 steps: in session 15 the median of steps 2-5 put a QAT step 41 ms behind the plain one
+# that the profiled steps 6-8 did not show (early steps can still grow the allocator's pools).
+SYNC_CHECKED, TIMED_FROM, PROFILED_FROM, PROFILED_STEPS = 1, 5, 25, 3
 # QATCallback arguments of each hfqat variant (uniform widths: no re-allocation)
 VARIANTS = {
     "plain": None,

@@ -100,6 +100,8 @@ class TeacherGraphs:
         tensors = {k for k, v in kwargs.items() if torch.is_tensor(v)}
         if ids is None or not ids.is_cuda or not tensors <= GRAPHED_INPUTS:
             return None
+        if not all(isinstance(v, (bool, int, float, str, type(None))) for k, v in kwargs.items() if k not in tensors):
+            return None  # options a key cannot hold (the graph is chosen by them)
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask.all()):  # one host read, as transformers' own mask code does
             return None
