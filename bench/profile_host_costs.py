@@ -75,7 +75,8 @@ def main() -> None:
         line(f"{label}: forward + backward", forward_backward(m))
     devices, batched_fake_quant.DEVICES = batched_fake_quant.DEVICES, ()
     line("hfqat (every layer its own pass): forward + backward", forward_backward(model))
-    line("fake-quant weights, every layer its own pass (forward)", lambda: [layer.quantized_weight() for layer in layers])
+    line("fake-quant weights, every layer its own pass (forward)",
+         lambda: [layer.quantized_weight() for layer in layers])
     batched_fake_quant.DEVICES = devices
     hook = model.__dict__["_hfqat_batched_weights"]
     line("fake-quant weights, bucketed (forward)", lambda: (hook.before(model, ()), hook.after(model, (), None)))

@@ -121,9 +121,9 @@ def test_trainer_run_with_the_graphed_teacher_trains_like_the_eager_one(tiny_mod
     losses = {}
     for graph in (True, False):
         model = _student(tiny_model_dir("llama"))
-        args = TrainingArguments(str(tmp_path / str(graph)), max_steps=6, per_device_train_batch_size=4, logging_steps=1,
-                                 save_strategy="no", report_to=[], learning_rate=1e-3, disable_tqdm=True, seed=0,
-                                 bf16=bf16)
+        args = TrainingArguments(str(tmp_path / str(graph)), max_steps=6, per_device_train_batch_size=4,
+                                 logging_steps=1, save_strategy="no", report_to=[], learning_rate=1e-3,
+                                 disable_tqdm=True, seed=0, bf16=bf16)
         callback = hfqat.QATCallback(budget_bits=None, reallocate_every=0, write_plots=False,
                                      teacher_cuda_graph=graph)
         replays = GraphCount(callback)

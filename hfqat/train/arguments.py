@@ -18,9 +18,9 @@ from ..config import SUPPORTED_BITS
 from .sensitivity import ESTIMATORS
 
 # The settings a checkpoint's trainer_state.json records (JSON values; a teacher *model* cannot be saved).
-SAVED_FIELDS = ("teacher_dtype", "teacher_cuda_graph", "replicate_teacher", "distill_weight", "temperature", "budget_bits",
-                "reallocate_every", "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis", "freeze_after",
-                "seed", "write_plots", "tie_fused")
+SAVED_FIELDS = ("teacher_dtype", "teacher_cuda_graph", "replicate_teacher", "distill_weight", "temperature",
+                "budget_bits", "reallocate_every", "sensitivity", "calibrate", "grid_lr_power", "ema", "hysteresis",
+                "freeze_after", "seed", "write_plots", "tie_fused")
 
 TEACHER_DTYPES = ("model", "bfloat16", "float16")
 

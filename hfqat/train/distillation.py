@@ -47,6 +47,9 @@ Teachers
     but that model's step waits on the host, and autocast's casts added host time: its steps got no faster (11 %
     slower in bench_qat_real, bench/results/h200_s14_qat_real.md), so it is not the default.
 
+    Host time (`teacher_cuda_graph`): the teacher pass can be replayed as a CUDA graph (`hfqat.train.teacher_graph`),
+    which removes its host work; opt-in, as it did not speed up the SmolLM2 Trainer step it was measured on.
+
     Under FSDP2 the snapshot is sharded like the weights it copies and the teacher pass gathers it one layer at a
     time; ``replicate=True`` gathers it once instead and keeps a whole copy on every rank (no gathers per step,
     at the cost of the quantized layers' full weights per rank). Under ZeRO-3 and DDP it is always whole.
