@@ -144,3 +144,20 @@ def test_new_widths_reach_the_bucket(on_cpu, monkeypatch):
     for _, layer in list(qat_layers(model))[::2]:  # what a re-allocation does: widths changed in place
         layer.set_bits(2)
     _assert_same_step(model, "cpu", monkeypatch)
+
+
+def test_a_bucket_is_quantized_when_the_forward_reaches_it(on_cpu, monkeypatch):
+    # lazily: a no-grad forward (evaluation, generate) holds one bucket's quantized weights at a time
+    monkeypatch.setattr(batched_fake_quant, "BUCKET_ELEMENTS", 64 * 128 * 2)
+    model = _model()
+    hook = _hook(model)
+    with torch.no_grad():
+        hook.before(model, ())
+        first, *later = hook._active
+        assert len(later) > 1 and all(not isinstance(vars(layer)[BATCHED_WEIGHT], tuple)
+                                      for bucket in hook._active for layer in bucket.layers)
+        assert first.layers[0]._take_batched_weight() is not None  # its bucket's pass runs now, for it alone
+        assert all(isinstance(vars(layer)[BATCHED_WEIGHT], tuple) for layer in first.layers[1:])
+        assert all(vars(layer)[BATCHED_WEIGHT] is bucket for bucket in later for layer in bucket.layers)
+        hook.after(model, (), None)
+    assert hook.left_out == {id(layer) for layer in first.layers[1:]}  # computed, never used

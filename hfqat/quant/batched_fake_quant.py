@@ -5,9 +5,11 @@ same again in backward. On a small model that host work, not the math, is the st
 spent 24 ms of host time per forward in its 210 layers' fake quant for 1.2 ms of GPU work (bench/results/
 h200_s15_qat_step.md). A weight does not depend on the batch, so every layer's quantized weight can be computed
 before the forward reaches it: `BatchedWeights`, a forward pre-hook on the model, concatenates the weights of
-consecutive small layers into buckets, runs the exact quantizer once per bucket (`hfqat.quant.primitives.ste_forward`:
-per group the same arithmetic, so the values are bit for bit those of the layer's own pass) and hands each layer its
-slice; the bucket's backward computes every layer's weight, scale and zero-point gradients in one pass as well.
+consecutive small layers into buckets, and when the forward reaches a bucket's first layer, runs the exact quantizer
+once for the whole bucket (`hfqat.quant.primitives.ste_forward`: per group the same arithmetic, so the values are bit
+for bit those of the layer's own pass) and hands each layer its slice; the bucket's backward computes every layer's
+weight, scale and zero-point gradients in one pass as well. Lazily, bucket by bucket: a no-grad forward (evaluation,
+``generate``) holds one bucket's quantized weights at a time, not the model's.
 
 Which layers: integer-grid layers (`QATLinear`) on CUDA running the exact quantizer (STE rounding with hard clamping,
 or any rounding in eval mode), with a whole contiguous (out, in) weight of at most `MAX_LAYER_ELEMENTS` (a larger
@@ -95,6 +97,18 @@ class Bucket:
         shapes = [layer.weight_scale.shape for layer in self.layers]
         return [part.view(shape) for part, shape in zip(flat.view(-1).split([math.prod(s) for s in shapes]), shapes)]
 
+    def quantize(self) -> None:
+        """The bucket's pass: every layer still waiting for it gets (its quantized weight, `quant_versions`)."""
+        tensors = self.tensors()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            weights = _BucketFakeQuant.apply(self, self.bits(), *tensors)
+        else:
+            w, scale, zero = self.flat(tensors)
+            weights = self.split(ste_forward(w, scale, zero, self.bits(), self.group_size, w.dtype))
+        for layer, weight in zip(self.layers, weights):
+            if layer.__dict__.get(BATCHED_WEIGHT) is self:
+                layer.__dict__[BATCHED_WEIGHT] = (weight, layer.quant_versions())
+
     def bits(self) -> torch.Tensor:
         """(groups, 1, 1) int32: each group row's width (re-built only when a layer's widths changed or moved)."""
         versions = tuple((bits.data_ptr(), bits._version) for bits in (layer.quantizer_bits for layer in self.layers))
@@ -179,18 +193,12 @@ class BatchedWeights:
             self._plans = {key: plan_buckets(layers)}  # one model, one live plan
         self._active = self._plans[key]
         for bucket in self._active:
-            tensors = bucket.tensors()
-            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-                weights = _BucketFakeQuant.apply(bucket, bucket.bits(), *tensors)
-            else:
-                w, scale, zero = bucket.flat(tensors)
-                weights = bucket.split(ste_forward(w, scale, zero, bucket.bits(), bucket.group_size, w.dtype))
-            for layer, weight in zip(bucket.layers, weights):
-                layer.__dict__[BATCHED_WEIGHT] = (weight, layer.quant_versions())
+            for layer in bucket.layers:  # the bucket's pass runs when its first layer needs its weight
+                layer.__dict__[BATCHED_WEIGHT] = bucket
 
     def after(self, model: nn.Module, args: tuple, output) -> None:
         for bucket in self._active:
             for layer in bucket.layers:
-                if layer.__dict__.pop(BATCHED_WEIGHT, None) is not None:  # not consumed: computed for nothing
+                if isinstance(layer.__dict__.pop(BATCHED_WEIGHT, None), tuple):  # computed, never used
                     self.left_out.add(id(layer))
         self._active = []

@@ -33,7 +33,8 @@ from .primitives import fake_quantize, fake_quantize_activations, fill_placehold
 
 # Parameters whose values the fit sets: reading one of them first runs a deferred fit.
 FITTED_PARAMS = frozenset({"weight_scale", "weight_zero_point", "weight_codebook"})
-# The __dict__ entry where `hfqat.quant.batched_fake_quant` leaves (quantized weight, `quant_versions`) for a forward.
+# The __dict__ entry where `hfqat.quant.batched_fake_quant` leaves, for one forward, the layer's bucket (whose
+# `quantize()` fills the entry) or its result: (quantized weight, `quant_versions` it was computed from).
 BATCHED_WEIGHT = "_batched_weight"
 
 
@@ -157,8 +158,13 @@ class FakeQuantMixin:
 
     def _take_batched_weight(self) -> torch.Tensor | None:
         # Left by the model's bucketed pass for this forward; stale (None) if a tensor changed since.
-        entry = self.__dict__.pop(BATCHED_WEIGHT, None)
-        return entry[0] if entry is not None and entry[1] == self.quant_versions() else None
+        entry = self.__dict__.get(BATCHED_WEIGHT)
+        if entry is None:
+            return None
+        if not isinstance(entry, tuple):  # the bucket waits for its first layer: this one
+            entry.quantize()
+        weight, versions = self.__dict__.pop(BATCHED_WEIGHT)
+        return weight if versions == self.quant_versions() else None
 
     def quant_parameters(self) -> list[nn.Parameter]:
         """The quantizer's own trainable parameters (scales, zero points, codebook): what a bit change re-fits."""
