@@ -6,10 +6,10 @@ embeddings) saved to a temporary directory and loaded back in float32 as a user 
 stock `Trainer` on random tokens (8 x 512), ``QATCallback(reallocate_every=0, budget_bits=None)`` for hfqat (its
 default teacher computes in float32 like the student), ``teacher_dtype="bfloat16"`` for hfqat-bf16-teacher and
 ``teacher=None`` for hfqat-no-teacher, ``teacher_cuda_graph=True`` for hfqat-graph-teacher (the teacher's forward
-replayed as a CUDA graph, `hfqat.train.teacher_graph`), and hfqat-per-layer-fq quantizes each layer's weight in its own forward
-(`hfqat.quant.batched_fake_quant` off). Steps 5-24 are timed unprofiled (their median is
-compared with the plain step's at the end), steps 25-27 run under torch.profiler; printed per step: wall time (inflated by
-the profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
+replayed as a CUDA graph, `hfqat.train.teacher_graph`), and hfqat-per-layer-fq quantizes each layer's weight in its
+own forward (`hfqat.quant.batched_fake_quant` off). Steps 5-24 are timed unprofiled (their median is compared with the
+plain step's at the end), steps 25-27 run under torch.profiler; printed per step: wall time (inflated by the
+profiler), the sum of GPU kernel durations, kernels launched, and the top operators and kernels by device time.
 This says whether a step is GPU-bound or waits on the host; the end-to-end comparison is bench/bench_qat_real.py.
 
 GPU: python bench/profile_qat_step.py --device cuda      (results quoted in bench/results/h200_s12_qat_real.md)
