@@ -20,7 +20,7 @@ QUANT_METHOD = "hfqat"
 SUPPORTED_BITS = tuple(range(2, 9))
 ROUNDING_MODES = ("ste", "soft")
 CLAMPING_MODES = ("hard", "soft")
-SCALE_INITS = ("mse", "minmax")
+SCALE_INITS = ("mse", "minmax", "range")
 RAGGED_GROUP_POLICIES = ("error", "shrink", "per_channel")
 WEIGHT_FORMATS = ("int", "codebook", "fp8", "gguf")
 CHECKPOINT_FORMATS = ("fake_quant", "packed")
@@ -107,7 +107,9 @@ class QATConfig(QuantizationConfigMixin):
             ``layer_bits`` (``{"lm_head": 8}``). An entry that matches no module warns with the closest names.
         layer_bits: {"module name or regex": bits}; the first full match wins, plain names also match as suffix. A key
             that selects no converted layer warns with the closest names.
-        scale_init: "mse" (clip search minimising weight error) or "minmax".
+        scale_init: "mse" (clip search minimising weight error), "minmax" (no weight clipped) or "range" (the
+            group's range over 2^b - 1 levels, as torchao: symmetric scale max|w| / (qmax + 1/2); at a short
+            budget it trained best, bench/results/cpu_s15_qat_real.md).
         ragged_groups: what to do when group_size does not divide a layer's in_features: "error" (default,
             names the layer), "shrink" (largest power-of-two divisor below group_size, with a warning) or
             "per_channel" (one scale per row for those layers, with a warning).

@@ -62,8 +62,20 @@ def test_one_bit_width_per_group(symmetric, device):
             torch.testing.assert_close(m[where], u[where], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_range_init_is_torchaos_grid(bits):
+    # symmetric: max|w| / ((qmax - qmin) / 2), e.g. / 7.5 at 4 bits; asymmetric: the min-max scale and zero point
+    w = _weight(8, 64, seed=2)
+    amax = w.abs().reshape(8, 4, 16).amax(-1)
+    scale, zero = init_scales(w, bits, 16, True, "range")
+    assert zero is None
+    torch.testing.assert_close(scale, amax / ((2**bits - 1) / 2), rtol=1e-6, atol=0)
+    for got, want in zip(init_scales(w, bits, 16, False, "range"), init_scales(w, bits, 16, False, "minmax")):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("method", ["minmax", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "mse", "range"])
 def test_init_scales_takes_one_width_per_row(symmetric, method):
     w = _weight(12, 64, seed=5)
     per_row = torch.tensor([2, 3, 4, 8] * 3)

@@ -219,7 +219,10 @@ def init_scales(
     row as an (out,) tensor.
 
     ``minmax`` covers each group's range; ``mse`` additionally searches a shrink factor of that range per
-    group minimising the squared quantization error (clipping a few outliers usually lowers total error).
+    group minimising the squared quantization error (clipping a few outliers usually lowers total error); ``range``
+    divides the group's range by ``2^b - 1`` as torchao's ``choose_qparams`` does: for symmetric grids the range is
+    ±max|w|, so the scale is max|w| / (qmax + 1/2) and only the largest positive weight clips, by half a step
+    (asymmetric grids: ``minmax``).
     """
     wg = _grouped(w.detach(), group_size)
     if isinstance(bits, torch.Tensor) and bits.numel() > 1:
@@ -242,7 +245,9 @@ def init_scales(
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
         return scale, torch.clamp(torch.round(-lo / scale), qmin, qmax)
 
-    if method == "minmax":
+    if method == "range" and symmetric:
+        return candidate(2 * qmax / (qmax - qmin))  # max|w| · shrink / qmax = 2 max|w| / (qmax - qmin)
+    if method in ("minmax", "range"):
         return candidate(1.0)
     low, high = (v.unsqueeze(-1) if isinstance(v, torch.Tensor) else v for v in (qmin, qmax))
 
